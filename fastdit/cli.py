@@ -1,0 +1,284 @@
+"""The `fastdit` command line: `fastdit generate` here; `bench` and `serve` register themselves.
+
+Bad input (sizes, steps, paths, prompts, incomplete models) exits with status 2 and one line on
+stderr, `fastdit: error: ...`; never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import math
+import os
+import re
+import sys
+from pathlib import Path
+
+from fastdit.errors import FastditError
+
+TINY_RANDOM = "tiny-random"
+DTYPES = {"auto": None, "bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16", "fp16": "float16"}
+DTYPES |= {"float32": "float32", "fp32": "float32"}
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
+# owner/name as the Hugging Face Hub spells repo ids.
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+# Modules that add their own subcommands: (module, what it provides).
+_PLUGINS = (("fastdit.bench", "bench"), ("fastdit.server.cli", "serve"))
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (`fastdit generate: error: ...`) and exit status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+
+
+def _float(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+
+
+def add_generate_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "generate",
+        help="generate images from a text prompt",
+        description=(
+            "Generate images with a Qwen-Image pipeline. Images match diffusers' QwenImagePipeline for the "
+            "same seed. Prompts longer than the text encoder's limit (512 tokens including the chat "
+            "template's answer header) are refused, not truncated."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument(
+        "--model",
+        required=True,
+        help=f"diffusers-format Qwen-Image folder, a Hugging Face repo id (e.g. Qwen/Qwen-Image; downloaded "
+        f"with huggingface_hub), or {TINY_RANDOM!r}: a tiny random-weight pipeline that draws noise (tests)",
+    )
+    p.add_argument("--prompt", required=True, help="what to draw")
+    p.add_argument(
+        "--negative-prompt",
+        default=None,
+        help="what to avoid; true CFG runs only with a negative prompt and --cfg-scale > 1 (use ' ' for an "
+        "empty one), as in diffusers",
+    )
+    p.add_argument("--height", type=_int, default=1024, help="image height in pixels, a multiple of 16")
+    p.add_argument("--width", type=_int, default=1024, help="image width in pixels, a multiple of 16")
+    p.add_argument("--steps", type=_int, default=50, help="denoising steps (>= 1)")
+    p.add_argument("--cfg-scale", type=_float, default=4.0, help="true CFG scale (>= 1; 1 disables CFG)")
+    p.add_argument(
+        "--seed",
+        type=_int,
+        default=None,
+        help="seed of image 0; image i uses seed + i, so each image is reproducible alone (default: random)",
+    )
+    p.add_argument("--num-images", type=_int, default=1, help="images to generate")
+    p.add_argument(
+        "--dtype", choices=list(DTYPES), default="auto", help="auto: bfloat16 on CUDA, float32 otherwise"
+    )
+    p.add_argument("--device", default=None, help="torch device, e.g. cuda:0 (default: cuda if available)")
+    p.add_argument(
+        "--output",
+        default="fastdit.png",
+        help="image file (several images: NAME-0.png, NAME-1.png, ...) or a folder (ends with / or exists)",
+    )
+    p.add_argument("--timings-json", default=None, metavar="FILE", help="also write stage timings as JSON")
+    p.set_defaults(func=generate_main)
+    return p
+
+
+def _check_writable_file(path: Path, what: str) -> None:
+    parent = path.parent if str(path.parent) else Path(".")
+    if path.is_dir():
+        raise FastditError(f"{what} {path} is a folder; give a file name")
+    if not parent.is_dir():
+        raise FastditError(f"{what} {path}: folder {parent} does not exist")
+    if not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise FastditError(f"{what} {path} is not writable")
+
+
+def output_paths(output: str, count: int, seeds: list[int]) -> list[Path]:
+    """Where each image goes; checks that they can be written before any work starts."""
+    out = Path(output)
+    if output.endswith(("/", os.sep)) or out.is_dir():
+        if out.exists() and not out.is_dir():
+            raise FastditError(f"--output {out} exists and is not a folder")
+        if not out.exists():
+            try:
+                out.mkdir(parents=True)
+            except OSError as e:
+                raise FastditError(f"--output {out}: cannot create the folder ({e.strerror})") from None
+        if not os.access(out, os.W_OK):
+            raise FastditError(f"--output {out} is not writable")
+        return [out / f"fastdit-{i}-seed{s}.png" for i, s in enumerate(seeds)]
+    if out.suffix.lower() not in IMAGE_SUFFIXES:
+        raise FastditError(f"--output {out}: use an image suffix ({', '.join(sorted(IMAGE_SUFFIXES))}) or a folder/")
+    _check_writable_file(out, "--output")
+    if count == 1:
+        return [out]
+    return [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(count)]
+
+
+def resolve_model(model: str) -> Path:
+    """A local pipeline folder for --model: the folder itself, the cached tiny pipeline, or a Hub download."""
+    if model == TINY_RANDOM:
+        from fastdit.tiny import tiny_pipeline_dir
+
+        print("fastdit: tiny-random is a tiny random-weight pipeline: it draws noise, not pictures", file=sys.stderr)
+        return tiny_pipeline_dir()
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise FastditError(f"--model {model} is a file; give a pipeline folder")
+    if not _REPO_ID.match(model):
+        raise FastditError(
+            f"--model {model}: no such folder (give a diffusers-format Qwen-Image folder, a Hugging Face "
+            f"repo id such as Qwen/Qwen-Image, or {TINY_RANDOM})"
+        )
+    from huggingface_hub import snapshot_download
+
+    print(f"fastdit: {model} is not a local folder; fetching it from the Hugging Face Hub", file=sys.stderr)
+    try:
+        return Path(snapshot_download(model))
+    except Exception as e:  # network, auth, missing repo: all mean "could not fetch it"
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise FastditError(f"--model {model}: could not download it from the Hub ({type(e).__name__}: {first})") from e
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    from fastdit.pipeline import check_size
+
+    if not args.prompt.strip():
+        raise FastditError("--prompt must not be empty")
+    try:
+        check_size(args.height, args.width)
+    except FastditError as e:
+        raise FastditError(f"--{str(e)}") from None
+    if args.steps < 1:
+        raise FastditError(f"--steps must be >= 1, got {args.steps}")
+    if not math.isfinite(args.cfg_scale) or args.cfg_scale < 1:
+        raise FastditError(f"--cfg-scale must be >= 1, got {args.cfg_scale}")
+    if args.num_images < 1:
+        raise FastditError(f"--num-images must be >= 1, got {args.num_images}")
+    if args.seed is not None and not 0 <= args.seed <= 2**63 - args.num_images:
+        raise FastditError(f"--seed must be between 0 and 2**63, got {args.seed}")
+
+
+def _torch_dtype(name: str, device):
+    import torch
+
+    if DTYPES[name] is None:
+        on_cuda = device.type == "cuda" if device is not None else torch.cuda.is_available()
+        return torch.bfloat16 if on_cuda else torch.float32
+    return getattr(torch, DTYPES[name])
+
+
+def generate_main(args: argparse.Namespace) -> int:
+    import secrets
+    import time
+
+    _check_args(args)
+    first = args.seed if args.seed is not None else secrets.randbits(62)
+    seeds = [first + i for i in range(args.num_images)]
+    paths = output_paths(args.output, args.num_images, seeds)
+    if args.timings_json:
+        _check_writable_file(Path(args.timings_json), "--timings-json")
+
+    import torch
+
+    from fastdit.pipeline import QwenImagePipeline
+
+    try:
+        device = torch.device(args.device) if args.device else None
+    except RuntimeError as e:
+        raise FastditError(f"--device {args.device}: {e}") from None
+    dtype = _torch_dtype(args.dtype, device)
+    folder = resolve_model(args.model)
+    t0 = time.perf_counter()
+    pipe = QwenImagePipeline.from_pretrained(folder, dtype=dtype, device=device)
+    load_s = time.perf_counter() - t0
+    print(f"fastdit: loaded {folder} in {load_s:.1f} s ({pipe.device}, {str(dtype).removeprefix('torch.')})")
+
+    images = pipe(
+        args.prompt,
+        negative_prompt=args.negative_prompt,
+        height=args.height,
+        width=args.width,
+        num_inference_steps=args.steps,
+        true_cfg_scale=args.cfg_scale,
+        seed=seeds,
+    )
+    for path, image, seed in zip(paths, images, seeds, strict=True):
+        try:
+            image.save(path)
+        except OSError as e:
+            raise FastditError(f"cannot write {path}: {e.strerror or e}") from None
+        print(f"wrote {path} ({image.width}x{image.height}, seed {seed})")
+
+    t = pipe.last_timings
+    print(f"text encoding  {t['text_encode_s']:8.3f} s")
+    print(f"denoising      {t['denoise_s']:8.3f} s  ({args.steps} steps, {t['denoise_s_per_step']:.3f} s/step)")
+    print(f"VAE decode     {t['vae_decode_s']:8.3f} s")
+    if args.timings_json:
+        record = {"load_s": load_s, **t, "steps": args.steps, "height": args.height, "width": args.width}
+        record |= {"num_images": args.num_images, "seeds": seeds, "device": str(pipe.device), "dtype": str(dtype)}
+        Path(args.timings_json).write_text(json.dumps(record, indent=2) + "\n")
+    return 0
+
+
+def _add_plugins(sub) -> None:
+    """Let other modules add subcommands; a module that is not there simply adds nothing."""
+    for module, command in _PLUGINS:
+        try:
+            mod = importlib.import_module(module)
+        except ModuleNotFoundError as e:
+            if e.name is not None and module.startswith(e.name):
+                continue  # the module itself is absent: this build has no such command
+            print(f"fastdit: note: '{command}' is unavailable ({e})", file=sys.stderr)
+            continue
+        except ImportError as e:
+            print(f"fastdit: note: '{command}' is unavailable ({e})", file=sys.stderr)
+            continue
+        mod.add_parser(sub)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="fastdit", description="Fast inference for Qwen-Image diffusion transformers.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    add_generate_parser(sub)
+    _add_plugins(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "func", None) is None:
+        parser.print_help(sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.WARNING, format="fastdit: warning: %(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except (FastditError, ValueError) as e:
+        message = " ".join(str(e).split())  # one line, whatever the message held
+        print(f"fastdit: error: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("fastdit: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,13 @@
+"""Exceptions that fastdit raises for bad input. Each message names what to fix."""
+
+
+class FastditError(ValueError):
+    """Base class: bad user input (paths, checkpoints, arguments). Never a bug in fastdit."""
+
+
+class CheckpointError(FastditError):
+    """A checkpoint folder, index, shard or tensor that cannot be loaded. The message names the file/key."""
+
+
+class ConfigError(FastditError):
+    """A model or run configuration that does not fit together."""

@@ -1,0 +1,420 @@
+"""The Qwen-Image diffusion transformer (MMDiT), top-down: config -> math -> layers -> blocks -> model.
+
+Architectural choices (all fixed by the Qwen-Image checkpoints; diffusers' QwenImageTransformer2DModel
+is the numerical reference):
+- Dual-stream blocks: image and text tokens keep separate weights (modulation, QKV, norms, MLP) and meet
+  only in one joint attention over the sequence [text; image].
+- AdaLN-Zero style modulation from the timestep embedding: shift/scale before attention and MLP, gate on
+  the residual. LayerNorms have no affine weights; Q and K get an RMSNorm per head.
+- 3-axis RoPE (frame, height, width) on interleaved channel pairs. Image rows/columns are centred around
+  zero; text tokens sit on the diagonal just past the largest image index. Tables are real cos/sin,
+  computed by pure functions outside the blocks.
+- GELU(tanh) MLPs with 4x expansion.
+- Q/K/V of each stream are one fused Linear (fused at load time, see loader.py).
+
+Layers return tensors; parallelism (tensor / sequence) is applied from outside by `fastdit.parallel`,
+which swaps Linear layers and the attention core for parallel ones.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from fastdit.errors import ConfigError
+
+# ---------------------------------------------------------------------------------------------------------
+# Config
+
+
+@dataclass(frozen=True)
+class DiTConfig:
+    num_layers: int = 60
+    num_heads: int = 24
+    head_dim: int = 128
+    joint_dim: int = 3584  # width of the text encoder's hidden states
+    in_channels: int = 64  # latent channels x patch^2
+    out_channels: int = 16  # latent channels
+    patch_size: int = 2
+    axes_dims_rope: tuple[int, int, int] = (16, 56, 56)
+    rope_theta: float = 10000.0
+    eps: float = 1e-6
+    mlp_ratio: int = 4
+
+    def __post_init__(self):
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if f.name in ("rope_theta", "eps", "axes_dims_rope"):
+                continue
+            if not isinstance(v, int) or v < 1:
+                raise ConfigError(f"DiTConfig.{f.name} must be a positive integer, got {v!r}")
+        if len(self.axes_dims_rope) != 3 or any(d <= 0 or d % 2 for d in self.axes_dims_rope):
+            raise ConfigError(
+                f"DiTConfig.axes_dims_rope must be 3 positive even ints (frame, height, width), "
+                f"got {self.axes_dims_rope!r}"
+            )
+        if sum(self.axes_dims_rope) != self.head_dim:
+            raise ConfigError(
+                f"DiTConfig.axes_dims_rope {tuple(self.axes_dims_rope)} sums to {sum(self.axes_dims_rope)}, "
+                f"but RoPE must cover the whole head: set them to sum to head_dim={self.head_dim}"
+            )
+        if self.eps <= 0 or self.rope_theta <= 0:
+            raise ConfigError("DiTConfig.eps and rope_theta must be positive")
+
+    @property
+    def dim(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def out_dim(self) -> int:
+        return self.patch_size**2 * self.out_channels
+
+    @classmethod
+    def from_diffusers(cls, cfg: dict) -> DiTConfig:
+        """Build from a diffusers `QwenImageTransformer2DModel` config.json dict."""
+        unsupported = [k for k in ("zero_cond_t", "use_additional_t_cond", "use_layer3d_rope") if cfg.get(k)]
+        if unsupported:
+            raise ConfigError(f"unsupported Qwen-Image variant: {', '.join(unsupported)} set in config.json")
+        if cfg.get("guidance_embeds"):
+            raise ConfigError("guidance_embeds=true (guidance-distilled variant) is not supported")
+        try:
+            return cls(
+                num_layers=cfg.get("num_layers", 60),
+                num_heads=cfg.get("num_attention_heads", 24),
+                head_dim=cfg.get("attention_head_dim", 128),
+                joint_dim=cfg.get("joint_attention_dim", 3584),
+                in_channels=cfg.get("in_channels", 64),
+                out_channels=cfg.get("out_channels") or cfg.get("in_channels", 64),
+                patch_size=cfg.get("patch_size", 2),
+                axes_dims_rope=tuple(cfg.get("axes_dims_rope", (16, 56, 56))),
+            )
+        except TypeError as e:
+            raise ConfigError(f"bad transformer config: {e}") from None
+
+
+PRESETS: dict[str, DiTConfig] = {
+    "qwen-image": DiTConfig(),
+    # 2 layers, 2 heads x 32: parity and compile tests run in well under a second on a CPU.
+    "tiny": DiTConfig(num_layers=2, num_heads=2, head_dim=32, joint_dim=48, axes_dims_rope=(8, 12, 12)),
+}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# RoPE: pure functions of the image grid and the text length.
+
+
+class Rope(NamedTuple):
+    """cos/sin tables over the joint sequence [text; image], each (S_txt + S_img, head_dim // 2), float32."""
+
+    cos: Tensor
+    sin: Tensor
+
+
+def _axis_freqs(dim: int, theta: float, device) -> Tensor:
+    # (dim // 2,) inverse frequencies; float32 like the reference checkpoints were trained with.
+    return 1.0 / torch.pow(theta, torch.arange(0, dim, 2, device=device, dtype=torch.float32).div(dim))
+
+
+def normalize_img_shapes(img_shapes) -> list[tuple[int, int, int]]:
+    """Accepts one sample's shapes as (f, h, w) or [(f, h, w), ...]; returns the list of (f, h, w)."""
+    if isinstance(img_shapes, tuple) and len(img_shapes) == 3 and all(isinstance(v, int) for v in img_shapes):
+        return [img_shapes]
+    out = [tuple(int(v) for v in s) for s in img_shapes]
+    if not out or any(len(s) != 3 or min(s) < 1 for s in out):
+        raise ConfigError(f"img_shapes must be (frames, height, width) tuples in patches, got {img_shapes!r}")
+    return out
+
+
+def rope_positions(img_shapes: list[tuple[int, int, int]], txt_len: int, device=None) -> Tensor:
+    """(S_txt + S_img, 3) integer positions (frame, row, col) of the joint sequence [text; image].
+
+    Image k of a sample sits at frame k; rows run from -(h - h//2) to h//2 - 1 (centred), columns alike.
+    Text token j sits at (m + j, m + j, m + j) with m = max over images of max(h//2, w//2).
+    """
+    parts, m = [], 0
+    for k, (f, h, w) in enumerate(img_shapes):
+        ff = torch.arange(k, k + f, device=device)
+        hh = torch.arange(-(h - h // 2), h // 2, device=device)
+        ww = torch.arange(-(w - w // 2), w // 2, device=device)
+        grid = torch.stack(torch.meshgrid(ff, hh, ww, indexing="ij"), dim=-1)  # (f, h, w, 3)
+        parts.append(grid.reshape(-1, 3))
+        m = max(m, h // 2, w // 2)
+    txt = (m + torch.arange(txt_len, device=device)).unsqueeze(1).expand(txt_len, 3)
+    return torch.cat([txt, *parts], dim=0)
+
+
+def rope_tables(
+    img_shapes, txt_len: int, axes_dims: tuple[int, int, int], theta: float = 10000.0, device=None
+) -> Rope:
+    """Real RoPE tables for the joint sequence of one (shared) image layout; see `rope_positions`."""
+    pos = rope_positions(normalize_img_shapes(img_shapes), txt_len, device).to(torch.float32)
+    # Angle of pair i on axis a is pos[:, a] * freq_a[i]; the three axes are concatenated along pairs.
+    angles = torch.cat(
+        [pos[:, a : a + 1] * _axis_freqs(d, theta, device)[None, :] for a, d in enumerate(axes_dims)], dim=1
+    )
+    return Rope(torch.cos(angles), torch.sin(angles))
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate interleaved channel pairs (x[2i], x[2i+1]) of x (B, S, H, D) by angles with cos/sin (S, D/2).
+
+    Computed in float32, returned in x's dtype.
+    """
+    xf = x.float().unflatten(-1, (-1, 2))  # (B, S, H, D/2, 2)
+    x0, x1 = xf.unbind(-1)
+    c, s = cos[None, :, None, :], sin[None, :, None, :]
+    return torch.stack([x0 * c - x1 * s, x0 * s + x1 * c], dim=-1).flatten(-2).to(x.dtype)
+
+
+def timestep_embedding(t: Tensor, dim: int = 256, max_period: float = 10000.0) -> Tensor:
+    """Sinusoidal embedding of sigma in [0, 1] (scaled by 1000): (B,) -> (B, dim) float32, [cos | sin]."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    args = t.float()[:, None] * freqs[None, :] * 1000.0  # this rounding order matches the checkpoints' code
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Layers
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return xf.to(x.dtype) * self.weight
+
+
+class ModulationOut(NamedTuple):
+    shift: Tensor  # (B, 1, dim)
+    scale: Tensor
+    gate: Tensor
+
+
+class Modulation(nn.Module):
+    """SiLU -> Linear(dim, 6*dim): (shift, scale, gate) for the attention half and for the MLP half."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.lin = nn.Linear(dim, 6 * dim)
+
+    def forward(self, temb: Tensor) -> tuple[ModulationOut, ModulationOut]:
+        p = self.lin(F.silu(temb))[:, None, :].chunk(6, dim=-1)  # 6 x (B, 1, dim)
+        return ModulationOut(p[0], p[1], p[2]), ModulationOut(p[3], p[4], p[5])
+
+
+def modulate(x: Tensor, mod: ModulationOut, eps: float) -> Tensor:
+    """LayerNorm without affine, then x * (1 + scale) + shift."""
+    return F.layer_norm(x, x.shape[-1:], eps=eps) * (1 + mod.scale) + mod.shift
+
+
+class MLP(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+class Attention(nn.Module):
+    """Attention core over already-projected heads: q, k, v (B, S, H, D) -> (B, S, H, D).
+
+    `key_mask` (B, S) bool marks keys that may be attended to (None: all). `num_txt` is the number of
+    text tokens at the start of the sequence; the single-device core ignores it, the sequence-parallel
+    core (fastdit.parallel) needs it to split text from image tokens.
+    """
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, num_txt: int, key_mask: Tensor | None) -> Tensor:
+        mask = None if key_mask is None else key_mask[:, None, None, :]  # (B, 1, 1, S)
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask)
+        return out.transpose(1, 2)
+
+
+class JointAttention(nn.Module):
+    """QKV projections, per-head QK RMSNorm and RoPE for both streams, one attention over [text; image]."""
+
+    def __init__(self, dim: int, head_dim: int, eps: float):
+        super().__init__()
+        self.head_dim = head_dim
+        self.img_qkv = nn.Linear(dim, 3 * dim)
+        self.txt_qkv = nn.Linear(dim, 3 * dim)
+        self.img_q_norm = RMSNorm(head_dim, eps)
+        self.img_k_norm = RMSNorm(head_dim, eps)
+        self.txt_q_norm = RMSNorm(head_dim, eps)
+        self.txt_k_norm = RMSNorm(head_dim, eps)
+        self.core = Attention()
+        self.img_out = nn.Linear(dim, dim)
+        self.txt_out = nn.Linear(dim, dim)
+
+    def _heads(self, x: Tensor, qkv: nn.Linear, q_norm: RMSNorm, k_norm: RMSNorm, cos: Tensor, sin: Tensor):
+        # (B, S, dim) -> 3 x (B, S, H, D); H is whatever this rank holds (all heads without TP).
+        q, k, v = qkv(x).unflatten(-1, (3, -1, self.head_dim)).unbind(2)
+        return apply_rope(q_norm(q), cos, sin), apply_rope(k_norm(k), cos, sin), v
+
+    def forward(
+        self, img: Tensor, txt: Tensor, rope: Rope, key_mask: Tensor | None
+    ) -> tuple[Tensor, Tensor]:
+        n_txt = txt.shape[1]
+        cos_t, cos_i = rope.cos[:n_txt], rope.cos[n_txt:]
+        sin_t, sin_i = rope.sin[:n_txt], rope.sin[n_txt:]
+        tq, tk, tv = self._heads(txt, self.txt_qkv, self.txt_q_norm, self.txt_k_norm, cos_t, sin_t)
+        iq, ik, iv = self._heads(img, self.img_qkv, self.img_q_norm, self.img_k_norm, cos_i, sin_i)
+        out = self.core(
+            torch.cat([tq, iq], dim=1), torch.cat([tk, ik], dim=1), torch.cat([tv, iv], dim=1), n_txt, key_mask
+        )  # (B, S_txt + S_img, H, D)
+        txt_o, img_o = out.flatten(2).split([n_txt, out.shape[1] - n_txt], dim=1)
+        return self.img_out(img_o), self.txt_out(txt_o)
+
+
+class Block(nn.Module):
+    """One dual-stream MMDiT block. Takes and returns (img, txt) in that order."""
+
+    def __init__(self, dim: int, head_dim: int, mlp_hidden: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.img_mod = Modulation(dim)
+        self.txt_mod = Modulation(dim)
+        self.attn = JointAttention(dim, head_dim, eps)
+        self.img_mlp = MLP(dim, mlp_hidden)
+        self.txt_mlp = MLP(dim, mlp_hidden)
+
+    def forward(
+        self, img: Tensor, txt: Tensor, temb: Tensor, rope: Rope, key_mask: Tensor | None
+    ) -> tuple[Tensor, Tensor]:
+        img_m1, img_m2 = self.img_mod(temb)
+        txt_m1, txt_m2 = self.txt_mod(temb)
+        img_a, txt_a = self.attn(modulate(img, img_m1, self.eps), modulate(txt, txt_m1, self.eps), rope, key_mask)
+        img = img + img_m1.gate * img_a
+        txt = txt + txt_m1.gate * txt_a
+        img = img + img_m2.gate * self.img_mlp(modulate(img, img_m2, self.eps))
+        txt = txt + txt_m2.gate * self.txt_mlp(modulate(txt, txt_m2, self.eps))
+        return img, txt
+
+
+class TimestepEmbedder(nn.Module):
+    def __init__(self, dim: int, freq_dim: int = 256):
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.fc1 = nn.Linear(freq_dim, dim)
+        self.fc2 = nn.Linear(dim, dim)
+
+    def forward(self, t: Tensor, dtype: torch.dtype) -> Tensor:
+        return self.fc2(F.silu(self.fc1(timestep_embedding(t, self.freq_dim).to(dtype))))
+
+
+class FinalLayer(nn.Module):
+    """AdaLN (scale, shift from temb) over a non-affine LayerNorm, then the patch projection."""
+
+    def __init__(self, dim: int, out_dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.mod = nn.Linear(dim, 2 * dim)
+        self.proj = nn.Linear(dim, out_dim)
+
+    def forward(self, x: Tensor, temb: Tensor) -> Tensor:
+        scale, shift = self.mod(F.silu(temb))[:, None, :].chunk(2, dim=-1)
+        return self.proj(F.layer_norm(x, x.shape[-1:], eps=self.eps) * (1 + scale) + shift)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Model
+
+
+@dataclass
+class DiTInputs:
+    """Everything the blocks need, prepared outside them (embeddings, RoPE tables, key mask)."""
+
+    img: Tensor  # (B, S_img, dim)
+    txt: Tensor  # (B, S_txt, dim)
+    temb: Tensor  # (B, dim)
+    rope: Rope
+    key_mask: Tensor | None = field(default=None)  # (B, S_txt + S_img) bool, None: attend to all
+
+
+class QwenImageTransformer(nn.Module):
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        self.cfg = cfg
+        dim = cfg.dim
+        self.img_in = nn.Linear(cfg.in_channels, dim)
+        self.txt_norm = RMSNorm(cfg.joint_dim, cfg.eps)
+        self.txt_in = nn.Linear(cfg.joint_dim, dim)
+        self.time_embed = TimestepEmbedder(dim)
+        self.blocks = nn.ModuleList(
+            [Block(dim, cfg.head_dim, cfg.mlp_ratio * dim, cfg.eps) for _ in range(cfg.num_layers)]
+        )
+        self.final = FinalLayer(dim, cfg.out_dim, cfg.eps)
+
+    def make_rope(self, img_shapes, txt_len: int, device=None) -> Rope:
+        """RoPE tables for a batch whose samples all share `img_shapes` (one sample's (f, h, w) list)."""
+        shapes = img_shapes
+        if isinstance(img_shapes, list) and img_shapes and not isinstance(img_shapes[0], int):
+            # A per-sample list: every sample must have the same layout.
+            per_sample = [normalize_img_shapes(s) for s in img_shapes]
+            if any(s != per_sample[0] for s in per_sample):
+                raise ConfigError(f"all samples in a batch must share one image layout, got {img_shapes!r}")
+            shapes = per_sample[0]
+        return rope_tables(shapes, txt_len, self.cfg.axes_dims_rope, self.cfg.rope_theta, device)
+
+    def prepare(
+        self,
+        hidden_states: Tensor,
+        encoder_hidden_states: Tensor,
+        encoder_hidden_states_mask: Tensor | None,
+        timestep: Tensor,
+        img_shapes=None,
+        rope: Rope | None = None,
+    ) -> DiTInputs:
+        dtype = hidden_states.dtype
+        img = self.img_in(hidden_states)
+        txt = self.txt_in(self.txt_norm(encoder_hidden_states))
+        # The reference rounds sigma to the model dtype before embedding it; so do we (bf16 parity).
+        temb = self.time_embed(timestep.to(dtype), dtype)
+        if rope is None:
+            rope = self.make_rope(img_shapes, txt.shape[1], txt.device)
+        key_mask = None
+        if encoder_hidden_states_mask is not None:
+            txt_mask = encoder_hidden_states_mask.to(torch.bool)
+            img_mask = txt_mask.new_ones(img.shape[:2])
+            key_mask = torch.cat([txt_mask, img_mask], dim=1)
+        return DiTInputs(img, txt, temb, rope, key_mask)
+
+    def forward(
+        self,
+        hidden_states: Tensor,
+        encoder_hidden_states: Tensor,
+        encoder_hidden_states_mask: Tensor | None = None,
+        timestep: Tensor | None = None,
+        img_shapes=None,
+        rope: Rope | None = None,
+    ) -> Tensor:
+        """(B, S_img, in_channels) latents, (B, S_txt, joint_dim) text states, (B, S_txt) mask, (B,) sigma,
+        per-sample (frames, h, w) in patches -> (B, S_img, patch^2 * out_channels) velocity."""
+        x = self.prepare(
+            hidden_states, encoder_hidden_states, encoder_hidden_states_mask, timestep, img_shapes, rope
+        )
+        img, txt = x.img, x.txt
+        for block in self.blocks:
+            img, txt = block(img, txt, x.temb, x.rope, x.key_mask)
+        return self.final(img, x.temb)
+
+
+def compile_blocks(model: QwenImageTransformer, **compile_kwargs) -> QwenImageTransformer:
+    """Regional compilation: compile one block's code, reused by every block (warm-up of one, not 60)."""
+    compile_kwargs.setdefault("fullgraph", True)
+    for block in model.blocks:
+        block.compile(**compile_kwargs)
+    model.final.compile(**compile_kwargs)
+    return model

@@ -1,0 +1,85 @@
+"""Flow-matching Euler schedule for Qwen-Image, as small pure functions.
+
+The sampler integrates dx/dsigma = v from sigma = 1 (noise) to sigma = 0 (image):
+`x_next = x + (sigma_next - sigma) * v`. Only the sigma schedule depends on the checkpoint's
+scheduler config (diffusers' `FlowMatchEulerDiscreteScheduler` keys):
+
+1. sigmas start evenly spaced in [1/n, 1];
+2. they are shifted towards noise, by a resolution-dependent amount (`use_dynamic_shifting`, the
+   Qwen-Image default: `mu` interpolates linearly in the image token count) or by a fixed `shift`;
+3. with `shift_terminal`, the tail is stretched so the last sigma equals it;
+4. a terminal 0 is appended.
+
+The arithmetic (float64 linspace, then float32 numpy, then a float32 tensor) follows diffusers
+operation for operation so that schedules, and therefore images, are bit-identical.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from fastdit.errors import ConfigError
+
+# Config keys whose non-default values select schedules fastdit does not implement.
+_UNSUPPORTED_FLAGS = (
+    "use_karras_sigmas",
+    "use_exponential_sigmas",
+    "use_beta_sigmas",
+    "invert_sigmas",
+    "stochastic_sampling",
+)
+
+
+def check_scheduler_config(config: dict) -> None:
+    """Raise ConfigError for scheduler settings this sampler would silently ignore."""
+    enabled = [k for k in _UNSUPPORTED_FLAGS if config.get(k)]
+    if enabled:
+        raise ConfigError(
+            f"scheduler config sets {', '.join(enabled)}; fastdit only implements the deterministic "
+            "flow-match Euler schedule (set these to false)"
+        )
+    shift_type = config.get("time_shift_type", "exponential")
+    if shift_type not in ("exponential", "linear"):
+        raise ConfigError(f"scheduler time_shift_type must be 'exponential' or 'linear', got {shift_type!r}")
+
+
+def dynamic_shift_mu(image_seq_len: int, config: dict) -> float:
+    """Shift exponent for `image_seq_len` image tokens: linear from (base_len, base_shift) to (max_len, max_shift)."""
+    base_len = config.get("base_image_seq_len", 256)
+    max_len = config.get("max_image_seq_len", 4096)
+    base_shift = config.get("base_shift", 0.5)
+    max_shift = config.get("max_shift", 1.15)
+    slope = (max_shift - base_shift) / (max_len - base_len)
+    return image_seq_len * slope + (base_shift - slope * base_len)
+
+
+def flow_match_sigmas(num_steps: int, image_seq_len: int, config: dict) -> torch.Tensor:
+    """The (num_steps + 1,) float32 sigma schedule, descending from about 1 to a terminal 0."""
+    check_scheduler_config(config)
+    sigmas = np.linspace(1.0, 1.0 / num_steps, num_steps).astype(np.float32)
+    if config.get("use_dynamic_shifting", False):
+        mu = dynamic_shift_mu(image_seq_len, config)
+        if config.get("time_shift_type", "exponential") == "exponential":
+            sigmas = math.exp(mu) / (math.exp(mu) + (1 / sigmas - 1) ** 1.0)
+        else:
+            sigmas = mu / (mu + (1 / sigmas - 1) ** 1.0)
+    else:
+        shift = config.get("shift", 1.0)
+        sigmas = shift * sigmas / (1 + (shift - 1) * sigmas)
+    terminal = config.get("shift_terminal")
+    # With one step the only sigma is 1 and the stretch below is 0/0 (diffusers returns NaN there);
+    # fastdit keeps [1, 0]: a single Euler step from pure noise.
+    if terminal and sigmas[-1] < 1:
+        # Rescale 1 - sigma so the last step lands on `terminal` instead of 1/n (shifted).
+        one_minus = 1 - sigmas
+        sigmas = 1 - one_minus / (one_minus[-1] / (1 - terminal))
+    sigmas = torch.from_numpy(sigmas).to(torch.float32)
+    return torch.cat([sigmas, torch.zeros(1)])
+
+
+def euler_step(latents: torch.Tensor, velocity: torch.Tensor, sigma: torch.Tensor, sigma_next: torch.Tensor):
+    """One Euler step of the flow ODE, accumulated in float32 and returned in the velocity's dtype."""
+    return (latents.to(torch.float32) + (sigma_next - sigma) * velocity).to(velocity.dtype)

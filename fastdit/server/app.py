@@ -1,0 +1,450 @@
+"""The HTTP API: OpenAI's Images API plus health, metrics, progress streaming and a web page.
+
+Routes:
+- POST /v1/images/generations         OpenAI `images.generate`; extensions: negative_prompt,
+                                      num_inference_steps, true_cfg_scale, seed.
+- POST /v1/images/generations/stream  the same body; answers server-sent events `progress`
+                                      ({"step", "total"}), then `result` (the OpenAI response) or
+                                      `error` (an OpenAI error plus "status"). Used by the web page.
+- GET  /v1/images/files/{id}.png      images of response_format="url" (the last `stored_images`).
+- GET  /v1/models, /health (503 until the engine is ready), /metrics (Prometheus text), / (web page).
+
+Every error is OpenAI-shaped, {"error": {"message", "type", "param", "code"}}: invalid input is 400
+(OpenAI's status for it; FastAPI's 422 is remapped) naming the field in "param", a body over
+`max_body_bytes` is 413, a full queue is 429 with Retry-After, an engine failure is 500 for that
+request only, and a request caught by shutdown is 503.
+
+A handler waiting on its job polls for a client disconnect: a queued job is then dropped, a running
+one finishes unobserved (or stops early, when every client of its batch is gone).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import collections
+import contextlib
+import io
+import json
+import logging
+import re
+import time
+import uuid
+from importlib import resources
+from typing import Any, Literal
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from fastapi.staticfiles import StaticFiles
+from PIL import Image
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from fastdit.errors import FastditError
+from fastdit.server.engine import Engine, EngineClosed, Job, QueueFull
+from fastdit.server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+
+log = logging.getLogger("fastdit.server")
+
+MAX_PROMPT_CHARS = 8192
+MAX_N = 10  # OpenAI's limit for n
+MAX_STEPS = 200
+DISCONNECT_POLL_S = 0.2  # how often a waiting handler checks whether its client is still there
+PROGRESS_POLL_S = 0.1
+STATIC = resources.files("fastdit.server") / "static"
+_SIZE = re.compile(r"(\d{1,5})x(\d{1,5})")
+
+
+# ---- errors -------------------------------------------------------------------------------------
+
+
+class ApiError(Exception):
+    """An OpenAI-style error answer."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        type: str = "invalid_request_error",
+        headers: dict[str, str] | None = None,
+    ):
+        super().__init__(message)
+        self.status, self.headers = status, headers
+        self.body = {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body, status_code=self.status, headers=self.headers)
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorResponse, "description": text}
+    for status, text in [
+        (400, "Invalid request; error.param names the field"),
+        (413, "Request body too large"),
+        (429, "Queue full; see Retry-After"),
+        (500, "Image generation failed"),
+        (503, "Server shutting down"),
+    ]
+}
+
+
+# ---- request / response models ------------------------------------------------------------------
+
+
+class ImageGenerationRequest(BaseModel):
+    """OpenAI's image generation body. A null field means its default (the `openai` client sends
+    nulls for fields passed as None); unknown OpenAI fields (quality, style, background, ...) are
+    accepted and ignored."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
+    n: int | None = Field(1, ge=1, le=MAX_N)
+    size: str | None = Field(
+        "1024x1024", description="'WxH' in pixels, each side a multiple of 16; 'auto' means 1024x1024"
+    )
+    response_format: Literal["b64_json", "url"] | None = "b64_json"
+    model: str | None = Field(None, description="Accepted and ignored: the server serves one model")
+    user: str | None = Field(None, description="Accepted and ignored")
+    stream: bool | None = Field(None, description="Must be false; use /v1/images/generations/stream")
+    # fastdit extensions
+    negative_prompt: str | None = Field(None, max_length=MAX_PROMPT_CHARS)
+    num_inference_steps: int | None = Field(50, ge=1, le=MAX_STEPS)
+    true_cfg_scale: float | None = Field(4.0, ge=0.0, le=100.0, allow_inf_nan=False)
+    seed: int | None = Field(None, ge=0, lt=2**63, description="Image i of the request uses seed + i")
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_not_blank(cls, prompt: str) -> str:
+        if not prompt.strip():
+            raise PydanticCustomError("empty_prompt", "prompt must not be empty")
+        return prompt
+
+    @field_validator("size")
+    @classmethod
+    def _size_is_wxh(cls, size: str | None) -> str | None:
+        if size is None or size == "auto":
+            return size
+        match = _SIZE.fullmatch(size)
+        if match is None:
+            raise PydanticCustomError("invalid_size", "size must be 'WxH' (for example '1024x1024') or 'auto'")
+        if int(match[1]) % 16 or int(match[2]) % 16:
+            raise PydanticCustomError("invalid_size", "size: width and height must be multiples of 16")
+        return size
+
+    @model_validator(mode="after")
+    def _null_means_default(self) -> ImageGenerationRequest:
+        for name, info in type(self).model_fields.items():
+            if getattr(self, name) is None and info.default is not None:
+                setattr(self, name, info.default)
+        return self
+
+    def width_height(self) -> tuple[int, int]:
+        if self.size in (None, "auto"):
+            return 1024, 1024
+        width, height = self.size.split("x")
+        return int(width), int(height)
+
+
+class ImageData(BaseModel):
+    b64_json: str | None = None
+    url: str | None = None
+
+
+class ImagesResponse(BaseModel):
+    created: int
+    data: list[ImageData]
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "fastdit"
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+# ---- helpers ------------------------------------------------------------------------------------
+
+
+class _ImageStore:
+    """The last `capacity` PNGs of response_format="url", by id (oldest evicted first)."""
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self._pngs: collections.OrderedDict[str, bytes] = collections.OrderedDict()
+
+    def put(self, png: bytes) -> str:
+        image_id = uuid.uuid4().hex
+        self._pngs[image_id] = png
+        while len(self._pngs) > self.capacity:
+            self._pngs.popitem(last=False)
+        return image_id
+
+    def get(self, image_id: str) -> bytes | None:
+        return self._pngs.get(image_id)
+
+
+def _png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _sse(event: str, data: Any) -> str:
+    return f"event: {event}\ndata: {json.dumps(data)}\n\n"
+
+
+class _RequestGuard:
+    """Pure ASGI middleware: rejects bodies over `max_body_bytes` with 413 before any parsing (the
+    body is read here and replayed, so a chunked body is bounded too), and counts generation
+    requests by status."""
+
+    def __init__(self, app, *, max_body_bytes: int, count_status):
+        self.app, self.max_body_bytes, self.count_status = app, max_body_bytes, count_status
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
+            return await self.app(scope, receive, send)
+        counted = scope["path"].startswith("/v1/images/generations")
+
+        async def counting_send(message):
+            if counted and message["type"] == "http.response.start":
+                self.count_status(message["status"])
+            await send(message)
+
+        too_large = ApiError(
+            413, f"the request body is larger than {self.max_body_bytes} bytes", code="request_too_large"
+        ).response()
+        headers = dict(scope["headers"])
+        with contextlib.suppress(ValueError):
+            if int(headers.get(b"content-length", b"0")) > self.max_body_bytes:
+                return await too_large(scope, receive, counting_send)
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.max_body_bytes:
+                return await too_large(scope, receive, counting_send)
+            if not message.get("more_body", False):
+                break
+        replayed = False
+
+        async def replay_receive():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+            return await receive()  # after the body: waits for http.disconnect
+
+        await self.app(scope, replay_receive, counting_send)
+
+
+# ---- the app ------------------------------------------------------------------------------------
+
+
+def create_app(
+    engine: Engine,
+    *,
+    model_id: str,
+    max_side: int = 2048,
+    max_body_bytes: int = 1 << 20,
+    stored_images: int = 256,
+) -> FastAPI:
+    """The server around `engine`. The app's lifespan starts the engine and stops it on shutdown."""
+    metrics = engine.metrics
+    store = _ImageStore(stored_images)
+    started = int(time.time())
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        engine.start()
+        yield
+        engine.close()  # queued jobs fail with 503; the running batch finishes
+        await asyncio.to_thread(engine.join, 60.0)
+
+    app = FastAPI(
+        title="fastdit",
+        summary="Qwen-Image text-to-image server with an OpenAI-compatible Images API",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    app.add_middleware(
+        _RequestGuard, max_body_bytes=max_body_bytes, count_status=lambda s: metrics.requests.inc(1, str(s))
+    )
+    app.mount("/static", StaticFiles(directory=str(STATIC)), name="static")
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
+        return exc.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        # FastAPI's 422 list -> OpenAI's 400 naming the first bad field.
+        first = exc.errors()[0]
+        loc = [str(part) for part in first.get("loc", ()) if part != "body"]
+        param = ".".join(loc) or None
+        message = first.get("msg", "invalid request")
+        if param and not message.startswith(param):
+            message = f"{param}: {message}"
+        return ApiError(400, message, param=param, code=first.get("type")).response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
+        return ApiError(exc.status_code, str(exc.detail), type=kind, headers=exc.headers).response()
+
+    def submit(body: ImageGenerationRequest) -> Job:
+        if body.stream:
+            raise ApiError(400, "stream=true is not supported here; use /v1/images/generations/stream",
+                           param="stream", code="unsupported_value")  # fmt: skip
+        width, height = body.width_height()
+        if not (16 <= width <= max_side and 16 <= height <= max_side):
+            raise ApiError(400, f"size {width}x{height}: each side must be between 16 and {max_side}",
+                           param="size", code="invalid_size")  # fmt: skip
+        if body.n > engine.max_batch:
+            raise ApiError(400, f"n must be at most {engine.max_batch} (the server's --max-batch)",
+                           param="n", code="invalid_value")  # fmt: skip
+        if not engine.ready.is_set():
+            raise ApiError(503, "the model is still loading; retry later", type="server_error",
+                           code="not_ready", headers={"Retry-After": "5"})  # fmt: skip
+        job = Job(
+            prompt=body.prompt,
+            negative_prompt=body.negative_prompt,
+            n=body.n,
+            width=width,
+            height=height,
+            steps=body.num_inference_steps,
+            cfg_scale=body.true_cfg_scale,
+            seed=body.seed,
+        )
+        try:
+            engine.submit(job)
+        except QueueFull as e:
+            raise ApiError(429, str(e), type="rate_limit_error", code="queue_full",
+                           headers={"Retry-After": str(e.retry_after)}) from None  # fmt: skip
+        except EngineClosed as e:
+            raise ApiError(503, str(e), type="server_error", code="shutting_down") from None
+        return job
+
+    def client_gone(job: Job) -> None:
+        stage = engine.cancel(job)
+        if stage != "done":
+            metrics.dropped.inc(1, stage)
+            log.info("client of request %s went away (%s)", job.id, stage)
+
+    def job_images(future: asyncio.Future) -> list[Image.Image]:
+        try:
+            return future.result()
+        except EngineClosed as e:
+            raise ApiError(503, str(e), type="server_error", code="shutting_down") from None
+        except FastditError as e:
+            raise ApiError(400, str(e), code="invalid_value") from None
+        except Exception as e:
+            raise ApiError(500, f"image generation failed: {type(e).__name__}: {e}", type="server_error",
+                           code="generation_failed") from None  # fmt: skip
+
+    async def images_response(images: list[Image.Image], response_format: str, request: Request) -> dict:
+        pngs = await asyncio.to_thread(lambda: [_png(image) for image in images])
+        if response_format == "url":
+            data = [{"url": str(request.url_for("image_file", name=f"{store.put(png)}.png"))} for png in pngs]
+        else:
+            data = [{"b64_json": base64.b64encode(png).decode("ascii")} for png in pngs]
+        return {"created": int(time.time()), "data": data}
+
+    @app.post("/v1/images/generations", response_model=ImagesResponse, responses=ERROR_RESPONSES)
+    async def create_image(body: ImageGenerationRequest, request: Request):
+        """OpenAI's `images.generate`."""
+        job = submit(body)
+        future = asyncio.wrap_future(job.future)
+        while not future.done():
+            await asyncio.wait({future}, timeout=DISCONNECT_POLL_S)
+            if not future.done() and await request.is_disconnected():
+                client_gone(job)
+                return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
+        return await images_response(job_images(future), body.response_format, request)
+
+    @app.post(
+        "/v1/images/generations/stream",
+        responses={200: {"content": {"text/event-stream": {}}}, **ERROR_RESPONSES},
+        response_class=StreamingResponse,
+    )
+    async def create_image_stream(body: ImageGenerationRequest, request: Request):
+        """Like /v1/images/generations, answered as server-sent events: `progress` per denoising
+        step, then `result` or `error`. Input errors and a full queue still answer 400/429."""
+        job = submit(body)
+
+        async def events():
+            future = asyncio.wrap_future(job.future)
+            reported = (0, 0)
+            try:
+                while not future.done():
+                    await asyncio.wait({future}, timeout=PROGRESS_POLL_S)
+                    if job.total and (job.step, job.total) != reported:
+                        reported = (job.step, job.total)
+                        yield _sse("progress", {"step": job.step, "total": job.total})
+            finally:
+                if not future.done():  # cancelled by Starlette: the client disconnected
+                    client_gone(job)
+            try:
+                response = await images_response(job_images(future), body.response_format, request)
+            except ApiError as e:
+                yield _sse("error", {**e.body, "status": e.status})
+                return
+            yield _sse("result", response)
+
+        return StreamingResponse(
+            events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+        )
+
+    @app.get("/v1/images/files/{name}", name="image_file", responses={404: {"model": ErrorResponse}})
+    async def image_file(name: str) -> Response:
+        png = store.get(name.removesuffix(".png")) if name.endswith(".png") else None
+        if png is None:
+            raise ApiError(404, f"no image {name!r} (images are kept for the last {stored_images} requests)",
+                           param="name", code="not_found")  # fmt: skip
+        return Response(png, media_type="image/png")
+
+    @app.get("/v1/models", response_model=ModelList)
+    async def list_models():
+        return {"object": "list", "data": [{"id": model_id, "object": "model", "created": started}]}
+
+    @app.get("/health", responses={503: {"description": "Loading, warming up, or failed to load"}})
+    async def health():
+        if engine.ready.is_set():
+            return {"status": "ok"}
+        status = "failed" if engine.load_error is not None else "loading"
+        return JSONResponse({"status": status}, status_code=503)
+
+    @app.get("/metrics", response_class=Response, responses={200: {"content": {METRICS_CONTENT_TYPE: {}}}})
+    async def prometheus_metrics() -> Response:
+        return Response(metrics.expose(), media_type=METRICS_CONTENT_TYPE)
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def index() -> HTMLResponse:
+        return HTMLResponse((STATIC / "index.html").read_text(encoding="utf-8"))
+
+    return app

@@ -1,0 +1,214 @@
+"""`fastdit serve`: run the OpenAI-compatible image server.
+
+`fastdit.cli` calls `add_parser(subparsers)`; `python -m fastdit.server.cli serve ...` works too.
+Adding a flag: declare it in `add_arguments` and read it in `load_generator` (model-side flags such
+as parallelism or quantization) or in `serve_main` (server-side flags).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import errno
+import logging
+import os
+import socket
+import sys
+
+import uvicorn
+
+from fastdit.errors import FastditError
+from fastdit.server.app import create_app
+from fastdit.server.engine import Engine, Generator, Warmup
+
+log = logging.getLogger("fastdit.server")
+
+TINY_RANDOM = "tiny-random"
+
+
+def _size(text: str) -> tuple[int, int]:
+    try:
+        width, height = (int(side) for side in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not WxH, e.g. 512x512") from None
+    if width <= 0 or height <= 0 or width % 16 or height % 16:
+        raise argparse.ArgumentTypeError(f"{text!r}: width and height must be positive multiples of 16")
+    return width, height
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} must be >= 1")
+    return value
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    model = parser.add_argument_group("model")
+    model.add_argument(
+        "--model", required=True, help=f"diffusers-format Qwen-Image folder, or {TINY_RANDOM!r} for tests"
+    )
+    model.add_argument(
+        "--dtype",
+        choices=["auto", "bfloat16", "float16", "float32"],
+        default="auto",
+        help="weights and activations (auto: bfloat16 on CUDA, float32 otherwise)",
+    )
+    model.add_argument("--device", default=None, help="torch device, e.g. cuda:0 (default: the pipeline's)")
+    server = parser.add_argument_group("server")
+    server.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s)")
+    server.add_argument("--port", type=int, default=30000, help="port to bind (default: %(default)s)")
+    server.add_argument(
+        "--max-queue", type=_positive, default=64, help="requests that may wait; more get 429 (default: %(default)s)"
+    )
+    server.add_argument(
+        "--max-batch", type=_positive, default=8, help="images per pipeline call (default: %(default)s)"
+    )
+    server.add_argument(
+        "--max-size", type=_positive, default=2048, help="largest width or height served (default: %(default)s)"
+    )
+    server.add_argument(
+        "--warmup-size",
+        type=_size,
+        default=(512, 512),
+        metavar="WxH",
+        help="size of the 2-step warmup run before /health turns 200 (default: 512x512)",
+    )
+    server.add_argument("--no-warmup", action="store_true", help="skip the warmup run")
+    server.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "serve",
+        help="run the OpenAI-compatible image server",
+        description="Serve POST /v1/images/generations (OpenAI Images API), /health, /metrics and a web page at /.",
+    )
+    add_arguments(parser)
+    parser.set_defaults(func=serve_main)
+    return parser
+
+
+def _torch_dtype(name: str, device: str | None):
+    import torch
+
+    if name == "auto":
+        on_cuda = device.startswith("cuda") if device else torch.cuda.is_available()
+        return torch.bfloat16 if on_cuda else torch.float32
+    return getattr(torch, name)
+
+
+def load_generator(args: argparse.Namespace, model_path: str) -> Generator:
+    """Build the pipeline; runs on the engine thread. Model-side flags are applied here."""
+    from fastdit.pipeline import QwenImagePipeline
+
+    return QwenImagePipeline.from_pretrained(
+        model_path, dtype=_torch_dtype(args.dtype, args.device), device=args.device
+    )
+
+
+def resolve_model_path(model: str) -> str:
+    """The model folder; for 'tiny-random', the cached tiny random-weight pipeline (built once)."""
+    if model == TINY_RANDOM:
+        from fastdit.tiny import tiny_pipeline_dir
+
+        return str(tiny_pipeline_dir())
+    if not os.path.isdir(model):
+        raise FastditError(f"--model {model}: no such folder (expected a diffusers-format Qwen-Image folder)")
+    return model
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """Bind here rather than in uvicorn, so that a port in use is a clear error before anything loads."""
+    if not 0 <= port <= 65535:
+        raise FastditError(f"--port {port}: must be between 0 and 65535")
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        raise FastditError(f"--host {host}: cannot resolve it ({e.strerror})") from None
+    family, kind, proto, _, address = infos[0]
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+    except OSError as e:
+        sock.close()
+        if e.errno == errno.EADDRINUSE:
+            raise FastditError(f"--port {port}: already in use on {host}; pick another port") from None
+        raise FastditError(f"cannot listen on {host}:{port}: {e.strerror}") from None
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+def _log_config(level: str) -> dict:
+    config = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)
+    config["loggers"]["fastdit"] = {"handlers": ["default"], "level": level.upper(), "propagate": False}
+    return config
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server, which also closes the engine's queue as soon as shutdown begins, so that
+    queued requests answer 503 at once instead of being run before the process may exit."""
+
+    def __init__(self, config: uvicorn.Config, engine: Engine):
+        super().__init__(config)
+        self.engine = engine
+
+    async def shutdown(self, sockets=None) -> None:
+        self.engine.close()
+        await super().shutdown(sockets)
+
+
+def serve_main(args: argparse.Namespace) -> int:
+    if args.max_size < 16:
+        raise FastditError(f"--max-size {args.max_size}: must be at least 16")
+    path = resolve_model_path(args.model)
+    sock = bind_socket(args.host, args.port)
+    server: _Server | None = None
+
+    def stop_on_load_error(error: BaseException) -> None:
+        if server is not None:
+            server.should_exit = True
+
+    engine = Engine(
+        lambda: load_generator(args, path),
+        max_queue=args.max_queue,
+        max_batch=args.max_batch,
+        warmup=None if args.no_warmup else Warmup(*args.warmup_size),
+        on_load_error=stop_on_load_error,
+    )
+    model_id = TINY_RANDOM if args.model == TINY_RANDOM else os.path.basename(os.path.abspath(args.model))
+    app = create_app(engine, model_id=model_id, max_side=args.max_size)
+    config = uvicorn.Config(
+        app, log_config=_log_config(args.log_level), log_level=args.log_level, timeout_graceful_shutdown=30
+    )
+    server = _Server(config, engine)
+    host, port = sock.getsockname()[:2]
+    log.info("fastdit serving %s on http://%s:%d", model_id, host, port)
+    try:
+        server.run(sockets=[sock])
+    except KeyboardInterrupt:  # uvicorn re-raises the SIGINT it handled, after a clean shutdown
+        return 130
+    finally:
+        sock.close()
+    if engine.load_error is not None:
+        if isinstance(engine.load_error, FastditError):
+            raise FastditError(f"--model {args.model}: {engine.load_error}") from engine.load_error
+        raise engine.load_error
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m fastdit.server.cli")
+    add_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except FastditError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

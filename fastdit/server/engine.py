@@ -1,0 +1,337 @@
+"""The engine: one worker thread owns the accelerator and runs batched pipeline calls.
+
+- Each HTTP request becomes a `Job` in a bounded FIFO queue; a full queue raises `QueueFull` and the
+  app answers 429 with Retry-After.
+- The worker takes the oldest job plus every other queued job with the same `BatchKey` (size, steps,
+  CFG scale, with/without negative prompt) up to `max_batch` images, and runs them as ONE pipeline
+  call: prompts are expanded to one entry per image with one seed per image, so each denoising step
+  is one DiT forward over the whole batch. Jobs that arrive while a batch runs are batched into the
+  next call; there is no batching window that would delay a lone request.
+- A job's `concurrent.futures.Future` carries the result. The worker moves it to RUNNING when it takes
+  the job, so a queued job can be cancelled (dropped) and a running one cannot; a running job whose
+  client went away is marked `abandoned`, and a batch whose jobs are all abandoned stops at the next
+  step.
+- A failing batch of several jobs is retried one job at a time, so an exception (CUDA OOM, bad input)
+  fails only the request that causes it.
+- The generator is loaded and warmed up on the worker thread, so the server can answer /health (503)
+  while a large checkpoint loads.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import math
+import secrets
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import NamedTuple, Protocol
+
+from PIL import Image
+
+from fastdit.server.metrics import Metrics
+
+log = logging.getLogger("fastdit.server")
+
+SEED_LIMIT = 2**63  # seeds are drawn from and wrapped into [0, SEED_LIMIT)
+
+
+class Generator(Protocol):
+    """What the engine runs: `QwenImagePipeline.__call__`, or a fake in tests."""
+
+    def __call__(
+        self,
+        prompt: str | list[str],
+        *,
+        negative_prompt: str | list[str] | None = None,
+        height: int = 1024,
+        width: int = 1024,
+        num_inference_steps: int = 50,
+        true_cfg_scale: float = 4.0,
+        seed: int | list[int] | None = None,
+        num_images_per_prompt: int = 1,
+        progress: Callable[[int, int], None] | None = None,
+        show_progress: bool = True,
+    ) -> list[Image.Image]: ...
+
+
+class QueueFull(Exception):
+    """The queue holds `max_queue` jobs; retry after `retry_after` seconds."""
+
+    def __init__(self, retry_after: int):
+        super().__init__(f"the request queue is full; retry after {retry_after} s")
+        self.retry_after = retry_after
+
+
+class EngineClosed(Exception):
+    """The server is shutting down (or the model failed to load) and takes no more jobs."""
+
+
+class BatchKey(NamedTuple):
+    """Jobs with equal keys share one pipeline call."""
+
+    width: int
+    height: int
+    steps: int
+    cfg_scale: float
+    has_negative: bool  # the pipeline takes a list of negative prompts or None, never a mix
+
+
+class _BatchAbandoned(Exception):
+    """Raised from the progress callback to stop a batch whose clients have all gone away."""
+
+
+@dataclass(eq=False)
+class Job:
+    prompt: str
+    negative_prompt: str | None
+    n: int
+    width: int
+    height: int
+    steps: int
+    cfg_scale: float
+    seed: int | None = None  # None: a random seed per image, reported nowhere
+    id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    future: Future[list[Image.Image]] = field(default_factory=Future)
+    # Written by the worker, read by the app for progress reports.
+    step: int = 0
+    total: int = 0
+    abandoned: bool = False  # the client went away while the job ran
+
+    def __post_init__(self):
+        # The pipeline runs true CFG only when cfg_scale > 1 AND a negative prompt is given. Otherwise
+        # both are moot: normalize them, so such jobs share one batch key and the pipeline does not
+        # warn about an ineffective scale.
+        if self.negative_prompt is None or self.cfg_scale <= 1:
+            self.negative_prompt, self.cfg_scale = None, 1.0
+        # One seed per image: image i of a seeded request uses seed + i, so n=4 with seed s gives
+        # the same images as four n=1 requests with seeds s..s+3.
+        first = secrets.randbelow(SEED_LIMIT) if self.seed is None else self.seed
+        self.seeds = [(first + i) % SEED_LIMIT for i in range(self.n)]
+
+    @property
+    def key(self) -> BatchKey:
+        return BatchKey(
+            self.width, self.height, self.steps, self.cfg_scale, self.negative_prompt is not None
+        )
+
+
+@dataclass
+class Warmup:
+    """One short generation run before /health turns 200 (allocator, kernels, compile caches)."""
+
+    width: int = 512
+    height: int = 512
+    steps: int = 2
+
+
+class Engine:
+    """Owns the generator and the worker thread. `start()` once, `close()` + `join()` to stop."""
+
+    def __init__(
+        self,
+        load: Callable[[], Generator],
+        *,
+        max_queue: int = 64,
+        max_batch: int = 8,
+        warmup: Warmup | None = None,
+        metrics: Metrics | None = None,
+        on_load_error: Callable[[BaseException], None] | None = None,
+    ):
+        if max_queue < 1 or max_batch < 1:
+            raise ValueError(f"max_queue ({max_queue}) and max_batch ({max_batch}) must be >= 1")
+        self.max_queue = max_queue
+        self.max_batch = max_batch
+        self.metrics = metrics or Metrics()
+        self.ready = threading.Event()  # set once the generator is loaded and warmed up
+        self.load_error: BaseException | None = None
+        self._load = load
+        self._warmup = warmup
+        self._on_load_error = on_load_error
+        self._queue: collections.deque[Job] = collections.deque()
+        self._cond = threading.Condition()
+        self._closed = False
+        self._last_batch_s = 1.0  # for Retry-After
+        self._thread = threading.Thread(target=self._run, name="fastdit-engine", daemon=True)
+        self.metrics.queue_depth.set_function(lambda: len(self._queue))
+        self.metrics.ready.set_function(lambda: float(self.ready.is_set()))
+
+    # ---- called from the server's event loop --------------------------------------------------
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def submit(self, job: Job) -> None:
+        """Queue `job`; raises `QueueFull` or `EngineClosed`."""
+        with self._cond:
+            if self._closed:
+                raise EngineClosed("the server is shutting down")
+            if len(self._queue) >= self.max_queue:
+                # Roughly how long until a slot frees: one batch.
+                raise QueueFull(retry_after=max(1, min(60, math.ceil(self._last_batch_s))))
+            self._queue.append(job)
+            self._cond.notify()
+
+    def cancel(self, job: Job) -> str:
+        """The client of `job` went away. Returns 'queued' if the job was dropped from the queue,
+        'running' if it runs (its result is discarded), 'done' if it already finished."""
+        with self._cond:
+            if job in self._queue:
+                self._queue.remove(job)
+                job.future.cancel()
+                return "queued"
+        if job.future.done():
+            return "done"
+        job.abandoned = True
+        return "running"
+
+    def close(self) -> None:
+        """Take no more jobs and fail the queued ones; the running batch finishes."""
+        with self._cond:
+            self._closed = True
+            dropped = list(self._queue)
+            self._queue.clear()
+            self._cond.notify_all()
+        for job in dropped:
+            if job.future.set_running_or_notify_cancel():
+                job.future.set_exception(EngineClosed("the server is shutting down"))
+
+    def join(self, timeout: float | None = None) -> None:
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    # ---- the worker thread --------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            generator = self._load()
+            if self._warmup is not None:
+                w = self._warmup
+                t0 = time.perf_counter()
+                generator(
+                    "warmup",
+                    width=w.width,
+                    height=w.height,
+                    num_inference_steps=w.steps,
+                    seed=0,
+                    show_progress=False,
+                )
+                log.info("warmup (%dx%d, %d steps) took %.2f s", w.width, w.height, w.steps,
+                         time.perf_counter() - t0)  # fmt: skip
+        except BaseException as e:  # noqa: BLE001 - reported to the CLI, which exits with it
+            log.error("loading the model failed: %s: %s", type(e).__name__, e)
+            self.load_error = e
+            self.close()
+            if self._on_load_error is not None:
+                self._on_load_error(e)
+            return
+        self.ready.set()
+        log.info("engine ready (max batch %d images, queue %d requests)", self.max_batch, self.max_queue)
+        while (batch := self._next_batch()) is not None:
+            self._run_batch(generator, batch)
+        log.info("engine stopped")
+
+    def _next_batch(self) -> list[Job] | None:
+        """Wait for a job; take it and the queued jobs that can share its pipeline call."""
+        with self._cond:
+            while True:
+                while not self._queue and not self._closed:
+                    self._cond.wait()
+                if self._closed:
+                    return None
+                head = self._queue.popleft()
+                batch, images = [head], head.n
+                for job in list(self._queue):
+                    if job.key == head.key and images + job.n <= self.max_batch:
+                        self._queue.remove(job)
+                        batch.append(job)
+                        images += job.n
+                # From here on the jobs cannot be cancelled; one cancelled meanwhile is skipped.
+                batch = [job for job in batch if job.future.set_running_or_notify_cancel()]
+                if batch:
+                    return batch
+
+    def _run_batch(self, generator: Generator, jobs: list[Job]) -> None:
+        """Run `jobs` as one call and resolve their futures. If a call of several jobs fails, each
+        job is run alone, so only the job that causes the failure gets it."""
+        try:
+            results = self._generate(generator, jobs)
+        except _BatchAbandoned:
+            log.info("batch of %d requests stopped: every client went away", len(jobs))
+            for job in jobs:
+                job.future.set_exception(EngineClosed("the client went away"))
+            return
+        except Exception as e:
+            _free_accelerator_memory()
+            if len(jobs) == 1:
+                log.exception("generation failed for request %s", jobs[0].id)
+                jobs[0].future.set_exception(e)
+                return
+            log.warning("a batch of %d requests failed (%s: %s); running them one by one",
+                        len(jobs), type(e).__name__, e)  # fmt: skip
+            for job in jobs:
+                self._run_batch(generator, [job])
+            return
+        for job, images in zip(jobs, results, strict=True):
+            job.future.set_result(images)
+
+    def _generate(self, generator: Generator, jobs: list[Job]) -> list[list[Image.Image]]:
+        """One pipeline call for `jobs` (all with the same key); returns each job's images."""
+        key = jobs[0].key
+        # One entry per image: the pipeline then batches n images of every job in one forward.
+        prompts = [job.prompt for job in jobs for _ in range(job.n)]
+        negatives = [job.negative_prompt for job in jobs for _ in range(job.n)] if key.has_negative else None
+        seeds = [seed for job in jobs for seed in job.seeds]
+        last_tick: float | None = None
+
+        def progress(step: int, total: int) -> None:
+            nonlocal last_tick
+            now = time.perf_counter()
+            if last_tick is not None:  # the interval before the first tick includes text encoding
+                self.metrics.step_seconds.observe(now - last_tick)
+            last_tick = now
+            for job in jobs:
+                job.step, job.total = step, total
+            if all(job.abandoned for job in jobs):
+                raise _BatchAbandoned
+
+        t0 = time.perf_counter()
+        images = generator(
+            prompts,
+            negative_prompt=negatives,
+            height=key.height,
+            width=key.width,
+            num_inference_steps=key.steps,
+            true_cfg_scale=key.cfg_scale,
+            seed=seeds,
+            num_images_per_prompt=1,
+            progress=progress,
+            show_progress=False,
+        )
+        if len(images) != len(prompts):
+            raise RuntimeError(f"the pipeline returned {len(images)} images for {len(prompts)} prompts")
+        elapsed = time.perf_counter() - t0
+        self._last_batch_s = elapsed
+        self.metrics.batch_seconds.observe(elapsed)
+        self.metrics.batch_images.observe(len(prompts))
+        self.metrics.batch_requests.observe(len(jobs))
+        self.metrics.images_generated.inc(len(prompts))
+        results, start = [], 0
+        for job in jobs:
+            results.append(images[start : start + job.n])
+            start += job.n
+        return results
+
+
+def _free_accelerator_memory() -> None:
+    """After a failure (often CUDA OOM), give cached blocks back before the next batch."""
+    try:
+        import torch
+    except ImportError:
+        return
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

