@@ -25,7 +25,7 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
 # owner/name as the Hugging Face Hub spells repo ids.
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 # Modules that add their own subcommands: (module, what it provides).
-_PLUGINS = (("fastdit.bench", "bench"), ("fastdit.server.cli", "serve"))
+_PLUGINS = (("fastdit.bench", "bench"), ("fastdit.server.cli", "serve"), ("fastdit.quant", "quantize"))
 
 
 class _Parser(argparse.ArgumentParser):
@@ -94,6 +94,25 @@ def add_generate_parser(subparsers) -> argparse.ArgumentParser:
         help="image file (several images: NAME-0.png, NAME-1.png, ...) or a folder (ends with / or exists)",
     )
     p.add_argument("--timings-json", default=None, metavar="FILE", help="also write stage timings as JSON")
+    p.add_argument(
+        "--quantize",
+        choices=["fp8"],
+        default=None,
+        help="run the DiT's block linears in fp8 e4m3 (CUDA, compute capability >= 8.9); a folder written by "
+        "`fastdit quantize` is fp8 without this flag",
+    )
+    # fastdit.parallel: one process per rank on this machine (or the ranks torchrun started).
+    par = p.add_argument_group("parallelism (one process per GPU; gloo on CPU)")
+    par.add_argument("--tp", type=_int, default=1, help="tensor-parallel degree (splits the DiT's heads)")
+    par.add_argument(
+        "--sp", type=_int, default=1, help="Ulysses sequence-parallel degree (splits image tokens)"
+    )
+    par.add_argument(
+        "--cfg-parallel", action="store_true", help="run the cond and uncond CFG branches on two rank groups"
+    )
+    par.add_argument(
+        "--master-port", type=_int, default=None, help="rendezvous port on 127.0.0.1 (default: a free one)"
+    )
     p.set_defaults(func=generate_main)
     return p
 
@@ -123,7 +142,9 @@ def output_paths(output: str, count: int, seeds: list[int]) -> list[Path]:
             raise FastditError(f"--output {out} is not writable")
         return [out / f"fastdit-{i}-seed{s}.png" for i, s in enumerate(seeds)]
     if out.suffix.lower() not in IMAGE_SUFFIXES:
-        raise FastditError(f"--output {out}: use an image suffix ({', '.join(sorted(IMAGE_SUFFIXES))}) or a folder/")
+        raise FastditError(
+            f"--output {out}: use an image suffix ({', '.join(sorted(IMAGE_SUFFIXES))}) or a folder/"
+        )
     _check_writable_file(out, "--output")
     if count == 1:
         return [out]
@@ -135,7 +156,10 @@ def resolve_model(model: str) -> Path:
     if model == TINY_RANDOM:
         from fastdit.tiny import tiny_pipeline_dir
 
-        print("fastdit: tiny-random is a tiny random-weight pipeline: it draws noise, not pictures", file=sys.stderr)
+        print(
+            "fastdit: tiny-random is a tiny random-weight pipeline: it draws noise, not pictures",
+            file=sys.stderr,
+        )
         return tiny_pipeline_dir()
     path = Path(model).expanduser()
     if path.is_dir():
@@ -154,7 +178,9 @@ def resolve_model(model: str) -> Path:
         return Path(snapshot_download(model))
     except Exception as e:  # network, auth, missing repo: all mean "could not fetch it"
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise FastditError(f"--model {model}: could not download it from the Hub ({type(e).__name__}: {first})") from e
+        raise FastditError(
+            f"--model {model}: could not download it from the Hub ({type(e).__name__}: {first})"
+        ) from e
 
 
 def _check_args(args: argparse.Namespace) -> None:
@@ -185,7 +211,8 @@ def _torch_dtype(name: str, device):
     return getattr(torch, DTYPES[name])
 
 
-def generate_main(args: argparse.Namespace) -> int:
+def generate_main(args: argparse.Namespace, parallel=None) -> int:
+    """`fastdit generate`; `parallel` is this rank's ParallelState when started by `_generate_parallel`."""
     import secrets
     import time
 
@@ -195,21 +222,39 @@ def generate_main(args: argparse.Namespace) -> int:
     paths = output_paths(args.output, args.num_images, seeds)
     if args.timings_json:
         _check_writable_file(Path(args.timings_json), "--timings-json")
+    if parallel is None and _parallel_requested(args):
+        return _generate_parallel(args, first)
+    main = parallel is None or parallel.is_main  # only rank 0 prints, shows progress and writes
 
     import torch
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
 
     from fastdit.pipeline import QwenImagePipeline
+
+    # Our own bar covers the denoising steps; the libraries' per-file loading bars are noise here.
+    transformers_logging.disable_progress_bar()
+    diffusers_logging.disable_progress_bar()
 
     try:
         device = torch.device(args.device) if args.device else None
     except RuntimeError as e:
         raise FastditError(f"--device {args.device}: {e}") from None
+    if device is not None and device.type == "cuda" and not torch.cuda.is_available():
+        raise FastditError(f"--device {args.device}: no CUDA device is available here")
+    if parallel is not None:
+        device = parallel.device
     dtype = _torch_dtype(args.dtype, device)
     folder = resolve_model(args.model)
     t0 = time.perf_counter()
-    pipe = QwenImagePipeline.from_pretrained(folder, dtype=dtype, device=device)
+    pipe = QwenImagePipeline.from_pretrained(
+        folder, dtype=dtype, device=device, parallel=parallel, quantize=args.quantize
+    )
     load_s = time.perf_counter() - t0
-    print(f"fastdit: loaded {folder} in {load_s:.1f} s ({pipe.device}, {str(dtype).removeprefix('torch.')})")
+    if main:
+        print(
+            f"fastdit: loaded {folder} in {load_s:.1f} s ({pipe.device}, {str(dtype).removeprefix('torch.')})"
+        )
 
     images = pipe(
         args.prompt,
@@ -219,7 +264,11 @@ def generate_main(args: argparse.Namespace) -> int:
         num_inference_steps=args.steps,
         true_cfg_scale=args.cfg_scale,
         seed=seeds,
+        num_images_per_prompt=args.num_images,
+        show_progress=main,
     )
+    if not main:
+        return 0
     for path, image, seed in zip(paths, images, seeds, strict=True):
         try:
             image.save(path)
@@ -229,13 +278,60 @@ def generate_main(args: argparse.Namespace) -> int:
 
     t = pipe.last_timings
     print(f"text encoding  {t['text_encode_s']:8.3f} s")
-    print(f"denoising      {t['denoise_s']:8.3f} s  ({args.steps} steps, {t['denoise_s_per_step']:.3f} s/step)")
+    print(
+        f"denoising      {t['denoise_s']:8.3f} s  ({args.steps} steps, {t['denoise_s_per_step']:.3f} s/step)"
+    )
     print(f"VAE decode     {t['vae_decode_s']:8.3f} s")
     if args.timings_json:
         record = {"load_s": load_s, **t, "steps": args.steps, "height": args.height, "width": args.width}
-        record |= {"num_images": args.num_images, "seeds": seeds, "device": str(pipe.device), "dtype": str(dtype)}
+        record |= {
+            "num_images": args.num_images,
+            "seeds": seeds,
+            "device": str(pipe.device),
+            "dtype": str(dtype),
+        }
         Path(args.timings_json).write_text(json.dumps(record, indent=2) + "\n")
     return 0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# fastdit.parallel: --tp / --sp / --cfg-parallel start one process per rank (or join torchrun's ranks);
+# every rank runs generate_main with its ParallelState, rank 0 alone prints and writes.
+
+
+def _parallel_requested(args: argparse.Namespace) -> bool:
+    return args.tp * args.sp * (2 if args.cfg_parallel else 1) > 1 or "WORLD_SIZE" in os.environ
+
+
+def _generate_parallel(args: argparse.Namespace, seed: int) -> int:
+    from fastdit.loader import read_config, resolve_transformer_dir
+    from fastdit.parallel import check_parallel_config, launch
+    from fastdit.parallel.launch import check_world, device_type
+
+    cfg = 2 if args.cfg_parallel else 1
+    check_world(args.tp, args.sp, cfg, device_type(args.device))  # before any download or load
+    folder = resolve_model(args.model)  # once, here: a Hub download must not race between ranks
+    check_parallel_config(read_config(resolve_transformer_dir(folder)), args.tp, args.sp)
+    rank_args = argparse.Namespace(**{**vars(args), "model": str(folder), "seed": seed})
+    return launch(
+        _generate_rank,
+        rank_args,
+        tp=args.tp,
+        sp=args.sp,
+        cfg=cfg,
+        device=args.device,
+        master_port=args.master_port,
+    )
+
+
+def _generate_rank(state, args: argparse.Namespace) -> int:
+    import torch.distributed as dist
+
+    if dist.is_initialized():  # under torchrun each process drew its own random seed: take rank 0's
+        seed = [args.seed]
+        dist.broadcast_object_list(seed, src=0)
+        args.seed = seed[0]
+    return generate_main(args, state)
 
 
 def _add_plugins(sub) -> None:

@@ -176,9 +176,7 @@ def load_state_dict_into(
     if unexpected:
         more = f" (and {len(unexpected) - 5} more)" if len(unexpected) > 5 else ""
         files = sorted({where[k].name for k in unexpected})
-        raise CheckpointError(
-            f"unexpected keys in {folder} ({', '.join(files)}): {', '.join(unexpected[:5])}{more}"
-        )
+        raise CheckpointError(f"unexpected keys in {folder} ({', '.join(files)}): {', '.join(unexpected[:5])}{more}")
 
     handles: dict[Path, object] = {}
     dev = "cpu" if device.type == "cpu" else str(device)
@@ -222,11 +220,17 @@ def load_state_dict_into(
                     t = sl[tuple(index)]
             except (SafetensorError, RuntimeError, ValueError) as e:
                 raise CheckpointError(f"cannot read {key} from {where[key]}: {e}") from None
-            tensors.append(t.to(device=device, dtype=dtype))
+            tensors.append(t.to(device=device, dtype=_target_dtype(model, name, params[name], dtype)))
         value = tensors[0] if len(tensors) == 1 else torch.cat(tensors, dim=0)
         module_name, _, leaf = name.rpartition(".")
         module = model.get_submodule(module_name)
         setattr(module, leaf, nn.Parameter(value.contiguous(), requires_grad=False))
+
+
+def _target_dtype(model: nn.Module, name: str, p: nn.Parameter, dtype: torch.dtype) -> torch.dtype:
+    """`dtype`, unless the parameter's module lists it in `keep_dtype` (fastdit.quant: fp8 weights, scales)."""
+    module_name, _, leaf = name.rpartition(".")
+    return p.dtype if leaf in getattr(model.get_submodule(module_name), "keep_dtype", ()) else dtype
 
 
 def default_device() -> torch.device:
@@ -238,12 +242,34 @@ def load_transformer(
     *,
     dtype: torch.dtype = torch.bfloat16,
     device: str | torch.device | None = None,
+    quantize: str | None = None,
 ) -> QwenImageTransformer:
-    """Load a diffusers-format Qwen-Image transformer folder (or a pipeline root holding `transformer/`)."""
+    """Load a diffusers-format Qwen-Image transformer folder (or a pipeline root holding `transformer/`).
+
+    `quantize="fp8"` quantizes the block linears at load (see fastdit.quant); a folder written by
+    `fastdit quantize` (config.json has a `quantization` entry) loads as fp8 without being asked.
+    """
+    from fastdit import quant  # imported here: quant builds on this module
+
     folder = resolve_transformer_dir(path)
-    cfg = read_config(folder)
     device = torch.device(device) if device is not None else default_device()
+    if quantize is not None or quant.folder_quantization(folder) is not None:
+        return quant.load_quantized(folder, quantize, dtype=dtype, device=device)
+    cfg = read_config(folder)
     with torch.device("meta"):
         model = QwenImageTransformer(cfg)
     load_state_dict_into(model, folder, dtype=dtype, device=device)
     return model.eval().requires_grad_(False)
+
+
+def diffusers_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Our parameters under diffusers' names, as views (fused Q/K/V split along dim 0): no copy.
+
+    Used to run diffusers' model on exactly our weights (benchmarks and tests).
+    """
+    out = {}
+    for name, p in model.named_parameters():
+        keys = checkpoint_keys(name)
+        for key, part in zip(keys, p.detach().chunk(len(keys), dim=0), strict=True):
+            out[key] = part
+    return out

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fastdit.attention import attention, resolve_backend
 from fastdit.errors import ConfigError
 
 # ---------------------------------------------------------------------------------------------------------
@@ -109,7 +110,11 @@ PRESETS: dict[str, DiTConfig] = {
 
 
 class Rope(NamedTuple):
-    """cos/sin tables over the joint sequence [text; image], each (S_txt + S_img, head_dim // 2), float32."""
+    """RoPE tables over the joint sequence [text; image], each (S_txt + S_img, head_dim), float32.
+
+    Full width with each pair's angle repeated (c0, c0, c1, c1, ...), and the rotation's sign folded into
+    sin (-s0, s0, -s1, s1, ...), so applying it is two fused multiply-adds per element (see `apply_rope`).
+    """
 
     cos: Tensor
     sin: Tensor
@@ -148,27 +153,28 @@ def rope_positions(img_shapes: list[tuple[int, int, int]], txt_len: int, device=
     return torch.cat([txt, *parts], dim=0)
 
 
-def rope_tables(
-    img_shapes, txt_len: int, axes_dims: tuple[int, int, int], theta: float = 10000.0, device=None
-) -> Rope:
+def rope_tables(img_shapes, txt_len: int, axes_dims: tuple[int, int, int], theta: float = 10000.0, device=None) -> Rope:
     """Real RoPE tables for the joint sequence of one (shared) image layout; see `rope_positions`."""
     pos = rope_positions(normalize_img_shapes(img_shapes), txt_len, device).to(torch.float32)
     # Angle of pair i on axis a is pos[:, a] * freq_a[i]; the three axes are concatenated along pairs.
     angles = torch.cat(
         [pos[:, a : a + 1] * _axis_freqs(d, theta, device)[None, :] for a, d in enumerate(axes_dims)], dim=1
     )
-    return Rope(torch.cos(angles), torch.sin(angles))
+    cos, sin = torch.cos(angles), torch.sin(angles)  # (S, head_dim // 2)
+    sign = torch.tensor([-1.0, 1.0], device=device).repeat(cos.shape[1])
+    return Rope(cos.repeat_interleave(2, dim=1), sin.repeat_interleave(2, dim=1) * sign)
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate interleaved channel pairs (x[2i], x[2i+1]) of x (B, S, H, D) by angles with cos/sin (S, D/2).
+    """Rotate interleaved channel pairs (x[2i], x[2i+1]) of x (B, S, H, D) by the `Rope` tables (S, D):
+    (x0, x1) -> (x0 c - x1 s, x1 c + x0 s). Computed in float32, returned in x's dtype.
 
-    Computed in float32, returned in x's dtype.
+    Written as x * cos + pairswap(x) * sin so that inductor emits one pointwise pass (9 ms less per
+    1024^2 CFG step on H100 than stacking the two halves).
     """
-    xf = x.float().unflatten(-1, (-1, 2))  # (B, S, H, D/2, 2)
-    x0, x1 = xf.unbind(-1)
-    c, s = cos[None, :, None, :], sin[None, :, None, :]
-    return torch.stack([x0 * c - x1 * s, x0 * s + x1 * c], dim=-1).flatten(-2).to(x.dtype)
+    xf = x.float()
+    swapped = xf.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)  # (x1, x0, x3, x2, ...)
+    return (xf * cos[None, :, None, :] + swapped * sin[None, :, None, :]).to(x.dtype)
 
 
 def timestep_embedding(t: Tensor, dim: int = 256, max_period: float = 10000.0) -> Tensor:
@@ -218,6 +224,15 @@ def modulate(x: Tensor, mod: ModulationOut, eps: float) -> Tensor:
     return F.layer_norm(x, x.shape[-1:], eps=eps) * (1 + mod.scale) + mod.shift
 
 
+def linear_gelu(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+    """GELU(tanh)(x @ weight.T + bias). On CUDA the GELU runs in the GEMM's epilogue (cuBLASLt), which
+    saves a write and a read of the 4x-wide hidden activations (about 8 ms of a 1024^2 CFG step on H100)."""
+    if x.is_cuda:
+        out = torch._addmm_activation(bias, x.flatten(0, -2), weight.t(), use_gelu=True)
+        return out.unflatten(0, x.shape[:-1])
+    return F.gelu(F.linear(x, weight, bias), approximate="tanh")
+
+
 class MLP(nn.Module):
     def __init__(self, dim: int, hidden: int):
         super().__init__()
@@ -225,7 +240,10 @@ class MLP(nn.Module):
         self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+        # Layers whose weight is not a plain float matrix (fastdit.quant's fp8) apply GELU themselves.
+        fc1 = self.fc1
+        h = fc1.forward_gelu(x) if hasattr(fc1, "forward_gelu") else linear_gelu(x, fc1.weight, fc1.bias)
+        return self.fc2(h)
 
 
 class Attention(nn.Module):
@@ -233,13 +251,16 @@ class Attention(nn.Module):
 
     `key_mask` (B, S) bool marks keys that may be attended to (None: all). `num_txt` is the number of
     text tokens at the start of the sequence; the single-device core ignores it, the sequence-parallel
-    core (fastdit.parallel) needs it to split text from image tokens.
+    core (fastdit.parallel) needs it to split text from image tokens. `backend` is one of
+    fastdit.attention.BACKENDS, resolved for the device (see `set_attention_backend`).
     """
 
+    def __init__(self, backend: str = "sdpa"):
+        super().__init__()
+        self.backend = backend
+
     def forward(self, q: Tensor, k: Tensor, v: Tensor, num_txt: int, key_mask: Tensor | None) -> Tensor:
-        mask = None if key_mask is None else key_mask[:, None, None, :]  # (B, 1, 1, S)
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask)
-        return out.transpose(1, 2)
+        return attention(q, k, v, key_mask, self.backend)
 
 
 class JointAttention(nn.Module):
@@ -263,16 +284,18 @@ class JointAttention(nn.Module):
         q, k, v = qkv(x).unflatten(-1, (3, -1, self.head_dim)).unbind(2)
         return apply_rope(q_norm(q), cos, sin), apply_rope(k_norm(k), cos, sin), v
 
-    def forward(
-        self, img: Tensor, txt: Tensor, rope: Rope, key_mask: Tensor | None
-    ) -> tuple[Tensor, Tensor]:
+    def forward(self, img: Tensor, txt: Tensor, rope: Rope, key_mask: Tensor | None) -> tuple[Tensor, Tensor]:
         n_txt = txt.shape[1]
         cos_t, cos_i = rope.cos[:n_txt], rope.cos[n_txt:]
         sin_t, sin_i = rope.sin[:n_txt], rope.sin[n_txt:]
         tq, tk, tv = self._heads(txt, self.txt_qkv, self.txt_q_norm, self.txt_k_norm, cos_t, sin_t)
         iq, ik, iv = self._heads(img, self.img_qkv, self.img_q_norm, self.img_k_norm, cos_i, sin_i)
         out = self.core(
-            torch.cat([tq, iq], dim=1), torch.cat([tk, ik], dim=1), torch.cat([tv, iv], dim=1), n_txt, key_mask
+            torch.cat([tq, iq], dim=1),
+            torch.cat([tk, ik], dim=1),
+            torch.cat([tv, iv], dim=1),
+            n_txt,
+            key_mask,
         )  # (B, S_txt + S_img, H, D)
         txt_o, img_o = out.flatten(2).split([n_txt, out.shape[1] - n_txt], dim=1)
         return self.img_out(img_o), self.txt_out(txt_o)
@@ -402,9 +425,7 @@ class QwenImageTransformer(nn.Module):
     ) -> Tensor:
         """(B, S_img, in_channels) latents, (B, S_txt, joint_dim) text states, (B, S_txt) mask, (B,) sigma,
         per-sample (frames, h, w) in patches -> (B, S_img, patch^2 * out_channels) velocity."""
-        x = self.prepare(
-            hidden_states, encoder_hidden_states, encoder_hidden_states_mask, timestep, img_shapes, rope
-        )
+        x = self.prepare(hidden_states, encoder_hidden_states, encoder_hidden_states_mask, timestep, img_shapes, rope)
         img, txt = x.img, x.txt
         for block in self.blocks:
             img, txt = block(img, txt, x.temb, x.rope, x.key_mask)
@@ -418,3 +439,13 @@ def compile_blocks(model: QwenImageTransformer, **compile_kwargs) -> QwenImageTr
         block.compile(**compile_kwargs)
     model.final.compile(**compile_kwargs)
     return model
+
+
+def set_attention_backend(model: QwenImageTransformer, backend: str = "auto") -> str:
+    """Point every block's attention core at `backend` (resolved for the model's device); returns it."""
+    device = next(model.parameters()).device
+    resolved = resolve_backend(backend, device)
+    for module in model.modules():
+        if isinstance(module, Attention):
+            module.backend = resolved
+    return resolved

@@ -71,7 +71,9 @@ def initial_noise(seeds: int | list[int], shape: tuple[int, ...], dtype: torch.d
     if isinstance(seeds, int):
         return torch.randn(shape, generator=torch.Generator("cpu").manual_seed(seeds), dtype=dtype)
     one = (1, *shape[1:])
-    return torch.cat([torch.randn(one, generator=torch.Generator("cpu").manual_seed(s), dtype=dtype) for s in seeds])
+    return torch.cat(
+        [torch.randn(one, generator=torch.Generator("cpu").manual_seed(s), dtype=dtype) for s in seeds]
+    )
 
 
 def to_pil(images: torch.Tensor) -> list[Image.Image]:
@@ -126,9 +128,21 @@ class QwenImagePipeline:
 
     @classmethod
     def from_pretrained(
-        cls, path: str | Path, *, dtype: torch.dtype = torch.bfloat16, device: str | torch.device | None = None
+        cls,
+        path: str | Path,
+        *,
+        dtype: torch.dtype = torch.bfloat16,
+        device: str | torch.device | None = None,
+        parallel=None,
+        quantize: str | None = None,
     ) -> QwenImagePipeline:
-        """Load a diffusers-format Qwen-Image pipeline folder (model_index.json + one folder per part)."""
+        """Load a diffusers-format Qwen-Image pipeline folder (model_index.json + one folder per part).
+
+        `parallel`: this rank's `fastdit.parallel.ParallelState` (see `fastdit.parallel.launch`); the DiT is
+        then loaded sharded (tp / sp / cfg), the text encoder and VAE whole on every rank.
+        `quantize`: "fp8" runs the DiT's block linears in fp8 e4m3 (fastdit.quant; "fp8-emulated" for CPU
+        tests); a transformer folder written by `fastdit quantize` is fp8 without it.
+        """
         from diffusers import AutoencoderKLQwenImage
         from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
 
@@ -148,10 +162,21 @@ class QwenImagePipeline:
             raise CheckpointError(f"cannot read {root / 'scheduler' / 'scheduler_config.json'}: {e}") from e
         device = torch.device(device) if device is not None else default_device()
 
-        transformer = load_transformer(root / "transformer", dtype=dtype, device=device)
+        if parallel is not None and parallel.world_size > 1:  # fastdit.parallel: this rank's DiT shard
+            from fastdit.parallel import load_transformer_parallel as load_sharded
+
+            transformer = load_sharded(root / "transformer", parallel, dtype=dtype, device=device)
+            if quantize is not None:  # fastdit.quant: fp8 on each rank's shards, after sharding
+                from fastdit.quant import parse_mode, quantize_model
+
+                quantize_model(transformer, emulate=parse_mode(quantize))
+        else:
+            transformer = load_transformer(root / "transformer", dtype=dtype, device=device, quantize=quantize)
         try:
             tokenizer = AutoTokenizer.from_pretrained(root / "tokenizer")
-            text_encoder = Qwen2_5_VLForConditionalGeneration.from_pretrained(root / "text_encoder", dtype=dtype)
+            text_encoder = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+                root / "text_encoder", dtype=dtype
+            )
             vae = AutoencoderKLQwenImage.from_pretrained(root / "vae", torch_dtype=dtype)
         except (OSError, ValueError) as e:
             raise CheckpointError(f"cannot load {root}: {e}") from e
@@ -188,7 +213,11 @@ class QwenImagePipeline:
         check_size(height, width)
         _check_int(num_inference_steps, "num_inference_steps", 1)
         _check_int(num_images_per_prompt, "num_images_per_prompt", 1)
-        if not isinstance(true_cfg_scale, int | float) or not math.isfinite(true_cfg_scale) or true_cfg_scale < 1:
+        if (
+            not isinstance(true_cfg_scale, int | float)
+            or not math.isfinite(true_cfg_scale)
+            or true_cfg_scale < 1
+        ):
             raise FastditError(f"true_cfg_scale must be a number >= 1, got {true_cfg_scale!r}")
         negatives = None
         if negative_prompt is not None:
@@ -197,14 +226,17 @@ class QwenImagePipeline:
                 negatives = negatives * len(prompts)
             elif len(negatives) != len(prompts):
                 raise FastditError(
-                    f"got {len(negatives)} negative prompts for {len(prompts)} prompts; give one or one per prompt"
+                    f"got {len(negatives)} negative prompts for {len(prompts)} prompts; "
+                    "give one or one per prompt"
                 )
         num_images = len(prompts) * num_images_per_prompt
         seed = self._check_seed(seed, num_images)
 
         do_cfg = true_cfg_scale > 1 and negatives is not None
         if true_cfg_scale > 1 and negatives is None:
-            log.warning("true_cfg_scale=%s has no effect without a negative prompt: CFG is off", true_cfg_scale)
+            log.warning(
+                "true_cfg_scale=%s has no effect without a negative prompt: CFG is off", true_cfg_scale
+            )
         elif negatives is not None and not do_cfg:
             log.warning("negative prompt ignored: CFG needs true_cfg_scale > 1")
         check_lengths(self.tokenizer, prompts)
@@ -212,7 +244,9 @@ class QwenImagePipeline:
             check_lengths(self.tokenizer, negatives, "negative prompt")
 
         # 1. Text: one encoder call for prompts and negatives, rows repeated per image (prompt-major).
-        rows = encode_prompts(self.text_encoder, self.tokenizer, prompts + (negatives if do_cfg else []), self.device)
+        rows = encode_prompts(
+            self.text_encoder, self.tokenizer, prompts + (negatives if do_cfg else []), self.device
+        )
         rows = [r for r in rows for _ in range(num_images_per_prompt)]
         # (B', L, D) with B' = 2 * num_images under CFG: conditional rows first, then unconditional.
         txt, txt_mask = pad_embeds(rows, self.dtype)
@@ -291,5 +325,7 @@ class QwenImagePipeline:
             if isinstance(s, bool) or not isinstance(s, int) or not 0 <= s < 2**64:
                 raise FastditError(f"seed must be an integer in [0, 2**64), got {s!r}")
         if isinstance(seed, list) and len(seed) != num_images:
-            raise FastditError(f"got {len(seed)} seeds for {num_images} images; give one seed or one per image")
+            raise FastditError(
+                f"got {len(seed)} seeds for {num_images} images; give one seed or one per image"
+            )
         return seed

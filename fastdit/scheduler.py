@@ -47,7 +47,8 @@ def check_scheduler_config(config: dict) -> None:
 
 
 def dynamic_shift_mu(image_seq_len: int, config: dict) -> float:
-    """Shift exponent for `image_seq_len` image tokens: linear from (base_len, base_shift) to (max_len, max_shift)."""
+    """Shift exponent for `image_seq_len` image tokens, linear in the token count:
+    (base_image_seq_len, base_shift) -> (max_image_seq_len, max_shift)."""
     base_len = config.get("base_image_seq_len", 256)
     max_len = config.get("max_image_seq_len", 4096)
     base_shift = config.get("base_shift", 0.5)

@@ -51,9 +51,12 @@ TINY_VOCAB = 151680
 TINY_VERSION = 1
 
 
+def _cache_root() -> Path:
+    return Path(os.environ.get("FASTDIT_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "fastdit"))
+
+
 def default_cache_dir() -> Path:
-    root = os.environ.get("FASTDIT_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "fastdit")
-    return Path(root) / f"tiny-random-v{TINY_VERSION}"
+    return _cache_root() / f"tiny-random-v{TINY_VERSION}"
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -111,6 +114,28 @@ def build_qwen2_tokenizer():
     # ids continue after the 151643 BPE ranks: <|endoftext|> (pad/eos) is 151643 already.
     tok.add_tokens([AddedToken(t, special=True) for t in ("<|im_start|>", "<|im_end|>")])
     return tok
+
+
+def _save_tokenizer(folder: Path) -> None:
+    """Write the Qwen2 tokenizer to `folder`, converting the BPE ranks only once per cache (about 6 s)."""
+    cached = _cache_root() / "qwen2-tokenizer"
+    if not (cached / "tokenizer.json").is_file():
+        staging = Path(tempfile.mkdtemp(prefix=".tokenizer-", dir=_make_dir(cached.parent)))
+        try:
+            build_qwen2_tokenizer().save_pretrained(staging)
+            staging.rename(cached)
+        except OSError:
+            if not (cached / "tokenizer.json").is_file():  # not a lost race with another builder
+                raise
+        finally:
+            if staging.exists():
+                shutil.rmtree(staging)
+    shutil.copytree(cached, folder)
+
+
+def _make_dir(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 def _text_encoder(seed: int):
@@ -178,12 +203,15 @@ def build_tiny_pipeline(path: str | os.PathLike, seed: int = 0) -> Path:
     never mistaken for a finished one. Returns `path`.
     """
     from diffusers import FlowMatchEulerDiscreteScheduler
+    from transformers.utils import logging as transformers_logging
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".tiny-", dir=path.parent))
+    bars = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.disable_progress_bar()  # no "Writing model shards" bar for a 20 MB folder
     try:
-        build_qwen2_tokenizer().save_pretrained(staging / "tokenizer")
+        _save_tokenizer(staging / "tokenizer")
         _text_encoder(seed).save_pretrained(staging / "text_encoder")
         _transformer(seed).save_pretrained(staging / "transformer")
         _vae(seed).save_pretrained(staging / "vae")
@@ -202,6 +230,8 @@ def build_tiny_pipeline(path: str | os.PathLike, seed: int = 0) -> Path:
             shutil.rmtree(path)
         staging.rename(path)
     finally:
+        if bars:
+            transformers_logging.enable_progress_bar()
         if staging.exists():
             shutil.rmtree(staging)
     return path

@@ -30,7 +30,11 @@ def run_both(ref, ours, h, w, txt_lens, t=(0.8, 0.25), seed=1):
     shapes = [[(1, h, w)]] * b
     with torch.no_grad():
         expected = ref(
-            hidden_states=x, encoder_hidden_states=enc, encoder_hidden_states_mask=mask, timestep=ts, img_shapes=shapes
+            hidden_states=x,
+            encoder_hidden_states=enc,
+            encoder_hidden_states_mask=mask,
+            timestep=ts,
+            img_shapes=shapes,
         ).sample
         got = ours(x, enc, mask, ts, shapes)
     return got, expected

@@ -51,6 +51,7 @@ log = logging.getLogger("fastdit.server")
 MAX_PROMPT_CHARS = 8192
 MAX_N = 10  # OpenAI's limit for n
 MAX_STEPS = 200
+MAX_SEED = 2**53 - 1  # the largest integer JSON parsers that use doubles (JavaScript) keep exactly
 DISCONNECT_POLL_S = 0.2  # how often a waiting handler checks whether its client is still there
 PROGRESS_POLL_S = 0.1
 STATIC = resources.files("fastdit.server") / "static"
@@ -112,12 +113,15 @@ class ImageGenerationRequest(BaseModel):
     nulls for fields passed as None); unknown OpenAI fields (quality, style, background, ...) are
     accepted and ignored."""
 
-    model_config = ConfigDict(extra="ignore")
+    # strict: JSON true is not the integer 1, nor "1" a number.
+    model_config = ConfigDict(extra="ignore", strict=True)
 
     prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
     n: int | None = Field(1, ge=1, le=MAX_N)
     size: str | None = Field(
-        "1024x1024", description="'WxH' in pixels, each side a multiple of 16; 'auto' means 1024x1024"
+        "1024x1024",
+        description="'WxH' in pixels, each side a multiple of 16; 'auto' means 1024x1024",
+        json_schema_extra={"pattern": f"^(auto|{_SIZE.pattern})$"},  # documented; checked by _size_is_wxh
     )
     response_format: Literal["b64_json", "url"] | None = "b64_json"
     model: str | None = Field(None, description="Accepted and ignored: the server serves one model")
@@ -127,7 +131,7 @@ class ImageGenerationRequest(BaseModel):
     negative_prompt: str | None = Field(None, max_length=MAX_PROMPT_CHARS)
     num_inference_steps: int | None = Field(50, ge=1, le=MAX_STEPS)
     true_cfg_scale: float | None = Field(4.0, ge=0.0, le=100.0, allow_inf_nan=False)
-    seed: int | None = Field(None, ge=0, lt=2**63, description="Image i of the request uses seed + i")
+    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="Image i of the request uses seed + i")
 
     @field_validator("prompt")
     @classmethod
@@ -305,9 +309,13 @@ def create_app(
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         # FastAPI's 422 list -> OpenAI's 400 naming the first bad field.
         first = exc.errors()[0]
-        loc = [str(part) for part in first.get("loc", ()) if part != "body"]
-        param = ".".join(loc) or None
+        loc = list(first.get("loc", ()))
+        loc = loc[1:] if loc[:1] == ["body"] else loc
+        # A field path starts with a name; ('body', 17) is a position in malformed JSON.
+        param = ".".join(str(part) for part in loc) if loc and isinstance(loc[0], str) else None
         message = first.get("msg", "invalid request")
+        if first.get("type") == "json_invalid":
+            message = f"the body is not valid JSON ({first.get('ctx', {}).get('error', message)})"
         if param and not message.startswith(param):
             message = f"{param}: {message}"
         return ApiError(400, message, param=param, code=first.get("type")).response()
@@ -317,20 +325,37 @@ def create_app(
         kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
         return ApiError(exc.status_code, str(exc.detail), type=kind, headers=exc.headers).response()
 
-    def submit(body: ImageGenerationRequest) -> Job:
-        if body.stream:
-            raise ApiError(400, "stream=true is not supported here; use /v1/images/generations/stream",
-                           param="stream", code="unsupported_value")  # fmt: skip
+    def submit(body: ImageGenerationRequest, *, streaming: bool = False) -> Job:
+        if body.stream and not streaming:
+            raise ApiError(
+                400,
+                "stream=true is not supported here; use /v1/images/generations/stream",
+                param="stream",
+                code="unsupported_value",
+            )
         width, height = body.width_height()
         if not (16 <= width <= max_side and 16 <= height <= max_side):
-            raise ApiError(400, f"size {width}x{height}: each side must be between 16 and {max_side}",
-                           param="size", code="invalid_size")  # fmt: skip
+            raise ApiError(
+                400,
+                f"size {width}x{height}: each side must be between 16 and {max_side}",
+                param="size",
+                code="invalid_size",
+            )
         if body.n > engine.max_batch:
-            raise ApiError(400, f"n must be at most {engine.max_batch} (the server's --max-batch)",
-                           param="n", code="invalid_value")  # fmt: skip
+            raise ApiError(
+                400,
+                f"n must be at most {engine.max_batch} (the server's --max-batch)",
+                param="n",
+                code="invalid_value",
+            )
         if not engine.ready.is_set():
-            raise ApiError(503, "the model is still loading; retry later", type="server_error",
-                           code="not_ready", headers={"Retry-After": "5"})  # fmt: skip
+            raise ApiError(
+                503,
+                "the model is still loading; retry later",
+                type="server_error",
+                code="not_ready",
+                headers={"Retry-After": "5"},
+            )
         job = Job(
             prompt=body.prompt,
             negative_prompt=body.negative_prompt,
@@ -344,8 +369,13 @@ def create_app(
         try:
             engine.submit(job)
         except QueueFull as e:
-            raise ApiError(429, str(e), type="rate_limit_error", code="queue_full",
-                           headers={"Retry-After": str(e.retry_after)}) from None  # fmt: skip
+            raise ApiError(
+                429,
+                str(e),
+                type="rate_limit_error",
+                code="queue_full",
+                headers={"Retry-After": str(e.retry_after)},
+            ) from None
         except EngineClosed as e:
             raise ApiError(503, str(e), type="server_error", code="shutting_down") from None
         return job
@@ -364,8 +394,12 @@ def create_app(
         except FastditError as e:
             raise ApiError(400, str(e), code="invalid_value") from None
         except Exception as e:
-            raise ApiError(500, f"image generation failed: {type(e).__name__}: {e}", type="server_error",
-                           code="generation_failed") from None  # fmt: skip
+            raise ApiError(
+                500,
+                f"image generation failed: {type(e).__name__}: {e}",
+                type="server_error",
+                code="generation_failed",
+            ) from None
 
     async def images_response(images: list[Image.Image], response_format: str, request: Request) -> dict:
         pngs = await asyncio.to_thread(lambda: [_png(image) for image in images])
@@ -395,7 +429,7 @@ def create_app(
     async def create_image_stream(body: ImageGenerationRequest, request: Request):
         """Like /v1/images/generations, answered as server-sent events: `progress` per denoising
         step, then `result` or `error`. Input errors and a full queue still answer 400/429."""
-        job = submit(body)
+        job = submit(body, streaming=True)
 
         async def events():
             future = asyncio.wrap_future(job.future)
@@ -416,16 +450,18 @@ def create_app(
                 return
             yield _sse("result", response)
 
-        return StreamingResponse(
-            events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
-        )
+        return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
     @app.get("/v1/images/files/{name}", name="image_file", responses={404: {"model": ErrorResponse}})
     async def image_file(name: str) -> Response:
         png = store.get(name.removesuffix(".png")) if name.endswith(".png") else None
         if png is None:
-            raise ApiError(404, f"no image {name!r} (images are kept for the last {stored_images} requests)",
-                           param="name", code="not_found")  # fmt: skip
+            raise ApiError(
+                404,
+                f"no image {name!r} (images are kept for the last {stored_images} requests)",
+                param="name",
+                code="not_found",
+            )
         return Response(png, media_type="image/png")
 
     @app.get("/v1/models", response_model=ModelList)

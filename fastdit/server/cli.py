@@ -59,13 +59,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     server.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s)")
     server.add_argument("--port", type=int, default=30000, help="port to bind (default: %(default)s)")
     server.add_argument(
-        "--max-queue", type=_positive, default=64, help="requests that may wait; more get 429 (default: %(default)s)"
+        "--max-queue",
+        type=_positive,
+        default=64,
+        help="requests that may wait; more get 429 (default: %(default)s)",
     )
     server.add_argument(
         "--max-batch", type=_positive, default=8, help="images per pipeline call (default: %(default)s)"
     )
     server.add_argument(
-        "--max-size", type=_positive, default=2048, help="largest width or height served (default: %(default)s)"
+        "--max-size",
+        type=_positive,
+        default=2048,
+        help="largest width or height served (default: %(default)s)",
     )
     server.add_argument(
         "--warmup-size",
@@ -82,7 +88,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "serve",
         help="run the OpenAI-compatible image server",
-        description="Serve POST /v1/images/generations (OpenAI Images API), /health, /metrics and a web page at /.",
+        description="Serve the OpenAI Images API (/v1/images/generations), /health, /metrics and a web page.",
     )
     add_arguments(parser)
     parser.set_defaults(func=serve_main)
@@ -163,8 +169,12 @@ class _Server(uvicorn.Server):
 def serve_main(args: argparse.Namespace) -> int:
     if args.max_size < 16:
         raise FastditError(f"--max-size {args.max_size}: must be at least 16")
-    path = resolve_model_path(args.model)
-    sock = bind_socket(args.host, args.port)
+    sock = bind_socket(args.host, args.port)  # first: a port in use fails before any model work
+    try:
+        path = resolve_model_path(args.model)
+    except BaseException:
+        sock.close()
+        raise
     server: _Server | None = None
 
     def stop_on_load_error(error: BaseException) -> None:

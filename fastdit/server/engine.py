@@ -87,6 +87,9 @@ class _BatchAbandoned(Exception):
 
 @dataclass(eq=False)
 class Job:
+    """One request: `n` images of one prompt. Compared by identity (it is removed from the queue by
+    identity)."""
+
     prompt: str
     negative_prompt: str | None
     n: int
@@ -101,6 +104,7 @@ class Job:
     step: int = 0
     total: int = 0
     abandoned: bool = False  # the client went away while the job ran
+    seeds: list[int] = field(init=False)  # one per image, from `seed`
 
     def __post_init__(self):
         # The pipeline runs true CFG only when cfg_scale > 1 AND a negative prompt is given. Otherwise
@@ -115,9 +119,7 @@ class Job:
 
     @property
     def key(self) -> BatchKey:
-        return BatchKey(
-            self.width, self.height, self.steps, self.cfg_scale, self.negative_prompt is not None
-        )
+        return BatchKey(self.width, self.height, self.steps, self.cfg_scale, self.negative_prompt is not None)
 
 
 @dataclass
@@ -217,11 +219,17 @@ class Engine:
                     width=w.width,
                     height=w.height,
                     num_inference_steps=w.steps,
+                    true_cfg_scale=1.0,
                     seed=0,
                     show_progress=False,
                 )
-                log.info("warmup (%dx%d, %d steps) took %.2f s", w.width, w.height, w.steps,
-                         time.perf_counter() - t0)  # fmt: skip
+                log.info(
+                    "warmup (%dx%d, %d steps) took %.2f s",
+                    w.width,
+                    w.height,
+                    w.steps,
+                    time.perf_counter() - t0,
+                )
         except BaseException as e:  # noqa: BLE001 - reported to the CLI, which exits with it
             log.error("loading the model failed: %s: %s", type(e).__name__, e)
             self.load_error = e
@@ -271,8 +279,12 @@ class Engine:
                 log.exception("generation failed for request %s", jobs[0].id)
                 jobs[0].future.set_exception(e)
                 return
-            log.warning("a batch of %d requests failed (%s: %s); running them one by one",
-                        len(jobs), type(e).__name__, e)  # fmt: skip
+            log.warning(
+                "a batch of %d requests failed (%s: %s); running them one by one",
+                len(jobs),
+                type(e).__name__,
+                e,
+            )
             for job in jobs:
                 self._run_batch(generator, [job])
             return

@@ -48,7 +48,11 @@ class Gauge:
         self._read = read
 
     def expose(self) -> list[str]:
-        return [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} gauge", f"{self.name} {_fmt(self._read())}"]
+        return [
+            f"# HELP {self.name} {self.help}",
+            f"# TYPE {self.name} gauge",
+            f"{self.name} {_fmt(self._read())}",
+        ]
 
 
 class Histogram:
@@ -106,9 +110,7 @@ class Metrics:
             "Wall time of one pipeline call (text encoding, denoising, VAE decode).",
             [0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300],
         )
-        self.batch_images = Histogram(
-            "fastdit_batch_images", "Images per pipeline call.", [1, 2, 4, 8, 16, 32, 64]
-        )
+        self.batch_images = Histogram("fastdit_batch_images", "Images per pipeline call.", [1, 2, 4, 8, 16, 32, 64])
         self.batch_requests = Histogram(
             "fastdit_batch_requests", "Requests merged into one pipeline call.", [1, 2, 4, 8, 16, 32, 64]
         )

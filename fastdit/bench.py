@@ -1,0 +1,404 @@
+"""`fastdit bench`: time one denoising step of the full-size DiT with random weights (no download).
+
+One step = one DiT forward over the CFG batch (cond + uncond batched). Times come from CUDA events
+(host clock on CPU) around each step after warm-up; we report the median with min/max, the achieved
+TFLOP/s, and that as a share of the bf16 matmul ceiling measured in the same run. `--compare diffusers`
+runs diffusers' QwenImageTransformer2DModel on the very same weights (views of ours: no extra memory),
+eager and compiled, and prints the ratios. `--stage vae|text-encoder` times those stages instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from contextlib import nullcontext, suppress
+
+import torch
+from torch import nn
+
+from fastdit.errors import FastditError
+from fastdit.loader import diffusers_state_dict
+from fastdit.model import PRESETS, DiTConfig, QwenImageTransformer, compile_blocks, set_attention_backend
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Counting and timing
+
+
+def dit_flops(cfg: DiTConfig, batch: int, n_img: int, n_txt: int) -> float:
+    """FLOPs of one DiT forward (matmuls and attention; elementwise work is not counted)."""
+    d = cfg.dim
+    per_token = 2 * (3 * d * d + d * d + 2 * cfg.mlp_ratio * d * d)  # QKV, out-proj, MLP
+    s = n_img + n_txt
+    per_block = batch * (n_img + n_txt) * per_token + 4 * batch * s * s * d  # + QK^T and PV
+    per_block += 2 * 2 * batch * d * 6 * d  # two modulation projections
+    io = 2 * batch * (n_img * cfg.in_channels * d + n_txt * cfg.joint_dim * d + n_img * d * cfg.out_dim)
+    return cfg.num_layers * per_block + io
+
+
+def sync(device: torch.device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_steps(fn: Callable[[], object], device: torch.device, warmup: int, iters: int) -> list[float]:
+    """Seconds per call of fn, measured one call at a time after `warmup` untimed calls."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    for _ in range(iters):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return times
+
+
+def summarize(times: list[float], flops: float | None = None) -> dict:
+    out = {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times), "n": len(times)}
+    if flops:
+        out["tflops"] = flops / out["median_s"] / 1e12
+    return out
+
+
+def matmul_ceiling(device: torch.device, dtype: torch.dtype) -> float:
+    """Achieved TFLOP/s of a large square matmul on random data (the ceiling for this run)."""
+    n = 8192 if device.type == "cuda" else 512
+    g = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(n, n, device=device, dtype=dtype, generator=g)
+    b = torch.randn(n, n, device=device, dtype=dtype, generator=g)
+    times = time_steps(lambda: a @ b, device, warmup=3, iters=20 if device.type == "cuda" else 3)
+    return 2 * n**3 / statistics.median(times) / 1e12
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Models with random weights
+
+
+def random_dit(cfg: DiTConfig, dtype: torch.dtype, device: torch.device, seed: int = 0) -> QwenImageTransformer:
+    """Build on meta, allocate on the device, fill with scaled random weights (activations stay O(1))."""
+    with torch.device("meta"):
+        model = QwenImageTransformer(cfg)
+    model.to_empty(device=device)
+    g = torch.Generator(device=device).manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            elif name.endswith("mod.lin.weight") or name.endswith("final.mod.weight"):
+                # Trained DiTs keep modulation small (AdaLN-Zero starts it at 0); full-scale random
+                # modulation makes a 60-layer stack so ill-conditioned that bf16 itself is 10% off fp32.
+                p.copy_(
+                    torch.randn(p.shape, device=device, dtype=torch.float32, generator=g) * 0.1 / math.sqrt(p.shape[1])
+                )
+            elif p.ndim == 2:
+                p.copy_(torch.randn(p.shape, device=device, dtype=torch.float32, generator=g) / math.sqrt(p.shape[1]))
+            else:
+                p.copy_(torch.randn(p.shape, device=device, dtype=torch.float32, generator=g) * 0.02)
+    return model.to(dtype).eval().requires_grad_(False)
+
+
+def diffusers_twin(model: QwenImageTransformer) -> nn.Module:
+    """diffusers' QwenImageTransformer2DModel sharing our weight storage (views, so no extra memory)."""
+    try:
+        from accelerate import init_empty_weights
+        from diffusers import QwenImageTransformer2DModel
+    except ImportError as e:
+        raise FastditError(f"--compare diffusers needs diffusers and accelerate installed ({e})") from None
+    cfg = model.cfg
+    with init_empty_weights():
+        ref = QwenImageTransformer2DModel(
+            patch_size=cfg.patch_size,
+            in_channels=cfg.in_channels,
+            out_channels=cfg.out_channels,
+            num_layers=cfg.num_layers,
+            attention_head_dim=cfg.head_dim,
+            num_attention_heads=cfg.num_heads,
+            joint_attention_dim=cfg.joint_dim,
+            axes_dims_rope=tuple(cfg.axes_dims_rope),
+        )
+    ref.load_state_dict(diffusers_state_dict(model), assign=True, strict=True)
+    return ref.eval().requires_grad_(False)
+
+
+def dit_inputs(cfg: DiTConfig, batch: int, height: int, width: int, text_len: int, dtype, device, seed=0):
+    if height % 16 or width % 16:
+        raise FastditError(f"--height/--width must be multiples of 16, got {height}x{width}")
+    h, w = height // 16, width // 16  # VAE /8, then 2x2 patches
+    g = torch.Generator(device=device).manual_seed(seed)
+    x = torch.randn(batch, h * w, cfg.in_channels, device=device, generator=g).to(dtype)
+    enc = torch.randn(batch, text_len, cfg.joint_dim, device=device, generator=g).to(dtype)
+    t = torch.full((batch,), 0.7, device=device)
+    return x, enc, t, [[(1, h, w)]] * batch
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Stages
+
+
+def bench_dit(args, device: torch.device, dtype: torch.dtype) -> dict:
+    cfg = PRESETS[args.preset]
+    batch = args.batch * (1 if args.no_cfg else 2)
+    x, enc, t, shapes = dit_inputs(cfg, batch, args.height, args.width, args.text_len, dtype, device)
+    n_img = x.shape[1]
+    flops = dit_flops(cfg, batch, n_img, args.text_len)
+    model = random_dit(cfg, dtype, device, seed=args.seed)
+    if args.quantize:  # fastdit.quant: the block linears in fp8, quantized from the random weights
+        from fastdit.quant import quantize_model
+
+        quantize_model(model)
+    backend = set_attention_backend(model, args.attention)
+    rope = model.make_rope(shapes, args.text_len, device)
+    results: dict = {
+        "stage": "dit",
+        "shapes": {
+            "batch": batch,
+            "image_tokens": n_img,
+            "text_tokens": args.text_len,
+            "height": args.height,
+            "width": args.width,
+            "cfg_batched": not args.no_cfg,
+        },
+        "flops_per_step": flops,
+        "attention_backend": backend,
+        "quantize": args.quantize,
+        "runs": {},
+    }
+    runs = results["runs"]
+
+    def run(name: str, fn: Callable[[], torch.Tensor], compile_first: bool):
+        log(f"[{name}] warming up" + (" (compiling)" if compile_first else ""))
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+        t0 = time.perf_counter()
+        out = fn()
+        sync(device)
+        first = time.perf_counter() - t0
+        times = time_steps(fn, device, args.warmup, args.iters)
+        r = summarize(times, flops)
+        r["first_call_s"] = first
+        if device.type == "cuda":
+            r["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+        runs[name] = r
+        log(
+            f"[{name}] {r['median_s']:.4f} s/step (min {r['min_s']:.4f}, max {r['max_s']:.4f}), "
+            f"{r['tflops']:.0f} TFLOP/s, first call {first:.1f} s"
+        )
+        return out
+
+    ours = "fastdit fp8" if args.quantize else "fastdit"
+    with torch.no_grad():
+        ours_out = run(f"{ours} eager", lambda: model(x, enc, None, t, rope=rope), False)
+        if args.compile:
+            compiled = torch.compile(model, fullgraph=True) if args.compile == "full" else compile_blocks(model)
+            ours_out = run(f"{ours} compiled ({args.compile})", lambda: compiled(x, enc, None, t, rope=rope), True)
+        if args.compare and args.quantize:
+            # diffusers' model would need a second, bf16 copy of the weights next to the fp8 one.
+            log("note: --compare is skipped with --quantize fp8; run the comparison without --quantize")
+        elif args.compare in ("diffusers", "diffusers-eager"):
+            ref = diffusers_twin(model)
+            kw = dict(
+                hidden_states=x,
+                encoder_hidden_states=enc,
+                encoder_hidden_states_mask=None,
+                timestep=t,
+                img_shapes=shapes,
+                return_dict=False,
+            )
+            ref_out = run("diffusers eager", lambda: ref(**kw)[0], False)
+            err = ((ours_out.float() - ref_out.float()).norm() / ref_out.float().norm()).item()
+            results["rel_l2_vs_diffusers"] = err
+            log(f"relative L2 error fastdit vs diffusers ({args.dtype}): {err:.3e}")
+            if args.compile and args.compare == "diffusers":
+                ref_c = torch.compile(ref)  # diffusers' model graph-breaks under fullgraph=True
+                run("diffusers compiled", lambda: ref_c(**kw)[0], True)
+    return results
+
+
+def bench_vae(args, device: torch.device, dtype: torch.dtype) -> dict:
+    from diffusers import AutoencoderKLQwenImage
+
+    with torch.device(device):
+        vae = AutoencoderKLQwenImage().to(dtype).eval()  # Qwen-Image's VAE geometry
+    z = torch.randn(args.batch, 16, 1, args.height // 8, args.width // 8, device=device, dtype=dtype)
+    with torch.no_grad():
+        times = time_steps(lambda: vae.decode(z, return_dict=False)[0], device, args.warmup, args.iters)
+    return {
+        "stage": "vae",
+        "shapes": {"batch": args.batch, "height": args.height, "width": args.width},
+        "runs": {"vae decode": summarize(times)},
+    }
+
+
+def bench_text_encoder(args, device: torch.device, dtype: torch.dtype) -> dict:
+    from transformers import Qwen2_5_VLTextConfig, Qwen2_5_VLTextModel
+
+    if args.preset == "tiny":
+        cfg = Qwen2_5_VLTextConfig(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=1024,
+            rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]},
+        )
+    else:  # Qwen2.5-VL-7B's language model
+        cfg = Qwen2_5_VLTextConfig(
+            hidden_size=3584,
+            intermediate_size=18944,
+            num_hidden_layers=28,
+            num_attention_heads=28,
+            num_key_value_heads=4,
+            vocab_size=152064,
+            rope_scaling={"type": "mrope", "mrope_section": [16, 24, 24]},
+        )
+    with torch.device(device):
+        enc = Qwen2_5_VLTextModel(cfg).to(dtype).eval()
+    # The prompt template adds 34 tokens in front of the prompt; cond + uncond are encoded together.
+    ids = torch.randint(0, cfg.vocab_size, (args.batch * 2, args.text_len + 34), device=device)
+    with torch.no_grad():
+        times = time_steps(lambda: enc(input_ids=ids).last_hidden_state, device, args.warmup, args.iters)
+    return {
+        "stage": "text-encoder",
+        "shapes": {"batch": args.batch * 2, "tokens": args.text_len + 34},
+        "runs": {"text encoder": summarize(times)},
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------
+# CLI
+
+
+def log(msg: str):
+    print(msg, file=sys.stderr, flush=True)
+
+
+def environment(device: torch.device) -> dict:
+    env = {"torch": torch.__version__, "python": platform.python_version(), "device": str(device)}
+    if device.type == "cuda":
+        env["gpu"] = torch.cuda.get_device_name(device)
+        env["cuda"] = torch.version.cuda
+        env["cudnn"] = torch.backends.cudnn.version()
+        try:
+            import triton
+
+            env["triton"] = triton.__version__
+        except ImportError:
+            pass
+    for name in ("diffusers", "transformers"):
+        with suppress(ImportError):
+            env[name] = __import__(name).__version__
+    return env
+
+
+def print_table(res: dict):
+    runs = res.get("runs", {})
+    base = runs.get("diffusers compiled") or runs.get("diffusers eager")
+    print(f"\n{res['stage']} {json.dumps(res.get('shapes', {}))}")
+    if "matmul_tflops" in res:
+        print(f"bf16 matmul ceiling this run: {res['matmul_tflops']:.0f} TFLOP/s")
+    print(
+        f"{'run':32s} {'s/step':>8s} {'min':>8s} {'max':>8s} {'TFLOP/s':>8s} {'%ceil':>6s} {'vs base':>8s} "
+        f"{'warm-up s':>9s} {'peak GiB':>8s}"
+    )
+    for name, r in runs.items():
+        tf = r.get("tflops")
+        pct = f"{100 * tf / res['matmul_tflops']:.0f}" if tf and res.get("matmul_tflops") else "-"
+        ratio = f"{base['median_s'] / r['median_s']:.2f}x" if base else "-"
+        print(
+            f"{name:32s} {r['median_s']:8.4f} {r['min_s']:8.4f} {r['max_s']:8.4f} "
+            f"{'-' if tf is None else round(tf):>8} {pct:>6s} {ratio:>8s} "
+            f"{r.get('first_call_s', float('nan')):9.1f} {r.get('peak_mem_gib', float('nan')):8.1f}"
+        )
+    if "rel_l2_vs_diffusers" in res:
+        print(f"relative L2 error vs diffusers: {res['rel_l2_vs_diffusers']:.3e}")
+    if base:
+        print("vs base = diffusers compiled (or eager without --compile) median / this run's median")
+
+
+def add_parser(subparsers):
+    p = subparsers.add_parser(
+        "bench",
+        help="time one denoising step of the full-size DiT (random weights, no download)",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--stage", choices=["dit", "vae", "text-encoder"], default="dit")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="qwen-image", help="model size (tiny: for tests)")
+    p.add_argument("--height", type=int, default=1024)
+    p.add_argument("--width", type=int, default=1024)
+    p.add_argument("--text-len", type=int, default=128, help="text tokens per prompt")
+    p.add_argument("--batch", type=int, default=1, help="prompts per step (CFG doubles the DiT batch)")
+    p.add_argument("--no-cfg", action="store_true", help="time a batch without the uncond half")
+    p.add_argument(
+        "--compile",
+        nargs="?",
+        const="regional",
+        choices=["regional", "full"],
+        default=None,
+        help="also time torch.compile: regional (each block, fast warm-up) or full graph",
+    )
+    p.add_argument(
+        "--compare",
+        choices=["diffusers", "diffusers-eager"],
+        default=None,
+        help="also time diffusers' model on the same weights: eager and (with --compile) compiled; "
+        "diffusers-eager skips compiling it (its compile takes minutes)",
+    )
+    p.add_argument("--attention", default="auto", help="attention backend (auto, sdpa, cudnn, flash, math)")
+    p.add_argument(
+        "--quantize", choices=["fp8"], default=None, help="fp8 (e4m3) block linears (fastdit.quant; CUDA >= 8.9)"
+    )
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default=None, metavar="FILE", help="write all numbers and the environment here")
+    p.set_defaults(func=bench_main)
+    return p
+
+
+def bench_main(args) -> int:
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise FastditError("--device cuda asked for, but no CUDA GPU is visible")
+    if min(args.height, args.width, args.text_len, args.batch, args.iters) < 1 or args.warmup < 0:
+        raise FastditError("--height, --width, --text-len, --batch and --iters must be >= 1")
+    dtype = DTYPES[args.dtype]
+    stage = {"dit": bench_dit, "vae": bench_vae, "text-encoder": bench_text_encoder}[args.stage]
+    with torch.inference_mode() if args.stage != "dit" else nullcontext():
+        res = stage(args, device, dtype)
+    if args.stage == "dit":
+        res["matmul_tflops"] = matmul_ceiling(device, dtype)
+    res["environment"] = environment(device)
+    res["command"] = "fastdit " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("fastdit") else None
+    print_table(res)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(res, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":  # python -m fastdit.bench ... (same flags as `fastdit bench`)
+    parser = argparse.ArgumentParser(prog="python -m fastdit.bench")
+    add_parser(parser.add_subparsers(dest="cmd"))
+    sys.exit(bench_main(parser.parse_args(["bench", *sys.argv[1:]])))

@@ -1,0 +1,97 @@
+"""Linear layers for tensor parallelism. Each returns a plain Tensor.
+
+Megatron's pairing: a column-parallel layer holds out_features / tp rows of the weight and needs no
+collective (its input is replicated, its output stays sharded by feature); the row-parallel layer after it
+holds in_features / tp columns, takes that sharded input and all-reduces its partial sums. The row bias is
+added once, after the reduction. Collectives are functional (`torch.distributed._functional_collectives`)
+so torch.compile(fullgraph=True) traces them into the graph; with one rank there is no collective at all.
+
+Parameters are named `weight` and `bias` like nn.Linear's, so checkpoint names and the loader's key table
+stay the same; the loader reads only this rank's slice (see `fastdit.parallel.dit.shard_plan`).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed._functional_collectives as funcol
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.distributed import ProcessGroup
+
+from fastdit.errors import ConfigError
+
+# all_gather_tensor was renamed all_gather_single (the old name warns on torch 2.13); same op underneath.
+all_gather = getattr(funcol, "all_gather_single", None) or funcol.all_gather_tensor
+
+
+def _split(n: int, world: int, what: str) -> int:
+    if n % world:
+        raise ConfigError(f"{what} of size {n} is not divisible by tp={world}")
+    return n // world
+
+
+class ReplicatedLinear(nn.Module):
+    """The full weight on every rank; no collective."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = nn.Parameter(torch.empty(out_features, in_features))
+        self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class ColumnParallelLinear(nn.Module):
+    """Rows [rank * out / world, (rank + 1) * out / world) of the weight and bias: (..., in) -> (..., out / world).
+
+    By default the output stays sharded by feature (no collective): the next layer is row-parallel or works
+    per head. With `gather_output` the slices are all-gathered along the last dim back into (..., out), in
+    the original feature order (used for modulation, whose shift/scale/gate every rank needs whole).
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        world: int,
+        bias: bool = True,
+        group: ProcessGroup | None = None,
+        gather_output: bool = False,
+    ):
+        super().__init__()
+        if gather_output and world > 1 and group is None:
+            raise ConfigError(f"ColumnParallelLinear gathering over {world} ranks needs a process group")
+        self.in_features, self.out_features, self.world = in_features, out_features, world
+        self.group, self.gather_output = group, gather_output
+        local = _split(out_features, world, "output features")
+        self.weight = nn.Parameter(torch.empty(local, in_features))
+        self.bias = nn.Parameter(torch.empty(local)) if bias else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = F.linear(x, self.weight, self.bias)
+        if self.gather_output and self.world > 1:
+            y = all_gather(y.contiguous(), y.dim() - 1, self.group)
+        return y
+
+
+class RowParallelLinear(nn.Module):
+    """Columns [rank * in / world, ...) of the weight: (..., in / world) -> (..., out), summed over the group."""
+
+    def __init__(
+        self, in_features: int, out_features: int, world: int, group: ProcessGroup | None, bias: bool = True
+    ):
+        super().__init__()
+        if world > 1 and group is None:
+            raise ConfigError(f"RowParallelLinear over {world} ranks needs a process group")
+        self.in_features, self.out_features, self.world = in_features, out_features, world
+        self.group = group
+        self.weight = nn.Parameter(torch.empty(out_features, _split(in_features, world, "input features")))
+        self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = F.linear(x, self.weight)
+        if self.world > 1:
+            y = funcol.all_reduce(y, "sum", self.group)
+        return y if self.bias is None else y + self.bias

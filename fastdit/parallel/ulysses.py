@@ -1,0 +1,67 @@
+"""Ulysses sequence parallelism for the joint [text; image] attention.
+
+Each of the sp ranks holds 1/sp of the (padded) image tokens and ALL text tokens (the text stream is
+short, so every rank runs it whole rather than splitting it). Around the attention:
+
+    image q/k/v  (B, S_img/sp, H, D) --all-to-all--> (B, S_img, H/sp, D)   sequence-sharded -> head-sharded
+    text  q/k/v  (B, S_txt, H, D)    --local slice--> (B, S_txt, H/sp, D)   this rank's heads
+    attention over [text; image] with the global key mask, on H/sp heads
+    image out    (B, S_img, H/sp, D) --all-to-all--> (B, S_img/sp, H, D)
+    text  out    (B, S_txt, H/sp, D) --all-gather--> (B, S_txt, H, D)
+
+H is the heads this rank holds after tensor parallelism (num_heads / tp), so it must divide by sp.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed._functional_collectives as funcol
+from torch import Tensor
+from torch.distributed import ProcessGroup
+
+from fastdit.attention import attention
+from fastdit.model import Attention
+from fastdit.parallel.layers import all_gather
+
+
+def _seq_to_heads(x: Tensor, sp: int, group: ProcessGroup) -> Tensor:
+    """(B, S/sp, H, D) on each rank -> (B, S, H/sp, D): rank r sends head chunk j to rank j."""
+    b, s, h, d = x.shape
+    x = x.reshape(b, s, sp, h // sp, d).permute(2, 0, 1, 3, 4).contiguous()  # (sp, B, S/sp, H/sp, D)
+    x = funcol.all_to_all_single(x, None, None, group)  # dim 0 now indexes the source rank = sequence chunk
+    return x.permute(1, 0, 2, 3, 4).reshape(b, sp * s, h // sp, d)
+
+
+def _heads_to_seq(x: Tensor, sp: int, group: ProcessGroup) -> Tensor:
+    """Inverse of `_seq_to_heads`: (B, S, H/sp, D) -> (B, S/sp, H, D)."""
+    b, s, h, d = x.shape
+    x = x.reshape(b, sp, s // sp, h, d).transpose(0, 1).contiguous()  # (sp, B, S/sp, H/sp, D)
+    x = funcol.all_to_all_single(x, None, None, group)  # dim 0 now indexes the source rank = head chunk
+    return x.permute(1, 2, 0, 3, 4).reshape(b, s // sp, sp * h, d)
+
+
+class UlyssesAttention(Attention):
+    """Drop-in for `fastdit.model.Attention`: q, k, v (B, S_txt + S_img/sp, H, D) -> same shape.
+
+    `key_mask` is the GLOBAL (B, S_txt + S_img) mask over [text; all padded image tokens]: after the
+    all-to-all every rank attends over the whole sequence.
+    """
+
+    def __init__(self, sp: int, sp_rank: int, group: ProcessGroup, backend: str = "sdpa"):
+        super().__init__(backend)
+        self.sp, self.sp_rank, self.group = sp, sp_rank, group
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, num_txt: int, key_mask: Tensor | None) -> Tensor:
+        h = q.shape[2] // self.sp
+        heads = slice(self.sp_rank * h, (self.sp_rank + 1) * h)
+
+        def joint(x: Tensor) -> Tensor:  # (B, S_txt + S_img/sp, H, D) -> (B, S_txt + S_img, H/sp, D)
+            txt, img = x[:, :num_txt], x[:, num_txt:]
+            return torch.cat([txt[:, :, heads], _seq_to_heads(img, self.sp, self.group)], dim=1)
+
+        out = attention(joint(q), joint(k), joint(v), key_mask, self.backend)  # (B, S_txt + S_img, H/sp, D)
+        txt, img = out[:, :num_txt], out[:, num_txt:]
+        # (sp * B, S_txt, H/sp, D) in rank order -> (B, S_txt, H, D), heads in rank order.
+        txt = all_gather(txt.contiguous(), 0, self.group)
+        txt = txt.unflatten(0, (self.sp, -1)).permute(1, 2, 0, 3, 4).flatten(2, 3)
+        return torch.cat([txt, _heads_to_seq(img, self.sp, self.group)], dim=1)

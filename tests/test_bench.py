@@ -1,0 +1,46 @@
+"""`fastdit bench` runs end to end on the CPU with the tiny preset (the GPU numbers come from the same code)."""
+
+import json
+
+import pytest
+
+from fastdit.bench import dit_flops
+from fastdit.cli import main
+from fastdit.model import PRESETS
+
+
+def test_flop_count_matches_the_known_qwen_image_step():
+    # 1024x1024 (4096 image tokens), 128 text tokens, CFG batch of 2: about 141 TFLOP.
+    assert dit_flops(PRESETS["qwen-image"], 2, 4096, 128) == pytest.approx(141e12, rel=0.01)
+
+
+def test_bench_dit_compiled_and_diffusers(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    argv = ["bench", "--preset", "tiny", "--device", "cpu", "--dtype", "fp32", "--height", "64", "--width", "96"]
+    argv += ["--text-len", "7", "--warmup", "1", "--iters", "2", "--compile", "--compare", "diffusers-eager"]
+    assert main([*argv, "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert set(res["runs"]) == {"fastdit eager", "fastdit compiled (regional)", "diffusers eager"}
+    for r in res["runs"].values():
+        assert 0 < r["min_s"] <= r["median_s"] <= r["max_s"] and r["n"] == 2
+    assert res["shapes"]["batch"] == 2 and res["shapes"]["image_tokens"] == 24
+    assert res["rel_l2_vs_diffusers"] < 1e-5  # same weights, fp32
+    assert res["matmul_tflops"] > 0 and res["environment"]["torch"]
+    table = capsys.readouterr().out
+    assert "fastdit compiled (regional)" in table and "vs base" in table
+
+
+@pytest.mark.parametrize("stage", ["vae", "text-encoder"])
+def test_bench_other_stages(tmp_path, stage):
+    out = tmp_path / "s.json"
+    argv = ["bench", "--stage", stage, "--preset", "tiny", "--device", "cpu", "--dtype", "fp32"]
+    argv += ["--height", "32", "--width", "32", "--text-len", "4", "--warmup", "0", "--iters", "1"]
+    assert main([*argv, "--json", str(out)]) == 0
+    (run,) = json.loads(out.read_text())["runs"].values()
+    assert run["median_s"] > 0
+
+
+def test_bench_bad_size_is_a_clean_error(capsys):
+    assert main(["bench", "--preset", "tiny", "--device", "cpu", "--height", "100"]) == 2
+    err = capsys.readouterr().err
+    assert "multiples of 16" in err and "Traceback" not in err
