@@ -95,6 +95,11 @@ def add_generate_parser(subparsers) -> argparse.ArgumentParser:
     )
     p.add_argument("--timings-json", default=None, metavar="FILE", help="also write stage timings as JSON")
     p.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the DiT block by block (full graph; the first step compiles, seconds on a GPU)",
+    )
+    p.add_argument(
         "--quantize",
         choices=["fp8"],
         default=None,
@@ -250,6 +255,8 @@ def generate_main(args: argparse.Namespace, parallel=None) -> int:
     pipe = QwenImagePipeline.from_pretrained(
         folder, dtype=dtype, device=device, parallel=parallel, quantize=args.quantize
     )
+    if args.compile:
+        pipe.compile()
     load_s = time.perf_counter() - t0
     if main:
         print(

@@ -190,6 +190,16 @@ class QwenImagePipeline:
             dtype=dtype,
         )
 
+    def compile(self) -> QwenImagePipeline:
+        """Compile the DiT block by block (`fastdit.compile_blocks`): full-graph, one warm-up for all blocks.
+
+        The first call at a new image size or text length compiles (seconds); later ones reuse the graph.
+        """
+        from fastdit.model import compile_blocks
+
+        compile_blocks(getattr(self.transformer, "model", self.transformer))  # ParallelTransformer wraps it
+        return self
+
     @torch.inference_mode()
     def __call__(
         self,
@@ -250,6 +260,8 @@ class QwenImagePipeline:
         rows = [r for r in rows for _ in range(num_images_per_prompt)]
         # (B', L, D) with B' = 2 * num_images under CFG: conditional rows first, then unconditional.
         txt, txt_mask = pad_embeds(rows, self.dtype)
+        if bool(txt_mask.all()):  # nothing padded: attention runs unmasked, its fast path
+            txt_mask = None
         _sync(self.device)
         t_text = time.perf_counter()
 

@@ -113,6 +113,8 @@ def _layout_worker(state: ParallelState, path: str, layouts, cases, compile_layo
     for layout in layouts:
         st = state if layout == (state.tp, state.sp, state.cfg) else make_parallel_state(*layout, state.device)
         model = load_transformer_parallel(path, st, dtype=torch.float32, device="cpu")
+        cores = [type(b.attn.core).__name__ for b in model.model.blocks]
+        assert cores == ["UlyssesAttention" if st.sp > 1 else "Attention"] * len(cores), cores
         outs = run_cases(model, cases)
         agree = all(_same_on_every_rank(o) for o in outs.values())
         entry = {"outs": outs, "agree": agree, "bytes": _param_bytes(model.model)}

@@ -186,3 +186,31 @@ def test_schedule_matches_diffusers(steps, tokens):
 def test_one_step_schedule_is_finite():
     """One step: diffusers' terminal stretch divides 0 by 0; fastdit steps straight from 1 to 0."""
     assert flow_match_sigmas(1, 16, QWEN_IMAGE_SCHEDULER_CONFIG).tolist() == [1.0, 0.0]
+
+
+def test_unpadded_text_runs_without_a_mask(tiny_pipe, monkeypatch):
+    """When no text row is padded (no CFG, one prompt), the DiT gets no mask: attention's fast path."""
+    masks = []
+    forward = tiny_pipe.transformer.forward
+
+    def spy(**kw):
+        masks.append(kw["encoder_hidden_states_mask"])
+        return forward(**kw)
+
+    monkeypatch.setattr(tiny_pipe.transformer, "forward", spy)
+    tiny_pipe("a cat", height=32, width=32, num_inference_steps=2, seed=0, show_progress=False)
+    assert masks == [None, None]
+
+
+def test_compiled_pipeline_gives_the_same_image(tiny_dir):
+    """pipe.compile() (regional, full-graph blocks) leaves the image unchanged, padded CFG batch included."""
+    import torch
+
+    from fastdit.pipeline import QwenImagePipeline
+
+    pipe = QwenImagePipeline.from_pretrained(tiny_dir, dtype=torch.float32, device="cpu")
+    kw = dict(negative_prompt=" ", height=32, width=48, num_inference_steps=2, seed=5, show_progress=False)
+    eager = pipe("a lighthouse at dusk", **kw)
+    torch._dynamo.reset()
+    compiled = pipe.compile()("a lighthouse at dusk", **kw)
+    assert np.abs(_pixels(compiled) - _pixels(eager)).max() <= 1

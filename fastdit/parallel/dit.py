@@ -74,9 +74,7 @@ def parallelize(model: QwenImageTransformer, state: ParallelState, shard_modulat
                         else ReplicatedLinear(dim, 6 * dim)
                     )
         if state.sp > 1:
-            block.attn.core = UlyssesAttention(
-                state.sp, state.sp_rank, state.sp_group, block.attn.core.backend
-            )
+            block.attn.core = UlyssesAttention(state.sp, state.sp_rank, state.sp_group, block.attn.core.backend)
     return model
 
 
@@ -139,9 +137,7 @@ class ParallelTransformer(nn.Module):
             )
             if encoder_hidden_states_mask is not None:
                 encoder_hidden_states_mask = encoder_hidden_states_mask[rows]
-        out = self._forward_local(
-            hidden_states, encoder_hidden_states, encoder_hidden_states_mask, timestep, rope
-        )
+        out = self._forward_local(hidden_states, encoder_hidden_states, encoder_hidden_states_mask, timestep, rope)
         if split:
             out = all_gather(out.contiguous(), 0, st.cfg_group)  # (B, S_img, out_dim), rank order
         if split or st.sp > 1:

@@ -79,9 +79,7 @@ class ColumnParallelLinear(nn.Module):
 class RowParallelLinear(nn.Module):
     """Columns [rank * in / world, ...) of the weight: (..., in / world) -> (..., out), summed over the group."""
 
-    def __init__(
-        self, in_features: int, out_features: int, world: int, group: ProcessGroup | None, bias: bool = True
-    ):
+    def __init__(self, in_features: int, out_features: int, world: int, group: ProcessGroup | None, bias: bool = True):
         super().__init__()
         if world > 1 and group is None:
             raise ConfigError(f"RowParallelLinear over {world} ranks needs a process group")

@@ -81,9 +81,7 @@ def make_parallel_state(tp: int, sp: int, cfg: int, device: torch.device | str) 
     """
     check_degrees(tp, sp, cfg)
     if not dist.is_initialized():
-        raise ConfigError(
-            "torch.distributed is not initialised: start the ranks with fastdit.parallel.launch"
-        )
+        raise ConfigError("torch.distributed is not initialised: start the ranks with fastdit.parallel.launch")
     world, rank = dist.get_world_size(), dist.get_rank()
     if world != tp * sp * cfg:
         raise ConfigError(f"tp={tp} x sp={sp} x cfg={cfg} = {tp * sp * cfg} ranks, but the world has {world}")

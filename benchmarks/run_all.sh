@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Reproduces the tables in benchmarks/RESULTS.md on one GPU (needs diffusers installed for --compare):
+#   bash benchmarks/run_all.sh [OUTDIR] [dit|shapes|stages|all]
+# Set FASTDIT="python -m fastdit" if the `fastdit` command is not on PATH.
+set -euo pipefail
+out=${1:-bench-results}
+what=${2:-all}
+fd=${FASTDIT:-fastdit}
+mkdir -p "$out"
+run() { echo "+ $fd $*" >&2; $fd "$@"; }
+
+if [[ $what == dit || $what == all ]]; then
+    run bench --compile --compare diffusers --json "$out/dit-1024.json"
+fi
+if [[ $what == shapes || $what == all ]]; then
+    run bench --compile --compare diffusers-eager --height 512 --width 512 --json "$out/dit-512.json"
+    run bench --compile --compare diffusers-eager --height 1328 --width 1328 --json "$out/dit-1328.json"
+    run bench --compile --compare diffusers-eager --no-cfg --json "$out/dit-1024-batch1.json"
+fi
+if [[ $what == stages || $what == all ]]; then
+    run bench --stage vae --json "$out/vae-1024.json"
+    run bench --stage text-encoder --json "$out/text-encoder.json"
+fi
