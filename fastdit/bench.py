@@ -94,7 +94,7 @@ def matmul_ceiling(device: torch.device, dtype: torch.dtype) -> float:
 def random_dit(cfg: DiTConfig, dtype: torch.dtype, device: torch.device, seed: int = 0) -> QwenImageTransformer:
     """Build on meta, allocate on the device, fill with scaled random weights (activations stay O(1))."""
     with torch.device("meta"):
-        model = QwenImageTransformer(cfg)
+        model = QwenImageTransformer(cfg).to(dtype)  # cast on meta: never a float32 copy on the device
     model.to_empty(device=device)
     g = torch.Generator(device=device).manual_seed(seed)
     with torch.no_grad():
@@ -111,7 +111,7 @@ def random_dit(cfg: DiTConfig, dtype: torch.dtype, device: torch.device, seed: i
                 p.copy_(torch.randn(p.shape, device=device, dtype=torch.float32, generator=g) / math.sqrt(p.shape[1]))
             else:
                 p.copy_(torch.randn(p.shape, device=device, dtype=torch.float32, generator=g) * 0.02)
-    return model.to(dtype).eval().requires_grad_(False)
+    return model.eval().requires_grad_(False)
 
 
 def diffusers_twin(model: QwenImageTransformer) -> nn.Module:
