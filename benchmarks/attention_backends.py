@@ -41,8 +41,12 @@ def main():
     mask[1, 128 - a.pad : 128] = False  # second sample: shorter text, padded
     report("sdpa + key mask", lambda: attention(q, k, v, mask, "sdpa"))
     fmask = torch.zeros(b, 1, 1, s, device=dev, dtype=torch.bfloat16).masked_fill(~mask[:, None, None, :], -1e4)
-    report("sdpa + float bias", lambda: torch.nn.functional.scaled_dot_product_attention(
-        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), fmask))
+    report(
+        "sdpa + float bias",
+        lambda: torch.nn.functional.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), fmask
+        ),
+    )
 
     keep = s - a.pad  # per-sample: sample 1 drops its padded keys (and queries)
     q1, k1, v1 = (torch.cat([x[1:2, : 128 - a.pad], x[1:2, 128:]], dim=1).contiguous() for x in (q, k, v))

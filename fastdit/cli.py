@@ -84,9 +84,7 @@ def add_generate_parser(subparsers) -> argparse.ArgumentParser:
         help="seed of image 0; image i uses seed + i, so each image is reproducible alone (default: random)",
     )
     p.add_argument("--num-images", type=_int, default=1, help="images to generate")
-    p.add_argument(
-        "--dtype", choices=list(DTYPES), default="auto", help="auto: bfloat16 on CUDA, float32 otherwise"
-    )
+    p.add_argument("--dtype", choices=list(DTYPES), default="auto", help="auto: bfloat16 on CUDA, float32 otherwise")
     p.add_argument("--device", default=None, help="torch device, e.g. cuda:0 (default: cuda if available)")
     p.add_argument(
         "--output",
@@ -109,9 +107,7 @@ def add_generate_parser(subparsers) -> argparse.ArgumentParser:
     # fastdit.parallel: one process per rank on this machine (or the ranks torchrun started).
     par = p.add_argument_group("parallelism (one process per GPU; gloo on CPU)")
     par.add_argument("--tp", type=_int, default=1, help="tensor-parallel degree (splits the DiT's heads)")
-    par.add_argument(
-        "--sp", type=_int, default=1, help="Ulysses sequence-parallel degree (splits image tokens)"
-    )
+    par.add_argument("--sp", type=_int, default=1, help="Ulysses sequence-parallel degree (splits image tokens)")
     par.add_argument(
         "--cfg-parallel", action="store_true", help="run the cond and uncond CFG branches on two rank groups"
     )
@@ -147,9 +143,7 @@ def output_paths(output: str, count: int, seeds: list[int]) -> list[Path]:
             raise FastditError(f"--output {out} is not writable")
         return [out / f"fastdit-{i}-seed{s}.png" for i, s in enumerate(seeds)]
     if out.suffix.lower() not in IMAGE_SUFFIXES:
-        raise FastditError(
-            f"--output {out}: use an image suffix ({', '.join(sorted(IMAGE_SUFFIXES))}) or a folder/"
-        )
+        raise FastditError(f"--output {out}: use an image suffix ({', '.join(sorted(IMAGE_SUFFIXES))}) or a folder/")
     _check_writable_file(out, "--output")
     if count == 1:
         return [out]
@@ -161,10 +155,11 @@ def resolve_model(model: str) -> Path:
     if model == TINY_RANDOM:
         from fastdit.tiny import tiny_pipeline_dir
 
-        print(
-            "fastdit: tiny-random is a tiny random-weight pipeline: it draws noise, not pictures",
-            file=sys.stderr,
-        )
+        if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 alone speaks
+            print(
+                "fastdit: tiny-random is a tiny random-weight pipeline: it draws noise, not pictures",
+                file=sys.stderr,
+            )
         return tiny_pipeline_dir()
     path = Path(model).expanduser()
     if path.is_dir():
@@ -183,9 +178,7 @@ def resolve_model(model: str) -> Path:
         return Path(snapshot_download(model))
     except Exception as e:  # network, auth, missing repo: all mean "could not fetch it"
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise FastditError(
-            f"--model {model}: could not download it from the Hub ({type(e).__name__}: {first})"
-        ) from e
+        raise FastditError(f"--model {model}: could not download it from the Hub ({type(e).__name__}: {first})") from e
 
 
 def _check_args(args: argparse.Namespace) -> None:
@@ -259,9 +252,7 @@ def generate_main(args: argparse.Namespace, parallel=None) -> int:
         pipe.compile()
     load_s = time.perf_counter() - t0
     if main:
-        print(
-            f"fastdit: loaded {folder} in {load_s:.1f} s ({pipe.device}, {str(dtype).removeprefix('torch.')})"
-        )
+        print(f"fastdit: loaded {folder} in {load_s:.1f} s ({pipe.device}, {str(dtype).removeprefix('torch.')})")
 
     images = pipe(
         args.prompt,
@@ -285,9 +276,7 @@ def generate_main(args: argparse.Namespace, parallel=None) -> int:
 
     t = pipe.last_timings
     print(f"text encoding  {t['text_encode_s']:8.3f} s")
-    print(
-        f"denoising      {t['denoise_s']:8.3f} s  ({args.steps} steps, {t['denoise_s_per_step']:.3f} s/step)"
-    )
+    print(f"denoising      {t['denoise_s']:8.3f} s  ({args.steps} steps, {t['denoise_s_per_step']:.3f} s/step)")
     print(f"VAE decode     {t['vae_decode_s']:8.3f} s")
     if args.timings_json:
         record = {"load_s": load_s, **t, "steps": args.steps, "height": args.height, "width": args.width}

@@ -71,9 +71,7 @@ def initial_noise(seeds: int | list[int], shape: tuple[int, ...], dtype: torch.d
     if isinstance(seeds, int):
         return torch.randn(shape, generator=torch.Generator("cpu").manual_seed(seeds), dtype=dtype)
     one = (1, *shape[1:])
-    return torch.cat(
-        [torch.randn(one, generator=torch.Generator("cpu").manual_seed(s), dtype=dtype) for s in seeds]
-    )
+    return torch.cat([torch.randn(one, generator=torch.Generator("cpu").manual_seed(s), dtype=dtype) for s in seeds])
 
 
 def to_pil(images: torch.Tensor) -> list[Image.Image]:
@@ -153,9 +151,7 @@ class QwenImagePipeline:
             raise CheckpointError(f"model folder does not exist: {root}")
         missing = [p for p in PIPELINE_PARTS if not (root / p).exists()]
         if missing:
-            raise CheckpointError(
-                f"{root} is not a complete Qwen-Image pipeline folder: missing {', '.join(missing)}"
-            )
+            raise CheckpointError(f"{root} is not a complete Qwen-Image pipeline folder: missing {', '.join(missing)}")
         try:
             scheduler_config = json.loads((root / "scheduler" / "scheduler_config.json").read_text())
         except (OSError, json.JSONDecodeError) as e:
@@ -174,9 +170,7 @@ class QwenImagePipeline:
             transformer = load_transformer(root / "transformer", dtype=dtype, device=device, quantize=quantize)
         try:
             tokenizer = AutoTokenizer.from_pretrained(root / "tokenizer")
-            text_encoder = Qwen2_5_VLForConditionalGeneration.from_pretrained(
-                root / "text_encoder", dtype=dtype
-            )
+            text_encoder = Qwen2_5_VLForConditionalGeneration.from_pretrained(root / "text_encoder", dtype=dtype)
             vae = AutoencoderKLQwenImage.from_pretrained(root / "vae", torch_dtype=dtype)
         except (OSError, ValueError) as e:
             raise CheckpointError(f"cannot load {root}: {e}") from e
@@ -223,11 +217,7 @@ class QwenImagePipeline:
         check_size(height, width)
         _check_int(num_inference_steps, "num_inference_steps", 1)
         _check_int(num_images_per_prompt, "num_images_per_prompt", 1)
-        if (
-            not isinstance(true_cfg_scale, int | float)
-            or not math.isfinite(true_cfg_scale)
-            or true_cfg_scale < 1
-        ):
+        if not isinstance(true_cfg_scale, int | float) or not math.isfinite(true_cfg_scale) or true_cfg_scale < 1:
             raise FastditError(f"true_cfg_scale must be a number >= 1, got {true_cfg_scale!r}")
         negatives = None
         if negative_prompt is not None:
@@ -236,17 +226,14 @@ class QwenImagePipeline:
                 negatives = negatives * len(prompts)
             elif len(negatives) != len(prompts):
                 raise FastditError(
-                    f"got {len(negatives)} negative prompts for {len(prompts)} prompts; "
-                    "give one or one per prompt"
+                    f"got {len(negatives)} negative prompts for {len(prompts)} prompts; give one or one per prompt"
                 )
         num_images = len(prompts) * num_images_per_prompt
         seed = self._check_seed(seed, num_images)
 
         do_cfg = true_cfg_scale > 1 and negatives is not None
         if true_cfg_scale > 1 and negatives is None:
-            log.warning(
-                "true_cfg_scale=%s has no effect without a negative prompt: CFG is off", true_cfg_scale
-            )
+            log.warning("true_cfg_scale=%s has no effect without a negative prompt: CFG is off", true_cfg_scale)
         elif negatives is not None and not do_cfg:
             log.warning("negative prompt ignored: CFG needs true_cfg_scale > 1")
         check_lengths(self.tokenizer, prompts)
@@ -254,9 +241,7 @@ class QwenImagePipeline:
             check_lengths(self.tokenizer, negatives, "negative prompt")
 
         # 1. Text: one encoder call for prompts and negatives, rows repeated per image (prompt-major).
-        rows = encode_prompts(
-            self.text_encoder, self.tokenizer, prompts + (negatives if do_cfg else []), self.device
-        )
+        rows = encode_prompts(self.text_encoder, self.tokenizer, prompts + (negatives if do_cfg else []), self.device)
         rows = [r for r in rows for _ in range(num_images_per_prompt)]
         # (B', L, D) with B' = 2 * num_images under CFG: conditional rows first, then unconditional.
         txt, txt_mask = pad_embeds(rows, self.dtype)
@@ -337,7 +322,5 @@ class QwenImagePipeline:
             if isinstance(s, bool) or not isinstance(s, int) or not 0 <= s < 2**64:
                 raise FastditError(f"seed must be an integer in [0, 2**64), got {s!r}")
         if isinstance(seed, list) and len(seed) != num_images:
-            raise FastditError(
-                f"got {len(seed)} seeds for {num_images} images; give one seed or one per image"
-            )
+            raise FastditError(f"got {len(seed)} seeds for {num_images} images; give one seed or one per image")
         return seed

@@ -316,11 +316,17 @@ def test_pipeline_gives_the_same_image_as_one_process(world2, tiny_pipe, layout)
         assert (a - b).abs().max() <= 1
 
 
-def test_cli_generate_with_cfg_parallel(tiny_cache, tiny_pipe, tmp_path):
-    """`fastdit generate --cfg-parallel` starts its 2 ranks itself; rank 0 alone writes, the image is the
-    one-process pipeline's."""
+@pytest.mark.parametrize("launcher", ["self", "torchrun"])
+def test_cli_generate_with_cfg_parallel(tiny_cache, tiny_pipe, tmp_path, launcher):
+    """`fastdit generate --cfg-parallel` starts its 2 ranks itself, or joins the 2 ranks torchrun started;
+    rank 0 alone prints and writes, and the image is the one-process pipeline's."""
     out = tmp_path / "cfg.png"
     cmd = [sys.executable, "-m", "fastdit", "generate", "--model", "tiny-random", "--prompt", "a fox"]
+    if launcher == "torchrun":
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        cmd[1:2] = ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port), "-m"]
     cmd += ["--negative-prompt", " ", "--height", "32", "--width", "48", "--steps", "2", "--seed", "3"]
     cmd += ["--device", "cpu", "--dtype", "float32", "--output", str(out), "--cfg-parallel"]
     env = {**os.environ, "FASTDIT_CACHE": str(tiny_cache)}

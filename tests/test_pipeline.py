@@ -20,9 +20,7 @@ def reference(tiny_dir, tiny_pipe):
     """diffusers' pipeline on the same folder (sharing the tokenizer only to save its 2 s load)."""
     from diffusers import QwenImagePipeline as DiffusersQwenImagePipeline
 
-    ref = DiffusersQwenImagePipeline.from_pretrained(
-        tiny_dir, tokenizer=tiny_pipe.tokenizer, dtype=torch.float32
-    )
+    ref = DiffusersQwenImagePipeline.from_pretrained(tiny_dir, tokenizer=tiny_pipe.tokenizer, dtype=torch.float32)
     ref.set_progress_bar_config(disable=True)
     return ref
 
@@ -52,9 +50,7 @@ def test_matches_diffusers(tiny_pipe, reference, case):
     """Same prompt(s), seed(s) and settings give the same image as diffusers, within one 8-bit level."""
     c = CASES[case]
     n = c.get("n", 1)
-    kwargs = dict(
-        negative_prompt=c["negative_prompt"], height=c["height"], width=c["width"], num_images_per_prompt=n
-    )
+    kwargs = dict(negative_prompt=c["negative_prompt"], height=c["height"], width=c["width"], num_images_per_prompt=n)
     ours = tiny_pipe(c["prompt"], num_inference_steps=2, seed=c["seed"], show_progress=False, **kwargs)
     ref = reference(c["prompt"], num_inference_steps=2, generator=_generators(c["seed"]), **kwargs).images
     assert len(ours) == len(ref)
@@ -65,13 +61,9 @@ def test_matches_diffusers(tiny_pipe, reference, case):
 
 def test_seed_list_equals_separate_runs(tiny_pipe):
     """Image i of a seed list is the image a one-image run with seed i gives."""
-    both = tiny_pipe(
-        "a kite", height=32, width=32, num_inference_steps=2, seed=[11, 12], num_images_per_prompt=2
-    )
+    both = tiny_pipe("a kite", height=32, width=32, num_inference_steps=2, seed=[11, 12], num_images_per_prompt=2)
     for seed, image in zip([11, 12], both, strict=True):
-        alone = tiny_pipe(
-            "a kite", height=32, width=32, num_inference_steps=2, seed=seed, show_progress=False
-        )
+        alone = tiny_pipe("a kite", height=32, width=32, num_inference_steps=2, seed=seed, show_progress=False)
         assert np.abs(_pixels([image]) - _pixels(alone)).max() <= 1
 
 
@@ -102,9 +94,7 @@ def test_cfg_is_one_batched_forward(tiny_pipe, monkeypatch):
 
 def test_progress_and_timings(tiny_pipe):
     seen = []
-    tiny_pipe(
-        "a cat", height=32, width=32, num_inference_steps=3, seed=0, progress=lambda i, n: seen.append((i, n))
-    )
+    tiny_pipe("a cat", height=32, width=32, num_inference_steps=3, seed=0, progress=lambda i, n: seen.append((i, n)))
     assert seen == [(1, 3), (2, 3), (3, 3)]
     t = tiny_pipe.last_timings
     assert {"text_encode_s", "denoise_s", "denoise_s_per_step", "vae_decode_s", "total_s"} <= t.keys()
