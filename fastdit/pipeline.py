@@ -161,7 +161,11 @@ class QwenImagePipeline:
         if parallel is not None and parallel.world_size > 1:  # fastdit.parallel: this rank's DiT shard
             from fastdit.parallel import load_transformer_parallel as load_sharded
 
-            transformer = load_sharded(root / "transformer", parallel, dtype=dtype, device=device)
+            # Modulation sharded too: it is a third of the DiT's weights, so tp=2 halves them per rank, for one
+            # all-gather of (B, 6 * dim) per stream and block.
+            transformer = load_sharded(
+                root / "transformer", parallel, dtype=dtype, device=device, shard_modulation=parallel.tp > 1
+            )
             if quantize is not None:  # fastdit.quant: fp8 on each rank's shards, after sharding
                 from fastdit.quant import parse_mode, quantize_model
 

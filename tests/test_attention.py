@@ -5,7 +5,12 @@ import torch
 
 from fastdit.attention import attention, available_backends, resolve_backend
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+DEVICES = [
+    "cpu",
+    pytest.param(
+        "cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")]
+    ),
+]
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -2,7 +2,9 @@
 
 `fastdit.cli` calls `add_parser(subparsers)`; `python -m fastdit.server.cli serve ...` works too.
 Adding a flag: declare it in `add_arguments` and read it in `load_generator` (model-side flags such
-as parallelism or quantization) or in `serve_main` (server-side flags).
+as quantization or compilation) or in `serve_main` (server-side flags). With --tp / --sp /
+--cfg-parallel the server runs on several ranks: `fastdit.server.ranks` holds that glue, and a single
+rank takes the same path as ever.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import logging
 import os
 import socket
 import sys
+from collections.abc import Callable
 
 import uvicorn
 
@@ -55,6 +58,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="weights and activations (auto: bfloat16 on CUDA, float32 otherwise)",
     )
     model.add_argument("--device", default=None, help="torch device, e.g. cuda:0 (default: the pipeline's)")
+    model.add_argument(
+        "--quantize",
+        choices=["fp8"],
+        default=None,
+        help="run the DiT's block linears in fp8 e4m3 (CUDA, compute capability >= 8.9)",
+    )
+    model.add_argument(
+        "--compile", action="store_true", help="torch.compile the DiT block by block (the warmup compiles it)"
+    )
+    par = parser.add_argument_group("parallelism (one process per GPU; gloo on CPU; rank 0 serves HTTP)")
+    par.add_argument("--tp", type=_positive, default=1, help="tensor-parallel degree (splits the DiT's heads)")
+    par.add_argument("--sp", type=_positive, default=1, help="Ulysses sequence-parallel degree (splits image tokens)")
+    par.add_argument(
+        "--cfg-parallel", action="store_true", help="run the cond and uncond CFG branches on two rank groups"
+    )
+    par.add_argument("--master-port", type=int, default=None, help="rendezvous port on 127.0.0.1 (default: a free one)")
     server = parser.add_argument_group("server")
     server.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s)")
     server.add_argument("--port", type=int, default=30000, help="port to bind (default: %(default)s)")
@@ -104,13 +123,36 @@ def _torch_dtype(name: str, device: str | None):
     return getattr(torch, name)
 
 
-def load_generator(args: argparse.Namespace, model_path: str) -> Generator:
-    """Build the pipeline; runs on the engine thread. Model-side flags are applied here."""
+def load_generator(args: argparse.Namespace, model_path: str, parallel=None) -> Generator:
+    """Build the pipeline (this rank's shard of it, given a `ParallelState`); runs on the engine thread
+    of rank 0 and the main thread of the other ranks. Model-side flags are applied here."""
     from fastdit.pipeline import QwenImagePipeline
 
-    return QwenImagePipeline.from_pretrained(
-        model_path, dtype=_torch_dtype(args.dtype, args.device), device=args.device
+    device = parallel.device if parallel is not None else args.device
+    pipe = QwenImagePipeline.from_pretrained(
+        model_path,
+        dtype=_torch_dtype(args.dtype, args.device),
+        device=device,
+        parallel=parallel,
+        quantize=args.quantize,
     )
+    if args.compile:
+        pipe.compile()
+    return pipe
+
+
+def _check_quantize(args: argparse.Namespace) -> None:
+    """--quantize fp8 on a device without fp8 GEMMs is a one-line error before anything binds or loads."""
+    if args.quantize is None:
+        return
+    from fastdit.loader import default_device
+    from fastdit.quant import check_fp8_device
+
+    try:
+        device = args.device or default_device()
+        check_fp8_device(device)
+    except RuntimeError as e:  # torch.device() on a malformed --device
+        raise FastditError(f"--device {args.device}: {e}") from None
 
 
 def resolve_model_path(model: str) -> str:
@@ -167,14 +209,29 @@ class _Server(uvicorn.Server):
 
 
 def serve_main(args: argparse.Namespace) -> int:
+    from fastdit.server import ranks
+
     if args.max_size < 16:
         raise FastditError(f"--max-size {args.max_size}: must be at least 16")
-    sock = bind_socket(args.host, args.port)  # first: a port in use fails before any model work
+    _check_quantize(args)
+    # First: a port in use fails before any model work. Under torchrun only rank 0 serves HTTP.
+    sock = bind_socket(args.host, args.port) if ranks.serves_http() else None
     try:
         path = resolve_model_path(args.model)
+        if ranks.requested(args):
+            ranks.check(args, path)  # degrees against the devices and the model's heads, before loading
     except BaseException:
-        sock.close()
+        if sock is not None:
+            sock.close()
         raise
+    if ranks.requested(args):
+        return ranks.serve(args, sock, path)
+    return run_server(args, sock, lambda: load_generator(args, path))
+
+
+def run_server(args: argparse.Namespace, sock: socket.socket, load: Callable[[], Generator]) -> int:
+    """Serve on `sock` until a signal (or a load failure) stops the server; `load` runs on the engine
+    thread. Returns the exit status; raises the engine's load error."""
     server: _Server | None = None
 
     def stop_on_load_error(error: BaseException) -> None:
@@ -182,7 +239,7 @@ def serve_main(args: argparse.Namespace) -> int:
             server.should_exit = True
 
     engine = Engine(
-        lambda: load_generator(args, path),
+        load,
         max_queue=args.max_queue,
         max_batch=args.max_batch,
         warmup=None if args.no_warmup else Warmup(*args.warmup_size),

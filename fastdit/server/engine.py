@@ -14,7 +14,8 @@
 - A failing batch of several jobs is retried one job at a time, so an exception (CUDA OOM, bad input)
   fails only the request that causes it.
 - The generator is loaded and warmed up on the worker thread, so the server can answer /health (503)
-  while a large checkpoint loads.
+  while a large checkpoint loads. A generator that raises `GeneratorBroken` (it can run no more calls)
+  stops the engine as a load failure does.
 """
 
 from __future__ import annotations
@@ -69,6 +70,11 @@ class QueueFull(Exception):
 
 class EngineClosed(Exception):
     """The server is shutting down (or the model failed to load) and takes no more jobs."""
+
+
+class GeneratorBroken(Exception):
+    """Raised by a generator that can run no more calls (e.g. the ranks of a multi-rank pipeline are out
+    of step after a failed call): the engine fails the batch, stops, and reports it as `load_error`."""
 
 
 class BatchKey(NamedTuple):
@@ -232,16 +238,20 @@ class Engine:
                 )
         except BaseException as e:  # noqa: BLE001 - reported to the CLI, which exits with it
             log.error("loading the model failed: %s: %s", type(e).__name__, e)
-            self.load_error = e
-            self.close()
-            if self._on_load_error is not None:
-                self._on_load_error(e)
+            self._fail(e)
             return
         self.ready.set()
         log.info("engine ready (max batch %d images, queue %d requests)", self.max_batch, self.max_queue)
         while (batch := self._next_batch()) is not None:
             self._run_batch(generator, batch)
         log.info("engine stopped")
+
+    def _fail(self, error: BaseException) -> None:
+        """Stop for good: record the error for the CLI, fail the queued jobs, tell the server."""
+        self.load_error = error
+        self.close()
+        if self._on_load_error is not None:
+            self._on_load_error(error)
 
     def _next_batch(self) -> list[Job] | None:
         """Wait for a job; take it and the queued jobs that can share its pipeline call."""
@@ -272,6 +282,12 @@ class Engine:
             log.info("batch of %d requests stopped: every client went away", len(jobs))
             for job in jobs:
                 job.future.set_exception(EngineClosed("the client went away"))
+            return
+        except GeneratorBroken as e:
+            log.error("the generator broke, stopping: %s", e)
+            for job in jobs:
+                job.future.set_exception(e)
+            self._fail(e)
             return
         except Exception as e:
             _free_accelerator_memory()
