@@ -55,16 +55,19 @@ def degrees(args: argparse.Namespace) -> tuple[int, int, int]:
     return args.tp, args.sp, 2 if args.cfg_parallel else 1
 
 
-def requested(args: argparse.Namespace) -> bool:
-    from fastdit.parallel.launch import under_torchrun
+def _under_torchrun() -> bool:  # as fastdit.parallel.launch says, without importing torch here
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
+
+def requested(args: argparse.Namespace) -> bool:
+    """Whether to serve on several ranks; cheap (no torch import), the single-process path pays nothing."""
     tp, sp, cfg = degrees(args)
-    return tp * sp * cfg > 1 or under_torchrun()
+    return tp * sp * cfg > 1 or _under_torchrun()
 
 
 def serves_http() -> bool:
     """Whether this process binds the port: always, except on torchrun's ranks other than 0."""
-    return os.environ.get("RANK", "0") == "0" or "WORLD_SIZE" not in os.environ
+    return not _under_torchrun() or os.environ["RANK"] == "0"
 
 
 def check(args: argparse.Namespace, path: str) -> None:
@@ -114,10 +117,11 @@ def serve(args: argparse.Namespace, sock: socket.socket | None, path: str) -> in
             device=args.device,
             master_port=args.master_port,
         )
-    except RankError as e:  # a rank died or raised: the others are gone; its traceback goes to the log
-        log.error("%s", e)
-        first = str(e).strip().splitlines()[0]
-        raise FastditError(f"{first}; the server stopped (rank {e.rank}'s traceback is above)") from None
+    except RankError as e:  # a rank died or raised: the launcher ended the others
+        lines = str(e).strip().splitlines()
+        if len(lines) > 1:  # the rank's traceback: to the log, above the one-line error
+            log.error("%s", e)
+        raise FastditError(f"{lines[0]}; the server stopped") from None
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
@@ -161,18 +165,18 @@ def _lead(state, args: argparse.Namespace, path: str, sock: socket.socket, contr
     # uvicorn handles SIGTERM while it serves and re-raises it afterwards; here the re-raise must not kill
     # the process before the followers are stopped (the command exits by the signal instead).
     signal.signal(signal.SIGTERM, lambda sig, frame: None)
-    leaders: list[Leader] = []
+    # Made before the load, so that the followers get their stop even if rank 0 stops while it loads.
+    leader = Leader(control)
 
     def load() -> Leader:
-        leaders.append(Leader(load_generator(args, path, state), control))
-        return leaders[0]
+        leader.pipe = load_generator(args, path, state)
+        return leader
 
     try:
         code = run_server(args, sock, load)
     except GeneratorBroken as e:  # the launcher terminates the followers, stuck mid-call or not
         raise FastditError(str(e)) from None
-    if leaders:
-        leaders[0].stop()
+    leader.stop()
     return code
 
 
@@ -210,9 +214,9 @@ class _Stopped(Exception):
 class Leader:
     """Rank 0's generator (the engine's `Generator`): every call runs on all ranks."""
 
-    def __init__(self, pipe, control):
-        self.pipe = pipe
+    def __init__(self, control, pipe=None):
         self.control = control
+        self.pipe = pipe  # this rank's pipeline, set once loaded
         self._lock = threading.Lock()  # one control conversation at a time: a call, or the stop
         self._broken: str | None = None
         self._stopped = False
@@ -290,7 +294,8 @@ class Leader:
             check_lengths(self.pipe.tokenizer, negatives, "negative prompt")
 
     def stop(self) -> None:
-        """End the followers' loops (after the running call, if any). Once; not after a failure."""
+        """End the followers' loops (after the running call, if any); later calls raise. Once; not after
+        a failure (the launcher ends the followers then)."""
         with self._lock:
             if self._stopped or self._broken is not None:
                 return
