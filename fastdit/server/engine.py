@@ -34,6 +34,7 @@ from typing import NamedTuple, Protocol
 
 from PIL import Image
 
+from fastdit.errors import FastditError
 from fastdit.server.metrics import Metrics
 
 log = logging.getLogger("fastdit.server")
@@ -292,7 +293,10 @@ class Engine:
         except Exception as e:
             _free_accelerator_memory()
             if len(jobs) == 1:
-                log.exception("generation failed for request %s", jobs[0].id)
+                if isinstance(e, FastditError):  # bad input that slipped past the app's checks: one line
+                    log.warning("request %s refused: %s", jobs[0].id, e)
+                else:
+                    log.exception("generation failed for request %s", jobs[0].id)
                 jobs[0].future.set_exception(e)
                 return
             log.warning(
