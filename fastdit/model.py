@@ -215,8 +215,9 @@ class Modulation(nn.Module):
         self.lin = nn.Linear(dim, 6 * dim)
 
     def forward(self, temb: Tensor) -> tuple[ModulationOut, ModulationOut]:
-        p = self.lin(F.silu(temb))[:, None, :].chunk(6, dim=-1)  # 6 x (B, 1, dim)
-        return ModulationOut(p[0], p[1], p[2]), ModulationOut(p[3], p[4], p[5])
+        # 6 x (B, 1, dim), in the checkpoint's order.
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.lin(F.silu(temb))[:, None, :].chunk(6, dim=-1)
+        return ModulationOut(shift1, scale1, gate1), ModulationOut(shift2, scale2, gate2)
 
 
 def modulate(x: Tensor, mod: ModulationOut, eps: float) -> Tensor:
