@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Reproduces the tables in benchmarks/RESULTS.md on one GPU (needs diffusers installed for --compare):
-#   bash benchmarks/run_all.sh [OUTDIR] [dit|shapes|stages|all]
+#   bash benchmarks/run_all.sh [OUTDIR] [dit|shapes|padding|stages|all]
 # Set FASTDIT="python -m fastdit" if the `fastdit` command is not on PATH.
 set -euo pipefail
 out=${1:-bench-results}
@@ -16,6 +16,11 @@ if [[ $what == shapes || $what == all ]]; then
     run bench --compile --compare diffusers-eager --height 512 --width 512 --json "$out/dit-512.json"
     run bench --compile --compare diffusers-eager --height 1328 --width 1328 --json "$out/dit-1328.json"
     run bench --compile --compare diffusers-eager --no-cfg --json "$out/dit-1024-batch1.json"
+fi
+if [[ $what == padding || $what == all ]]; then
+    # CFG with a short negative prompt: uncond text padded from 8 to 128 tokens.
+    run bench --compile --uncond-text-len 8 --padding lengths --json "$out/dit-1024-pad-lengths.json"
+    run bench --compile --uncond-text-len 8 --padding mask --json "$out/dit-1024-pad-mask.json"
 fi
 if [[ $what == stages || $what == all ]]; then
     run bench --stage vae --json "$out/vae-1024.json"

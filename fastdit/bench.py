@@ -165,6 +165,14 @@ def bench_dit(args, device: torch.device, dtype: torch.dtype) -> dict:
         quantize_model(model)
     backend = set_attention_backend(model, args.attention)
     rope = model.make_rope(shapes, args.text_len, device)
+    # A CFG batch whose negative prompt is shorter: its text is padded, masked or passed as lengths.
+    mask, txt_lens = None, None
+    if args.uncond_text_len is not None:
+        if args.no_cfg or not 1 <= args.uncond_text_len <= args.text_len:
+            raise FastditError("--uncond-text-len needs CFG and a value in [1, --text-len]")
+        lens = (args.text_len,) * (batch // 2) + (args.uncond_text_len,) * (batch // 2)
+        mask = torch.arange(args.text_len, device=device)[None, :] < torch.tensor(lens, device=device)[:, None]
+        txt_lens = lens if args.padding == "lengths" else None
     results: dict = {
         "stage": "dit",
         "shapes": {
@@ -174,6 +182,8 @@ def bench_dit(args, device: torch.device, dtype: torch.dtype) -> dict:
             "height": args.height,
             "width": args.width,
             "cfg_batched": not args.no_cfg,
+            "uncond_text_tokens": args.uncond_text_len,
+            "padding": args.padding if args.uncond_text_len is not None else None,
         },
         "flops_per_step": flops,
         "attention_backend": backend,
@@ -205,10 +215,14 @@ def bench_dit(args, device: torch.device, dtype: torch.dtype) -> dict:
 
     ours = "fastdit fp8" if args.quantize else "fastdit"
     with torch.no_grad():
-        ours_out = run(f"{ours} eager", lambda: model(x, enc, None, t, rope=rope), False)
+        ours_out = run(f"{ours} eager", lambda: model(x, enc, mask, t, rope=rope, txt_lens=txt_lens), False)
         if args.compile:
             compiled = torch.compile(model, fullgraph=True) if args.compile == "full" else compile_blocks(model)
-            ours_out = run(f"{ours} compiled ({args.compile})", lambda: compiled(x, enc, None, t, rope=rope), True)
+            ours_out = run(
+                f"{ours} compiled ({args.compile})",
+                lambda: compiled(x, enc, mask, t, rope=rope, txt_lens=txt_lens),
+                True,
+            )
         if args.compare and args.quantize:
             # diffusers' model would need a second, bf16 copy of the weights next to the fp8 one.
             log("note: --compare is skipped with --quantize fp8; run the comparison without --quantize")
@@ -217,7 +231,7 @@ def bench_dit(args, device: torch.device, dtype: torch.dtype) -> dict:
             kw = dict(
                 hidden_states=x,
                 encoder_hidden_states=enc,
-                encoder_hidden_states_mask=None,
+                encoder_hidden_states_mask=mask,
                 timestep=t,
                 img_shapes=shapes,
                 return_dict=False,
@@ -348,6 +362,19 @@ def add_parser(subparsers):
     p.add_argument("--text-len", type=int, default=128, help="text tokens per prompt")
     p.add_argument("--batch", type=int, default=1, help="prompts per step (CFG doubles the DiT batch)")
     p.add_argument("--no-cfg", action="store_true", help="time a batch without the uncond half")
+    p.add_argument(
+        "--uncond-text-len",
+        type=int,
+        default=None,
+        help="valid text tokens of the uncond half (padded to --text-len), as with a short negative prompt",
+    )
+    p.add_argument(
+        "--padding",
+        choices=["lengths", "mask"],
+        default="lengths",
+        help="with --uncond-text-len: pass the text lengths (unmasked attention per sample, as the pipeline "
+        "does) or only the key mask",
+    )
     p.add_argument(
         "--compile",
         nargs="?",

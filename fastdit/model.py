@@ -252,16 +252,17 @@ class Attention(nn.Module):
 
     `key_mask` (B, S) bool marks keys that may be attended to (None: all). `num_txt` is the number of
     text tokens at the start of the sequence; the single-device core ignores it, the sequence-parallel
-    core (fastdit.parallel) needs it to split text from image tokens. `backend` is one of
-    fastdit.attention.BACKENDS, resolved for the device (see `set_attention_backend`).
+    core (fastdit.parallel) needs it to split text from image tokens. `txt_lens` (host ints, optional)
+    says the mask is text padding only, so attention can run unmasked per sample (fastdit.attention).
+    `backend` is one of fastdit.attention.BACKENDS, resolved for the device (see `set_attention_backend`).
     """
 
     def __init__(self, backend: str = "sdpa"):
         super().__init__()
         self.backend = backend
 
-    def forward(self, q: Tensor, k: Tensor, v: Tensor, num_txt: int, key_mask: Tensor | None) -> Tensor:
-        return attention(q, k, v, key_mask, self.backend)
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, num_txt: int, key_mask: Tensor | None, txt_lens=None) -> Tensor:
+        return attention(q, k, v, key_mask, self.backend, txt_lens, num_txt)
 
 
 class JointAttention(nn.Module):
@@ -285,7 +286,9 @@ class JointAttention(nn.Module):
         q, k, v = qkv(x).unflatten(-1, (3, -1, self.head_dim)).unbind(2)
         return apply_rope(q_norm(q), cos, sin), apply_rope(k_norm(k), cos, sin), v
 
-    def forward(self, img: Tensor, txt: Tensor, rope: Rope, key_mask: Tensor | None) -> tuple[Tensor, Tensor]:
+    def forward(
+        self, img: Tensor, txt: Tensor, rope: Rope, key_mask: Tensor | None, txt_lens=None
+    ) -> tuple[Tensor, Tensor]:
         n_txt = txt.shape[1]
         cos_t, cos_i = rope.cos[:n_txt], rope.cos[n_txt:]
         sin_t, sin_i = rope.sin[:n_txt], rope.sin[n_txt:]
@@ -297,6 +300,7 @@ class JointAttention(nn.Module):
             torch.cat([tv, iv], dim=1),
             n_txt,
             key_mask,
+            txt_lens,
         )  # (B, S_txt + S_img, H, D)
         txt_o, img_o = out.flatten(2).split([n_txt, out.shape[1] - n_txt], dim=1)
         return self.img_out(img_o), self.txt_out(txt_o)
@@ -315,11 +319,12 @@ class Block(nn.Module):
         self.txt_mlp = MLP(dim, mlp_hidden)
 
     def forward(
-        self, img: Tensor, txt: Tensor, temb: Tensor, rope: Rope, key_mask: Tensor | None
+        self, img: Tensor, txt: Tensor, temb: Tensor, rope: Rope, key_mask: Tensor | None, txt_lens=None
     ) -> tuple[Tensor, Tensor]:
         img_m1, img_m2 = self.img_mod(temb)
         txt_m1, txt_m2 = self.txt_mod(temb)
-        img_a, txt_a = self.attn(modulate(img, img_m1, self.eps), modulate(txt, txt_m1, self.eps), rope, key_mask)
+        img_in, txt_in = modulate(img, img_m1, self.eps), modulate(txt, txt_m1, self.eps)
+        img_a, txt_a = self.attn(img_in, txt_in, rope, key_mask, txt_lens)
         img = img + img_m1.gate * img_a
         txt = txt + txt_m1.gate * txt_a
         img = img + img_m2.gate * self.img_mlp(modulate(img, img_m2, self.eps))
@@ -423,13 +428,18 @@ class QwenImageTransformer(nn.Module):
         timestep: Tensor | None = None,
         img_shapes=None,
         rope: Rope | None = None,
+        txt_lens: tuple[int, ...] | None = None,
     ) -> Tensor:
         """(B, S_img, in_channels) latents, (B, S_txt, joint_dim) text states, (B, S_txt) mask, (B,) sigma,
-        per-sample (frames, h, w) in patches -> (B, S_img, patch^2 * out_channels) velocity."""
+        per-sample (frames, h, w) in patches -> (B, S_img, patch^2 * out_channels) velocity.
+
+        Optional: `rope` precomputed by `make_rope`; `txt_lens`, the valid text length of each sample as
+        host ints, when the mask is padding at the end of the text (then attention needs no mask).
+        """
         x = self.prepare(hidden_states, encoder_hidden_states, encoder_hidden_states_mask, timestep, img_shapes, rope)
         img, txt = x.img, x.txt
         for block in self.blocks:
-            img, txt = block(img, txt, x.temb, x.rope, x.key_mask)
+            img, txt = block(img, txt, x.temb, x.rope, x.key_mask, txt_lens)
         return self.final(img, x.temb)
 
 

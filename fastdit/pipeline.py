@@ -249,8 +249,11 @@ class QwenImagePipeline:
         rows = [r for r in rows for _ in range(num_images_per_prompt)]
         # (B', L, D) with B' = 2 * num_images under CFG: conditional rows first, then unconditional.
         txt, txt_mask = pad_embeds(rows, self.dtype)
-        if bool(txt_mask.all()):  # nothing padded: attention runs unmasked, its fast path
-            txt_mask = None
+        # Nothing padded: attention runs unmasked, its fast path. Padded: the valid lengths let attention
+        # run one unmasked call per row instead of a masked batch (fastdit.attention).
+        txt_lens = tuple(r.shape[0] for r in rows)
+        if bool(txt_mask.all()):
+            txt_mask, txt_lens = None, None
         _sync(self.device)
         t_text = time.perf_counter()
 
@@ -279,6 +282,7 @@ class QwenImagePipeline:
                 timestep=timestep,
                 img_shapes=img_shapes,
                 rope=rope,
+                txt_lens=txt_lens,
             )
             if do_cfg:
                 cond, uncond = velocity.chunk(2)

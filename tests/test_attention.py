@@ -48,3 +48,18 @@ def test_resolve_backend():
         resolve_backend("cudnn", "cpu")
     with pytest.raises(ValueError, match="unknown attention backend"):
         resolve_backend("fast", "cpu")
+
+
+def test_text_lengths_equal_the_key_mask():
+    """attention(..., txt_lens=...) (one unmasked call per sample) == the masked call, every backend here."""
+    g = torch.Generator().manual_seed(2)
+    num_txt, s = 9, 9 + 20
+    q, k, v = (torch.randn(3, s, 2, 16, generator=g) for _ in range(3))
+    lens = (9, 4, 1)
+    mask = torch.ones(3, s, dtype=torch.bool)
+    for b, n in enumerate(lens):
+        mask[b, n:num_txt] = False
+    ref = attention(q, k, v, mask, "math")
+    for backend in available_backends("cpu"):
+        out = attention(q, k, v, None, backend, txt_lens=lens, num_txt=num_txt)
+        assert torch.allclose(out, ref, atol=1e-5), backend

@@ -44,3 +44,15 @@ def test_bench_bad_size_is_a_clean_error(capsys):
     assert main(["bench", "--preset", "tiny", "--device", "cpu", "--height", "100"]) == 2
     err = capsys.readouterr().err
     assert "multiples of 16" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("padding", ["lengths", "mask"])
+def test_bench_padded_uncond_text(tmp_path, padding):
+    """A shorter negative prompt (padded uncond text): both attention strategies give diffusers' output."""
+    out = tmp_path / "p.json"
+    argv = ["bench", "--preset", "tiny", "--device", "cpu", "--dtype", "fp32", "--height", "32", "--width", "32"]
+    argv += ["--text-len", "9", "--uncond-text-len", "3", "--padding", padding, "--warmup", "0", "--iters", "1"]
+    assert main([*argv, "--compare", "diffusers-eager", "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["shapes"]["uncond_text_tokens"] == 3 and res["shapes"]["padding"] == padding
+    assert res["rel_l2_vs_diffusers"] < 1e-5

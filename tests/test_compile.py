@@ -73,3 +73,20 @@ def test_regional_compile_reuses_one_block_graph(tmp_path):
             out_again = model(*args)
     assert rel_err(out, eager) <= 1e-5
     assert torch.equal(out, out_again)
+
+
+def test_text_lengths_compile_without_breaks_or_recompiles_per_step(model):
+    """The per-sample unmasked attention (txt_lens) traces into one graph; repeated steps reuse it."""
+    x, enc, mask, t, shapes = inputs(n_txt=6)
+    lens = (6, 3)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        explanation = torch._dynamo.explain(model)(x, enc, mask, t, shapes, txt_lens=lens)
+        assert explanation.graph_break_count == 0, explanation.break_reasons
+        torch._dynamo.reset()
+        compiled = torch.compile(model, fullgraph=True, backend="inductor")
+        first = compiled(x, enc, mask, t, shapes, txt_lens=lens)
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            again = compiled(x, enc, mask, t, shapes, txt_lens=lens)
+    assert torch.equal(first, again)
+    assert rel_err(first, model(x, enc, mask, t, shapes)) <= 1e-5

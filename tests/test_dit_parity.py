@@ -93,3 +93,20 @@ def test_rope_positions_centre_the_image_and_put_text_past_it():
     assert img[:, 0, 1].tolist() == [-2, -1, 0]  # rows -(h - h//2) .. h//2 - 1
     assert img[0, :, 2].tolist() == [-2, -1, 0, 1]
     assert (img[..., 0] == 0).all()
+
+
+@pytest.mark.parametrize("h,w,txt_lens", [(6, 4, [7, 3]), (4, 6, [1, 6]), (4, 4, [2, 5, 5])])
+def test_text_lengths_instead_of_a_mask(pair, h, w, txt_lens):
+    """With host-side text lengths, attention runs unmasked per sample: same output as diffusers' masked one."""
+    ref, ours = pair
+    g = torch.Generator().manual_seed(7)
+    b, n_txt = len(txt_lens), max(txt_lens)
+    x, enc = torch.randn(b, h * w, 64, generator=g), torch.randn(b, n_txt, 48, generator=g)
+    mask = torch.arange(n_txt)[None, :] < torch.tensor(txt_lens)[:, None]
+    ts, shapes = torch.rand(b, generator=g), [[(1, h, w)]] * b
+    with torch.no_grad():
+        expected = ref(
+            hidden_states=x, encoder_hidden_states=enc, encoder_hidden_states_mask=mask, timestep=ts, img_shapes=shapes
+        ).sample
+        got = ours(x, enc, mask, ts, shapes, txt_lens=tuple(txt_lens))
+    assert rel_err(got, expected) <= TOL

@@ -121,6 +121,7 @@ class ParallelTransformer(nn.Module):
         timestep: Tensor | None = None,
         img_shapes=None,
         rope: Rope | None = None,
+        txt_lens: tuple[int, ...] | None = None,
     ) -> Tensor:
         st = self.state
         if rope is None:
@@ -137,7 +138,11 @@ class ParallelTransformer(nn.Module):
             )
             if encoder_hidden_states_mask is not None:
                 encoder_hidden_states_mask = encoder_hidden_states_mask[rows]
-        out = self._forward_local(hidden_states, encoder_hidden_states, encoder_hidden_states_mask, timestep, rope)
+            if txt_lens is not None:
+                txt_lens = tuple(txt_lens[rows])
+        out = self._forward_local(
+            hidden_states, encoder_hidden_states, encoder_hidden_states_mask, timestep, rope, txt_lens
+        )
         if split:
             out = all_gather(out.contiguous(), 0, st.cfg_group)  # (B, S_img, out_dim), rank order
         if split or st.sp > 1:
@@ -145,11 +150,13 @@ class ParallelTransformer(nn.Module):
             out = funcol.wait_tensor(out)
         return out
 
-    def _forward_local(self, hidden: Tensor, enc: Tensor, mask: Tensor | None, timestep: Tensor, rope: Rope):
+    def _forward_local(
+        self, hidden: Tensor, enc: Tensor, mask: Tensor | None, timestep: Tensor, rope: Rope, txt_lens=None
+    ):
         """One cfg part. With sp ranks, pad S_img to a multiple of sp, run tokens [r * L, (r + 1) * L) here."""
         st, model = self.state, self.model
         if st.sp == 1:
-            return model(hidden, enc, mask, timestep, rope=rope)
+            return model(hidden, enc, mask, timestep, rope=rope, txt_lens=txt_lens)
         b, s_img = hidden.shape[:2]
         n_txt = enc.shape[1]
         local = -(-s_img // st.sp)
@@ -170,8 +177,9 @@ class ParallelTransformer(nn.Module):
             img_mask = (torch.arange(local * st.sp, device=hidden.device) < s_img).expand(b, -1)
             key_mask = torch.cat([txt_mask, img_mask], dim=1)
         img, txt = inp.img, inp.txt
+        txt_lens = None if pad else txt_lens  # padded image keys need the mask
         for block in model.blocks:
-            img, txt = block(img, txt, inp.temb, rope_local, key_mask)
+            img, txt = block(img, txt, inp.temb, rope_local, key_mask, txt_lens)
         out = model.final(img, inp.temb)  # (B, L, out_dim)
         out = all_gather(out.contiguous(), 1, st.sp_group)  # (B, sp * L, out_dim)
         return out[:, :s_img]

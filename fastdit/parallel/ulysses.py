@@ -51,7 +51,7 @@ class UlyssesAttention(Attention):
         super().__init__(backend)
         self.sp, self.sp_rank, self.group = sp, sp_rank, group
 
-    def forward(self, q: Tensor, k: Tensor, v: Tensor, num_txt: int, key_mask: Tensor | None) -> Tensor:
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, num_txt: int, key_mask: Tensor | None, txt_lens=None) -> Tensor:
         h = q.shape[2] // self.sp
         heads = slice(self.sp_rank * h, (self.sp_rank + 1) * h)
 
@@ -59,7 +59,8 @@ class UlyssesAttention(Attention):
             txt, img = x[:, :num_txt], x[:, num_txt:]
             return torch.cat([txt[:, :, heads], _seq_to_heads(img, self.sp, self.group)], dim=1)
 
-        out = attention(joint(q), joint(k), joint(v), key_mask, self.backend)  # (B, S_txt + S_img, H/sp, D)
+        # (B, S_txt + S_img, H/sp, D); txt_lens only when no image token is padding (ParallelTransformer).
+        out = attention(joint(q), joint(k), joint(v), key_mask, self.backend, txt_lens, num_txt)
         txt, img = out[:, :num_txt], out[:, num_txt:]
         # (sp * B, S_txt, H/sp, D) in rank order -> (B, S_txt, H, D), heads in rank order.
         txt = all_gather(txt.contiguous(), 0, self.group)
