@@ -146,6 +146,11 @@ def test_quantize_cli_round_trip_and_size(ckpt, tmp_path, capsys):
 
     with pytest.raises(FastditError, match="compute capability"):
         load_transformer(out, dtype=torch.bfloat16, device="cpu")  # fp8 folder, real fp8: needs a GPU
+    from fastdit.parallel import load_transformer_parallel
+    from fastdit.parallel.state import single_device
+
+    with pytest.raises(FastditError, match="--quantize fp8 instead"):  # not yet under parallelism: said plainly
+        load_transformer_parallel(out, single_device("cpu"), dtype=torch.bfloat16, device="cpu")
     saved = load_transformer(out, dtype=torch.bfloat16, device="cpu", quantize="fp8-emulated")
     at_load = load_transformer(ckpt, dtype=torch.bfloat16, device="cpu", quantize="fp8-emulated")
     assert saved.blocks[0].attn.img_qkv.weight.dtype == FP8

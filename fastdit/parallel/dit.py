@@ -26,7 +26,7 @@ import torch.distributed._functional_collectives as funcol
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fastdit.errors import ConfigError
+from fastdit.errors import ConfigError, FastditError
 from fastdit.loader import ShardSpec, load_state_dict_into, read_config, resolve_transformer_dir
 from fastdit.model import DiTConfig, QwenImageTransformer, Rope
 from fastdit.parallel.layers import ColumnParallelLinear, ReplicatedLinear, RowParallelLinear, all_gather
@@ -195,6 +195,13 @@ def load_transformer_parallel(
 ) -> ParallelTransformer:
     """Like `fastdit.load_transformer`, but each rank builds its parallel layers and reads only its slices."""
     folder = resolve_transformer_dir(path)
+    from fastdit.quant import folder_quantization  # fastdit.quant imports this package's layers
+
+    if folder_quantization(folder) is not None:
+        raise FastditError(
+            f"{folder} is an fp8 checkpoint written by `fastdit quantize`; loading it under --tp/--sp/--cfg-parallel "
+            "is not supported yet: load the bf16 checkpoint with --quantize fp8 instead (each rank quantizes its shard)"
+        )
     cfg = read_config(folder)
     check_parallel_config(cfg, state.tp, state.sp)
     device = torch.device(device) if device is not None else state.device
