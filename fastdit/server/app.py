@@ -215,6 +215,12 @@ def _png(image: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
+def _abandon(future: asyncio.Future) -> None:
+    """Nobody will await `future` (its client left): retrieve its result when it comes, so asyncio does not
+    log "exception was never retrieved" for the EngineClosed the engine answers a dropped job with."""
+    future.add_done_callback(lambda f: f.cancelled() or f.exception())
+
+
 def _sse(event: str, data: Any) -> str:
     return f"event: {event}\ndata: {json.dumps(data)}\n\n"
 
@@ -418,6 +424,7 @@ def create_app(
             await asyncio.wait({future}, timeout=DISCONNECT_POLL_S)
             if not future.done() and await request.is_disconnected():
                 client_gone(job)
+                _abandon(future)
                 return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
         return await images_response(job_images(future), body.response_format, request)
 
@@ -443,6 +450,7 @@ def create_app(
             finally:
                 if not future.done():  # cancelled by Starlette: the client disconnected
                     client_gone(job)
+                    _abandon(future)
             try:
                 response = await images_response(job_images(future), body.response_format, request)
             except ApiError as e:
