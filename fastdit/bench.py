@@ -25,6 +25,7 @@ from torch import nn
 from fastdit.errors import FastditError
 from fastdit.loader import diffusers_state_dict
 from fastdit.model import PRESETS, DiTConfig, QwenImageTransformer, compile_blocks, set_attention_backend
+from fastdit.text import TEMPLATE_PREFIX_TOKENS
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -286,13 +287,14 @@ def bench_text_encoder(args, device: torch.device, dtype: torch.dtype) -> dict:
         )
     with torch.device(device):
         enc = Qwen2_5_VLTextModel(cfg).to(dtype).eval()
-    # The prompt template adds 34 tokens in front of the prompt; cond + uncond are encoded together.
-    ids = torch.randint(0, cfg.vocab_size, (args.batch * 2, args.text_len + 34), device=device)
+    # The prompt template adds its prefix in front of the prompt; cond + uncond are encoded together.
+    tokens = args.text_len + TEMPLATE_PREFIX_TOKENS
+    ids = torch.randint(0, cfg.vocab_size, (args.batch * 2, tokens), device=device)
     with torch.no_grad():
         times = time_steps(lambda: enc(input_ids=ids).last_hidden_state, device, args.warmup, args.iters)
     return {
         "stage": "text-encoder",
-        "shapes": {"batch": args.batch * 2, "tokens": args.text_len + 34},
+        "shapes": {"batch": args.batch * 2, "tokens": tokens},
         "runs": {"text encoder": summarize(times)},
     }
 

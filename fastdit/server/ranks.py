@@ -225,27 +225,18 @@ class Leader:
         self,
         prompt: str | list[str],
         *,
-        negative_prompt: str | list[str] | None = None,
-        height: int = 1024,
-        width: int = 1024,
-        num_inference_steps: int = 50,
-        true_cfg_scale: float = 4.0,
+        height: int,
+        width: int,
         seed: int | list[int] | None = None,
-        num_images_per_prompt: int = 1,
         progress: Callable[[int, int], None] | None = None,
         show_progress: bool = True,
+        **kwargs,
     ) -> list[Image.Image]:
-        call = {
-            "prompt": prompt,
-            "negative_prompt": negative_prompt,
-            "height": height,
-            "width": width,
-            "num_inference_steps": num_inference_steps,
-            "true_cfg_scale": true_cfg_scale,
-            # Every rank must draw the same noise: rank 0 picks a missing seed.
-            "seed": secrets.randbits(63) if seed is None else seed,
-            "num_images_per_prompt": num_images_per_prompt,
-        }
+        """`QwenImagePipeline.__call__`'s arguments (the size is required here: it is checked before
+        broadcasting; the rest keep the pipeline's defaults and go to every rank as given)."""
+        # Every rank must draw the same noise: rank 0 picks a missing seed.
+        seed = secrets.randbits(63) if seed is None else seed
+        call = {"prompt": prompt, "height": height, "width": width, "seed": seed, **kwargs}
         self._validate(call)  # a FastditError here fails this request alone; nothing was sent
         with self._lock:
             if self._broken is not None:
@@ -288,8 +279,8 @@ class Leader:
         if not prompts or any(not isinstance(p, str) or not p.strip() for p in prompts):
             raise FastditError("prompt must be a non-empty string or a non-empty list of strings")
         check_lengths(self.pipe.tokenizer, prompts)
-        negatives = call["negative_prompt"]
-        if negatives is not None and call["true_cfg_scale"] > 1:
+        negatives = call.get("negative_prompt")  # absent: no CFG
+        if negatives is not None:
             negatives = [negatives] if isinstance(negatives, str) else list(negatives)
             check_lengths(self.pipe.tokenizer, negatives, "negative prompt")
 
