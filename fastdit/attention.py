@@ -6,8 +6,10 @@ Backends:
 - "flash": torch's bundled FlashAttention-2 kernel (no mask support).
 - "flash_attn": the `flash_attn` package (FA3's `flash_attn_interface` when installed, else FA2).
 - "math":  the reference composition, float32 softmax; the oracle in tests.
+- "int8":  fastdit's 8-bit kernel (INT8 Q.K^T with smoothed K, FP8 P.V; fastdit.attention8): Triton and
+           compute capability >= 8.9. Approximate (a few percent of relative error per call): opt-in only.
 
-"auto" picks cudnn on CUDA when no mask is given, sdpa otherwise. Keys that must not be attended to are
+"auto" picks cudnn on CUDA when no mask is given, sdpa otherwise (never int8). Keys that must not be attended to are
 given as a (B, S) bool `key_mask`; backends that cannot take a mask fall back to sdpa for that call
 (decided at trace time from `key_mask is None`, so it never breaks a compiled graph).
 """
@@ -20,7 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-BACKENDS = ("auto", "sdpa", "cudnn", "flash", "flash_attn", "math")
+from fastdit.attention8 import attention_int8, check_int8_attention_device, int8_attention_available
+
+BACKENDS = ("auto", "sdpa", "cudnn", "flash", "flash_attn", "math", "int8")
 
 
 def _flash_attn_func():
@@ -47,6 +51,8 @@ def available_backends(device: torch.device | str) -> list[str]:
             out += ["cudnn"]
         if _flash_attn_func() is not None:
             out += ["flash_attn"]
+        if int8_attention_available(device):
+            out += ["int8"]
     return out
 
 
@@ -56,6 +62,8 @@ def resolve_backend(name: str, device: torch.device | str) -> str:
     device = torch.device(device)
     if name == "auto":
         return "cudnn" if "cudnn" in available_backends(device) else "sdpa"
+    if name == "int8":
+        check_int8_attention_device(device)  # FastditError saying what is missing
     if name not in available_backends(device):
         raise ValueError(
             f"attention backend {name!r} is not available on {device}; available: "
@@ -102,6 +110,8 @@ def attention(
         return _unpadded_per_sample(q, k, v, backend, txt_lens, num_txt)
     if backend == "math":
         return math_attention(q, k, v, key_mask)
+    if backend == "int8":
+        return attention_int8(q, k, v, key_mask)
     if backend == "flash_attn" and key_mask is None:
         return _flash_attn_func()(q, k, v)
     qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, S, D)

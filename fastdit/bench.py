@@ -22,7 +22,9 @@ from contextlib import nullcontext, suppress
 import torch
 from torch import nn
 
+from fastdit.attention import BACKENDS
 from fastdit.errors import FastditError
+from fastdit.inductor import backend as inductor_backend
 from fastdit.loader import diffusers_state_dict
 from fastdit.model import PRESETS, DiTConfig, QwenImageTransformer, compile_blocks, set_attention_backend
 from fastdit.text import TEMPLATE_PREFIX_TOKENS
@@ -76,6 +78,26 @@ def summarize(times: list[float], flops: float | None = None) -> dict:
     if flops:
         out["tflops"] = flops / out["median_s"] / 1e12
     return out
+
+
+def cuda_graph(fn: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
+    """Capture fn (fixed inputs, no host syncs) in a CUDA graph; returns a replay that gives fn's output
+    tensor (its memory is the graph's, overwritten by each replay)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm up outside the default stream, as capture requires
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+
+    def replay() -> torch.Tensor:
+        graph.replay()
+        return out
+
+    return replay
 
 
 def matmul_ceiling(device: torch.device, dtype: torch.dtype) -> float:
@@ -218,12 +240,21 @@ def bench_dit(args, device: torch.device, dtype: torch.dtype) -> dict:
     with torch.no_grad():
         ours_out = run(f"{ours} eager", lambda: model(x, enc, mask, t, rope=rope, txt_lens=txt_lens), False)
         if args.compile:
-            compiled = torch.compile(model, fullgraph=True) if args.compile == "full" else compile_blocks(model)
+            compiled = (
+                torch.compile(model, fullgraph=True, backend=inductor_backend())
+                if args.compile == "full"
+                else compile_blocks(model)
+            )
             ours_out = run(
                 f"{ours} compiled ({args.compile})",
                 lambda: compiled(x, enc, mask, t, rope=rope, txt_lens=txt_lens),
                 True,
             )
+        if args.cuda_graph:  # the same step (compiled if --compile) captured once, replayed: no launch cost
+            step = compiled if args.compile else model
+            replay = cuda_graph(lambda: step(x, enc, mask, t, rope=rope, txt_lens=txt_lens))
+            suffix = f"compiled ({args.compile})" if args.compile else "eager"
+            run(f"{ours} {suffix} + CUDA graph", replay, False)
         if args.compare and args.quantize:
             # diffusers' model would need a second, bf16 copy of the weights next to the fp8 one.
             log("note: --compare is skipped with --quantize fp8; run the comparison without --quantize")
@@ -386,13 +417,20 @@ def add_parser(subparsers):
         help="also time torch.compile: regional (each block, fast warm-up) or full graph",
     )
     p.add_argument(
+        "--cuda-graph",
+        action="store_true",
+        help="also time the step captured in a CUDA graph and replayed (CUDA only)",
+    )
+    p.add_argument(
         "--compare",
         choices=["diffusers", "diffusers-eager"],
         default=None,
         help="also time diffusers' model on the same weights: eager and (with --compile) compiled; "
         "diffusers-eager skips compiling it (its compile takes minutes)",
     )
-    p.add_argument("--attention", default="auto", help="attention backend (auto, sdpa, cudnn, flash, math)")
+    p.add_argument(
+        "--attention", choices=BACKENDS, default="auto", help="attention backend (int8: fastdit's 8-bit kernel)"
+    )
     p.add_argument(
         "--quantize", choices=["fp8"], default=None, help="fp8 (e4m3) block linears (fastdit.quant; CUDA >= 8.9)"
     )
@@ -412,6 +450,8 @@ def bench_main(args) -> int:
         raise FastditError("--device cuda asked for, but no CUDA GPU is visible")
     if min(args.height, args.width, args.text_len, args.batch, args.iters) < 1 or args.warmup < 0:
         raise FastditError("--height, --width, --text-len, --batch and --iters must be >= 1")
+    if args.cuda_graph and (device.type != "cuda" or args.stage != "dit"):
+        raise FastditError("--cuda-graph times the DiT step on a CUDA GPU (--stage dit, --device cuda)")
     dtype = DTYPES[args.dtype]
     stage = {"dit": bench_dit, "vae": bench_vae, "text-encoder": bench_text_encoder}[args.stage]
     with torch.inference_mode() if args.stage != "dit" else nullcontext():

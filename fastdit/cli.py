@@ -16,6 +16,7 @@ import re
 import sys
 from pathlib import Path
 
+from fastdit.attention import BACKENDS
 from fastdit.errors import FastditError
 
 TINY_RANDOM = "tiny-random"
@@ -103,6 +104,12 @@ def add_generate_parser(subparsers) -> argparse.ArgumentParser:
         default=None,
         help="run the DiT's block linears in fp8 e4m3 (CUDA, compute capability >= 8.9); a folder written by "
         "`fastdit quantize` is fp8 without this flag",
+    )
+    p.add_argument(
+        "--attention",
+        choices=[b for b in BACKENDS if b != "math"],
+        default="auto",
+        help="attention backend of the DiT (auto: cuDNN on CUDA, else SDPA; int8: fastdit's 8-bit kernel, INT8 Q.K and FP8 P.V, CUDA compute capability >= 8.9 with Triton; approximate)",
     )
     # fastdit.parallel: one process per rank on this machine (or the ranks torchrun started).
     par = p.add_argument_group("parallelism (one process per GPU; gloo on CPU)")
@@ -246,7 +253,7 @@ def generate_main(args: argparse.Namespace, parallel=None) -> int:
     folder = resolve_model(args.model)
     t0 = time.perf_counter()
     pipe = QwenImagePipeline.from_pretrained(
-        folder, dtype=dtype, device=device, parallel=parallel, quantize=args.quantize
+        folder, dtype=dtype, device=device, parallel=parallel, quantize=args.quantize, attention=args.attention
     )
     if args.compile:
         pipe.compile()

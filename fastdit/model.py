@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from fastdit.attention import attention, resolve_backend
 from fastdit.errors import ConfigError
+from fastdit.inductor import backend as inductor_backend
 
 # ---------------------------------------------------------------------------------------------------------
 # Config
@@ -241,10 +242,13 @@ class MLP(nn.Module):
         self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, x: Tensor) -> Tensor:
-        # Layers whose weight is not a plain float matrix (fastdit.quant's fp8) apply GELU themselves.
-        fc1 = self.fc1
+        # fp8 layers (fastdit.quant) have no GELU epilogue: an fp8 fc2 applies GELU while quantizing its input,
+        # an fp8 fc1 next to a float fc2 applies it after its GEMM.
+        fc1, fc2 = self.fc1, self.fc2
+        if hasattr(fc2, "forward_gelu_input"):
+            return fc2.forward_gelu_input(fc1(x))
         h = fc1.forward_gelu(x) if hasattr(fc1, "forward_gelu") else linear_gelu(x, fc1.weight, fc1.bias)
-        return self.fc2(h)
+        return fc2(h)
 
 
 class Attention(nn.Module):
@@ -444,8 +448,14 @@ class QwenImageTransformer(nn.Module):
 
 
 def compile_blocks(model: QwenImageTransformer, **compile_kwargs) -> QwenImageTransformer:
-    """Regional compilation: compile one block's code, reused by every block (warm-up of one, not 60)."""
+    """Regional compilation: compile one block's code, reused by every block (warm-up of one, not 60).
+
+    `compile_kwargs` go to torch.compile; the default backend is fastdit.inductor's (inductor with whole-row
+    reductions), to which `options` (inductor config patches) are passed.
+    """
     compile_kwargs.setdefault("fullgraph", True)
+    if "backend" not in compile_kwargs:
+        compile_kwargs["backend"] = inductor_backend(compile_kwargs.pop("options", None))
     for block in model.blocks:
         block.compile(**compile_kwargs)
     model.final.compile(**compile_kwargs)

@@ -133,6 +133,7 @@ class QwenImagePipeline:
         device: str | torch.device | None = None,
         parallel=None,
         quantize: str | None = None,
+        attention: str = "auto",
     ) -> QwenImagePipeline:
         """Load a diffusers-format Qwen-Image pipeline folder (model_index.json + one folder per part).
 
@@ -140,11 +141,14 @@ class QwenImagePipeline:
         then loaded sharded (tp / sp / cfg), the text encoder and VAE whole on every rank.
         `quantize`: "fp8" runs the DiT's block linears in fp8 e4m3 (fastdit.quant; "fp8-emulated" for CPU
         tests); a transformer folder written by `fastdit quantize` is fp8 without it.
+        `attention`: the DiT's attention backend (fastdit.attention.BACKENDS; "int8" is the 8-bit kernel).
         """
         from diffusers import AutoencoderKLQwenImage
         from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
 
+        from fastdit.attention import resolve_backend
         from fastdit.loader import default_device, load_transformer
+        from fastdit.model import set_attention_backend
 
         root = Path(path)
         if not root.is_dir():
@@ -157,6 +161,7 @@ class QwenImagePipeline:
         except (OSError, json.JSONDecodeError) as e:
             raise CheckpointError(f"cannot read {root / 'scheduler' / 'scheduler_config.json'}: {e}") from e
         device = torch.device(device) if device is not None else default_device()
+        resolve_backend(attention, device)  # an unavailable backend fails before any weight is read
 
         if parallel is not None and parallel.world_size > 1:  # fastdit.parallel: this rank's DiT shard
             from fastdit.parallel import load_transformer_parallel as load_sharded
@@ -172,6 +177,7 @@ class QwenImagePipeline:
                 quantize_model(transformer, emulate=parse_mode(quantize))
         else:
             transformer = load_transformer(root / "transformer", dtype=dtype, device=device, quantize=quantize)
+        set_attention_backend(getattr(transformer, "model", transformer), attention)  # ParallelTransformer wraps it
         try:
             tokenizer = AutoTokenizer.from_pretrained(root / "tokenizer")
             text_encoder = Qwen2_5_VLForConditionalGeneration.from_pretrained(root / "text_encoder", dtype=dtype)

@@ -53,11 +53,7 @@ from fastdit.loader import (
 )
 from fastdit.model import QwenImageTransformer
 from fastdit.parallel.layers import ColumnParallelLinear, ReplicatedLinear, RowParallelLinear
-
-FP8 = torch.float8_e4m3fn
-FP8_MAX = torch.finfo(FP8).max  # 448.0
-# An all-zero row gets this absmax, so its scale is tiny but finite and it quantizes to zeros.
-_MIN_AMAX = 1e-12
+from fastdit.rowquant import FP8, gelu_quantize_rows, quantize_rows
 
 # Block submodules (paths inside `Block`) that `quantize_model` swaps by default, and the opt-in extra.
 BLOCK_LINEARS = (
@@ -100,14 +96,6 @@ def check_fp8_device(device: str | torch.device) -> None:
             f"fp8 (e4m3) GEMMs need compute capability >= 8.9 (Ada, Hopper or newer); "
             f"{torch.cuda.get_device_name(device)} has {major}.{minor}: {hint}"
         )
-
-
-def quantize_rows(x: Tensor) -> tuple[Tensor, Tensor]:
-    """(..., K) -> (e4m3 values (..., K), float32 scales (..., 1)) with x ~= values * scales, per row."""
-    xf = x.float()
-    scale = xf.abs().amax(dim=-1, keepdim=True).clamp(min=_MIN_AMAX) / FP8_MAX
-    # The clamp only catches rounding a hair above 448 (e4m3fn has no inf: out of range would be NaN).
-    return (xf / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -162,13 +150,18 @@ class Fp8Linear(nn.Module):
         return self._gemm(x, self.bias)
 
     def forward_gelu(self, x: Tensor) -> Tensor:
-        """GELU(tanh)(linear(x)), for an MLP's fc1 (model.MLP calls this when the layer has it): the fp8
-        GEMM has no GELU epilogue, so the GELU is a separate op (compiled: fused with the next quantization)."""
+        """GELU(tanh)(linear(x)), for an MLP's fc1 when fc2 is not fp8: the fp8 GEMM has no GELU epilogue."""
         return F.gelu(self._gemm(x, self.bias), approximate="tanh")
 
-    def _gemm(self, x: Tensor, bias: Tensor | None) -> Tensor:
+    def forward_gelu_input(self, h: Tensor) -> Tensor:
+        """linear(GELU(tanh)(h)), for an MLP's fc2 (model.MLP calls this when the layer has it): the GELU
+        runs inside the per-row quantization of h, one pass over the MLP's widest activation (fastdit.rowquant)."""
+        return self._gemm(h, self.bias, gelu_input=True)
+
+    def _gemm(self, x: Tensor, bias: Tensor | None, gelu_input: bool = False) -> Tensor:
         shape = x.shape
-        xq, x_scale = quantize_rows(x.reshape(-1, shape[-1]))  # (M, K) e4m3, (M, 1) float32
+        quantize = gelu_quantize_rows if gelu_input else quantize_rows
+        xq, x_scale = quantize(x.reshape(-1, shape[-1]))  # (M, K) e4m3, (M, 1) float32
         if self.emulate:
             y = (xq.float() @ self.weight.float().t()) * x_scale * self.weight_scale  # (M, N) float32
             if bias is not None:
@@ -206,7 +199,12 @@ class Fp8RowParallelLinear(Fp8Linear):
         self.world, self.group = world, group
 
     def forward(self, x: Tensor) -> Tensor:
-        y = self._gemm(x, None)
+        return self._reduce(self._gemm(x, None))
+
+    def forward_gelu_input(self, h: Tensor) -> Tensor:
+        return self._reduce(self._gemm(h, None, gelu_input=True))
+
+    def _reduce(self, y: Tensor) -> Tensor:
         if self.world > 1:
             y = funcol.all_reduce(y, "sum", self.group)
         return y if self.bias is None else y + self.bias

@@ -46,6 +46,14 @@ def test_bench_bad_size_is_a_clean_error(capsys):
     assert "multiples of 16" in err and "Traceback" not in err
 
 
+def test_bench_cuda_graph_and_int8_attention_need_a_gpu(capsys):
+    assert main(["bench", "--preset", "tiny", "--device", "cpu", "--cuda-graph"]) == 2
+    assert main(["bench", "--preset", "tiny", "--device", "cpu", "--attention", "int8"]) == 2
+    err = capsys.readouterr().err
+    assert "--cuda-graph times the DiT step on a CUDA GPU" in err and "8-bit attention runs on CUDA" in err
+    assert "Traceback" not in err
+
+
 @pytest.mark.parametrize("padding", ["lengths", "mask"])
 def test_bench_padded_uncond_text(tmp_path, padding):
     """A shorter negative prompt (padded uncond text): both attention strategies give diffusers' output."""

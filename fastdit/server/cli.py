@@ -20,6 +20,7 @@ from collections.abc import Callable
 
 import uvicorn
 
+from fastdit.attention import BACKENDS
 from fastdit.errors import FastditError
 from fastdit.server.app import create_app
 from fastdit.server.engine import Engine, Generator, Warmup
@@ -63,6 +64,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=["fp8"],
         default=None,
         help="run the DiT's block linears in fp8 e4m3 (CUDA, compute capability >= 8.9)",
+    )
+    model.add_argument(
+        "--attention",
+        choices=[b for b in BACKENDS if b != "math"],
+        default="auto",
+        help="attention backend of the DiT (auto: cuDNN on CUDA, else SDPA; int8: fastdit's 8-bit kernel, INT8 Q.K and FP8 P.V, CUDA compute capability >= 8.9 with Triton; approximate)",
     )
     model.add_argument(
         "--compile", action="store_true", help="torch.compile the DiT block by block (the warmup compiles it)"
@@ -135,22 +142,27 @@ def load_generator(args: argparse.Namespace, model_path: str, parallel=None) -> 
         device=device,
         parallel=parallel,
         quantize=args.quantize,
+        attention=args.attention,
     )
     if args.compile:
         pipe.compile()
     return pipe
 
 
-def _check_quantize(args: argparse.Namespace) -> None:
-    """--quantize fp8 on a device without fp8 GEMMs is a one-line error before anything binds or loads."""
-    if args.quantize is None:
+def _check_device_options(args: argparse.Namespace) -> None:
+    """--quantize fp8 on a device without fp8 GEMMs, or an --attention backend the device lacks, is a one-line
+    error before anything binds or loads."""
+    if args.quantize is None and args.attention == "auto":
         return
+    from fastdit.attention import resolve_backend
     from fastdit.loader import default_device
     from fastdit.quant import check_fp8_device
 
     try:
         device = args.device or default_device()
-        check_fp8_device(device)
+        if args.quantize is not None:
+            check_fp8_device(device)
+        resolve_backend(args.attention, device)
     except RuntimeError as e:  # torch.device() on a malformed --device
         raise FastditError(f"--device {args.device}: {e}") from None
 
@@ -213,7 +225,7 @@ def serve_main(args: argparse.Namespace) -> int:
 
     if args.max_size < 16:
         raise FastditError(f"--max-size {args.max_size}: must be at least 16")
-    _check_quantize(args)
+    _check_device_options(args)
     # First: a port in use fails before any model work. Under torchrun only rank 0 serves HTTP.
     sock = bind_socket(args.host, args.port) if ranks.serves_http() else None
     try:
