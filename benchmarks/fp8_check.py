@@ -5,8 +5,9 @@
 
 The full-size Qwen-Image DiT with random bf16 weights (fastdit.bench.random_dit) at 1024x1024, CFG batch 2,
 128 text tokens; every variant runs with regional compile (fastdit.model.compile_blocks). The model is
-quantized IN PLACE between variants (bf16 -> fp8 block linears -> fp8 + modulation), so at no point do a
-bf16 and an fp8 copy share the GPU. Also checks the real `torch._scaled_mm` layer against the float
+quantized IN PLACE between variants (bf16 -> fp8 block linears -> fp8 + modulation -> the same with the
+8-bit attention kernel), so at no point do a bf16 and an fp8 copy share the GPU. Each variant is also timed
+captured in a CUDA graph (column "CUDA graph"). Also checks the real `torch._scaled_mm` layer against the float
 emulation used by the CPU tests, and the compiled fp8 model against its eager run (cos(eager)).
 
 Cosine similarity is of the velocity output against the bf16 output. Random weights have no outliers, so
@@ -24,7 +25,8 @@ import torch
 import torch._dynamo
 import torch.nn.functional as F
 
-from fastdit.bench import dit_inputs, random_dit, sync, time_steps
+from fastdit.attention8 import int8_attention_available
+from fastdit.bench import cuda_graph, dit_inputs, random_dit, sync, time_steps
 from fastdit.model import PRESETS, compile_blocks, set_attention_backend
 from fastdit.quant import BLOCK_LINEARS, MODULATION, Fp8Linear, check_fp8_device, quantize_model
 
@@ -61,6 +63,7 @@ def main() -> int:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--no-modulation", action="store_true", help="skip the fp8 + modulation variant")
     ap.add_argument("--attention", default="auto")
+    ap.add_argument("--no-int8-attention", action="store_true", help="skip the variant with 8-bit attention")
     args = ap.parse_args()
     device = torch.device("cuda")
     check_fp8_device(device)
@@ -79,11 +82,15 @@ def main() -> int:
     step = lambda: model(x, enc, None, t, rope=rope)
 
     rows, ref = [], None
-    variants = [("bf16", None), ("fp8 blocks", BLOCK_LINEARS)]
+    variants = [("bf16", None, backend), ("fp8 blocks", BLOCK_LINEARS, backend)]
     if not args.no_modulation:
-        variants.append(("fp8 blocks + modulation", BLOCK_LINEARS + MODULATION))
-    for name, modules in variants:
+        variants.append(("fp8 blocks + modulation", BLOCK_LINEARS + MODULATION, backend))
+    if not args.no_int8_attention and int8_attention_available(device):
+        last = variants[-1][1]
+        variants.append((f"{variants[-1][0]} + int8 attention", last, "int8"))
+    for name, modules, attention in variants:
         extra = {}
+        set_attention_backend(model, attention)
         if modules is not None:
             quantize_model(model, modules=modules)  # in place; layers already in fp8 are kept
             torch.cuda.empty_cache()
@@ -96,6 +103,10 @@ def main() -> int:
         sync(device)
         first = time.perf_counter() - t0
         times = time_steps(step, device, args.warmup, args.iters)
+        extra["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30  # before the graph's own pool
+        graphed = cuda_graph(step)
+        extra["graph_s"] = statistics.median(time_steps(graphed, device, args.warmup, args.iters))
+        del graphed
         if ref is None:
             ref = out.clone()
         if modules is not None:
@@ -106,7 +117,6 @@ def main() -> int:
             "min": min(times),
             "cos": cosine(out, ref),
             "weights_gib": weight_gib(model),
-            "peak_gib": torch.cuda.max_memory_allocated(device) / 2**30,
             "compile_s": first,
             **extra,
         }
@@ -116,14 +126,14 @@ def main() -> int:
     base = rows[0]["s_step"]
     print("\nQwen-Image DiT, 1024x1024, CFG batch 2, 128 text tokens, regional compile")
     print(
-        f"{'variant':26s} {'s/step':>8s} {'min':>8s} {'speedup':>8s} {'cos(bf16)':>10s} {'cos(eager)':>10s} "
-        f"{'weights GiB':>11s} {'peak GiB':>9s} {'compile s':>9s}"
+        f"{'variant':42s} {'s/step':>8s} {'min':>8s} {'speedup':>8s} {'cos(bf16)':>10s} {'cos(eager)':>10s} "
+        f"{'weights GiB':>11s} {'peak GiB':>9s} {'compile s':>9s} {'CUDA graph':>10s}"
     )
     for r in rows:
         eager = f"{r['eager_cos']:.5f}" if "eager_cos" in r else "-"
         print(
-            f"{r['variant']:26s} {r['s_step']:8.4f} {r['min']:8.4f} {base / r['s_step']:7.2f}x {r['cos']:10.5f} "
-            f"{eager:>10s} {r['weights_gib']:11.1f} {r['peak_gib']:9.1f} {r['compile_s']:9.1f}"
+            f"{r['variant']:42s} {r['s_step']:8.4f} {r['min']:8.4f} {base / r['s_step']:7.2f}x {r['cos']:10.5f} "
+            f"{eager:>10s} {r['weights_gib']:11.1f} {r['peak_gib']:9.1f} {r['compile_s']:9.1f} {r['graph_s']:10.4f}"
         )
     return 0
 

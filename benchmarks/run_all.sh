@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Reproduces the tables in benchmarks/RESULTS.md on one GPU (needs diffusers installed for --compare):
-#   bash benchmarks/run_all.sh [OUTDIR] [dit|shapes|padding|stages|all]
+#   bash benchmarks/run_all.sh [OUTDIR] [dit|shapes|padding|stages|fp8|attention|all]
 # Set FASTDIT="python -m fastdit" if the `fastdit` command is not on PATH.
 set -euo pipefail
 out=${1:-bench-results}
@@ -10,7 +10,7 @@ mkdir -p "$out"
 run() { echo "+ $fd $*" >&2; $fd "$@"; }
 
 if [[ $what == dit || $what == all ]]; then
-    run bench --compile --compare diffusers --json "$out/dit-1024.json"
+    run bench --compile --compare diffusers --cuda-graph --json "$out/dit-1024.json"
 fi
 if [[ $what == shapes || $what == all ]]; then
     run bench --compile --compare diffusers-eager --height 512 --width 512 --json "$out/dit-512.json"
@@ -25,4 +25,13 @@ fi
 if [[ $what == stages || $what == all ]]; then
     run bench --stage vae --json "$out/vae-1024.json"
     run bench --stage text-encoder --json "$out/text-encoder.json"
+fi
+here=$(dirname "$0")
+if [[ $what == fp8 || $what == all ]]; then
+    echo "+ python $here/fp8_check.py" >&2
+    python "$here/fp8_check.py" | tee "$out/fp8.txt"
+fi
+if [[ $what == attention || $what == all ]]; then
+    echo "+ python $here/attention_backends.py" >&2
+    python "$here/attention_backends.py" | tee "$out/attention.txt"
 fi

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fastdit.attention8 import attention_int8, check_int8_attention_device, int8_attention_available
+from fastdit.errors import FastditError
 
 BACKENDS = ("auto", "sdpa", "cudnn", "flash", "flash_attn", "math", "int8")
 
@@ -58,14 +59,14 @@ def available_backends(device: torch.device | str) -> list[str]:
 
 def resolve_backend(name: str, device: torch.device | str) -> str:
     if name not in BACKENDS:
-        raise ValueError(f"unknown attention backend {name!r}; choose one of {', '.join(BACKENDS)}")
+        raise FastditError(f"unknown attention backend {name!r}; choose one of {', '.join(BACKENDS)}")
     device = torch.device(device)
     if name == "auto":
         return "cudnn" if "cudnn" in available_backends(device) else "sdpa"
     if name == "int8":
         check_int8_attention_device(device)  # FastditError saying what is missing
     if name not in available_backends(device):
-        raise ValueError(
+        raise FastditError(
             f"attention backend {name!r} is not available on {device}; available: "
             f"{', '.join(available_backends(device))}"
         )

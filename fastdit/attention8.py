@@ -39,12 +39,20 @@ LOG2E = 1.4426950408889634
 # Quantization (torch; fused by inductor when compiled)
 
 
-def quantize_qkv(q: Tensor, k: Tensor, v: Tensor, sm_scale: float | None = None, pv_fp8: bool = True):
+def quantize_qkv(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    key_mask: Tensor | None = None,
+    sm_scale: float | None = None,
+    pv_fp8: bool = True,
+):
     """(B, S, H, D) q, k, v -> int8 / fp8 operands padded to a multiple of QUANT_BLOCK tokens:
 
     q8, k8: (B, Sp, H, D) int8; q_scale, k_scale: (B, H, Sp / QUANT_BLOCK) float32;
     vt8: (B, H, D, Sp) e4m3 (V transposed: the fp8 tensor-core GEMM wants the reduction dim contiguous);
-    v_scale: (B, H, D) float32. Padded tokens are zero.
+    v_scale: (B, H, D) float32. Padded tokens are zero, and so are keys and values that `key_mask` (B, S)
+    masks: they get no attention weight, so they must not widen the int8 / fp8 scales or shift K's mean.
     """
     b, s, h, d = q.shape
     sm_scale = 1.0 / math.sqrt(d) if sm_scale is None else sm_scale
@@ -59,7 +67,13 @@ def quantize_qkv(q: Tensor, k: Tensor, v: Tensor, sm_scale: float | None = None,
 
     q8, q_scale = blockwise_int8(q.float() * (sm_scale * LOG2E))
     kf = k.float()
-    k8, k_scale = blockwise_int8(kf - kf.mean(dim=1, keepdim=True))
+    if key_mask is None:
+        k_mean = kf.mean(dim=1, keepdim=True)
+    else:
+        keep = key_mask[:, :, None, None]
+        kf, v = kf * keep, v * keep
+        k_mean = kf.sum(dim=1, keepdim=True) / keep.sum(dim=1, keepdim=True).clamp(min=1)
+    k8, k_scale = blockwise_int8((kf - k_mean) if key_mask is None else (kf - k_mean) * keep)
     if not pv_fp8:  # V as given (bf16), a (B, H, D, Sp) view of the padded (B, Sp, H, D) tensor
         vt = F.pad(v.to(torch.bfloat16), (0, 0, 0, 0, 0, pad)).permute(0, 2, 3, 1)
         return q8, k8, vt, q_scale, k_scale, torch.ones(b, h, d, device=v.device)
@@ -74,7 +88,7 @@ def reference_int8(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None = No
     e4m3 against the row's final maximum here, against the running maximum in the kernel: the two agree
     to e4m3 rounding, not bit for bit."""
     b, s, h, d = q.shape
-    q8, k8, vt8, q_scale, k_scale, v_scale = quantize_qkv(q, k, v, pv_fp8=pv_fp8)
+    q8, k8, vt8, q_scale, k_scale, v_scale = quantize_qkv(q, k, v, key_mask, pv_fp8=pv_fp8)
     p_scale = P_SCALE if pv_fp8 else 1.0
     qs = q_scale.repeat_interleave(QUANT_BLOCK, dim=2)  # (B, H, Sp)
     ks = k_scale.repeat_interleave(QUANT_BLOCK, dim=2)
@@ -105,7 +119,7 @@ def int8_attention_available(device: torch.device | str) -> bool:
 def check_int8_attention_device(device: torch.device | str) -> None:
     """Raise FastditError unless the 8-bit kernel can run on `device`."""
     device = torch.device(device)
-    if device.type != "cuda":
+    if device.type != "cuda" or not torch.cuda.is_available():
         raise FastditError(f"8-bit attention runs on CUDA GPUs (compute capability >= 8.9), not on {device}")
     major, minor = torch.cuda.get_device_capability(device)
     if (major, minor) < (8, 9):
@@ -201,10 +215,11 @@ if triton is not None:
             elif not EVEN_KV:
                 s = tl.where((start + offs_n)[None, :] < S_KV, s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
-            if HAS_MASK:  # a block with every key masked keeps m at -inf: subtract 0 instead of -inf
-                m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.math.exp2(s - m_new[:, None])
-            alpha = tl.math.exp2(m_i - m_new)
+            m_use = m_new
+            if HAS_MASK:  # while every key so far is masked, m stays -inf: subtract 0 instead (no inf - inf)
+                m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.math.exp2(s - m_use[:, None])
+            alpha = tl.math.exp2(m_i - m_use)
             l_i = l_i * alpha + tl.sum(p, 1)
             v = tl.load(v_ptrs)  # (D, BLOCK_N) e4m3 (or bf16)
             acc = tl.dot((p * P_SCALE).to(v.dtype), tl.trans(v), acc * alpha[:, None])
@@ -239,7 +254,7 @@ def attention_int8(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None = No
     d = q.shape[-1]
     if d not in (64, 128, 256):
         raise FastditError(f"8-bit attention supports head dims 64, 128 and 256, got {d}")
-    q8, k8, vt8, q_scale, k_scale, v_scale = quantize_qkv(q, k, v, pv_fp8=pv_fp8)
+    q8, k8, vt8, q_scale, k_scale, v_scale = quantize_qkv(q, k, v, key_mask, pv_fp8=pv_fp8)
     mask = None if key_mask is None else key_mask.to(torch.int8).contiguous()
     out = _attention_int8_op(q8, k8, vt8, q_scale, k_scale, v_scale, mask, q.shape[1])
     return out.to(q.dtype)

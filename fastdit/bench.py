@@ -362,8 +362,9 @@ def print_table(res: dict):
     print(f"\n{res['stage']} {json.dumps(res.get('shapes', {}))}")
     if "matmul_tflops" in res:
         print(f"bf16 matmul ceiling this run: {res['matmul_tflops']:.0f} TFLOP/s")
+    width = max([32, *map(len, runs)])
     print(
-        f"{'run':32s} {'s/step':>8s} {'min':>8s} {'max':>8s} {'TFLOP/s':>8s} {'%ceil':>6s} {'vs base':>8s} "
+        f"{'run':{width}s} {'s/step':>8s} {'min':>8s} {'max':>8s} {'TFLOP/s':>8s} {'%ceil':>6s} {'vs base':>8s} "
         f"{'warm-up s':>9s} {'peak GiB':>8s}"
     )
     for name, r in runs.items():
@@ -371,7 +372,7 @@ def print_table(res: dict):
         pct = f"{100 * tf / res['matmul_tflops']:.0f}" if tf and res.get("matmul_tflops") else "-"
         ratio = f"{base['median_s'] / r['median_s']:.2f}x" if base else "-"
         print(
-            f"{name:32s} {r['median_s']:8.4f} {r['min_s']:8.4f} {r['max_s']:8.4f} "
+            f"{name:{width}s} {r['median_s']:8.4f} {r['min_s']:8.4f} {r['max_s']:8.4f} "
             f"{'-' if tf is None else round(tf):>8} {pct:>6s} {ratio:>8s} "
             f"{r.get('first_call_s', float('nan')):9.1f} {r.get('peak_mem_gib', float('nan')):8.1f}"
         )

@@ -75,6 +75,28 @@ def test_several_images_into_a_folder(tiny_dir, tiny_pipe, tmp_path):
         assert saved.tobytes() == alone.tobytes()
 
 
+def test_attention_sdpa_equals_auto_on_cpu(tiny_dir, tmp_path):
+    """`--attention sdpa` runs end to end and, on CPU, draws exactly the default (auto resolves to sdpa)."""
+    argv = ["generate", "--model", str(tiny_dir), "--prompt", "a kite", "--height", "32", "--width", "32"]
+    argv += ["--steps", "2", "--seed", "4", "--device", "cpu"]
+    auto, sdpa = tmp_path / "auto.png", tmp_path / "sdpa.png"
+    assert main([*argv, "--output", str(auto)]) == 0
+    assert main([*argv, "--attention", "sdpa", "--output", str(sdpa)]) == 0
+    with Image.open(auto) as a, Image.open(sdpa) as b:
+        assert b.size == (32, 32) and a.tobytes() == b.tobytes()
+
+
+def test_int8_attention_on_cpu_is_one_line(tiny_dir, tmp_path, capsys):
+    """The 8-bit kernel needs CUDA: exit 2, one stderr line saying so, no image."""
+    out = tmp_path / "x.png"
+    argv = ["generate", "--model", str(tiny_dir), "--prompt", "x", "--attention", "int8", "--device", "cpu"]
+    assert main([*argv, "--steps", "1", "--height", "32", "--width", "32", "--output", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert err[0].startswith("fastdit: error: 8-bit attention") and "CUDA" in err[0] and "cpu" in err[0], err
+    assert not out.exists()
+
+
 def _bad_cases(tmp_path, tiny_dir):
     incomplete = tmp_path / "incomplete"
     incomplete.mkdir()

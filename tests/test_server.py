@@ -605,6 +605,29 @@ def test_cli_rejects_bad_arguments(tmp_path, capsys):
     assert "not a complete Qwen-Image pipeline folder" in capsys.readouterr().err
 
 
+def test_cli_refuses_int8_attention_on_cpu_before_binding(tmp_path, capsys):
+    """--attention int8 --device cpu: exit 2 with one line naming CUDA, before the port is bound (a port in use is
+    not what it reports) and before the model folder is looked at; the same through `python -m fastdit`."""
+    argv = ["serve", "--model", str(tmp_path / "absent"), "--attention", "int8", "--device", "cpu"]
+    taken = bind_socket("127.0.0.1", 0)
+    try:
+        assert main([*argv, "--port", str(taken.getsockname()[1])]) == 2
+    finally:
+        taken.close()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "8-bit attention" in err[0] and "CUDA" in err[0], err
+    run = subprocess.run(
+        [sys.executable, "-m", "fastdit", *argv, "--port", "0"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+    )
+    lines = run.stderr.strip().splitlines()
+    assert run.returncode == 2, run.stderr
+    assert len(lines) == 1 and lines[0].startswith("fastdit: error: 8-bit attention") and "CUDA" in lines[0], lines
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_signal_shuts_down_cleanly(sig, tmp_path, tiny_cache):
