@@ -216,8 +216,12 @@ class Modulation(nn.Module):
         self.lin = nn.Linear(dim, 6 * dim)
 
     def forward(self, temb: Tensor) -> tuple[ModulationOut, ModulationOut]:
-        # 6 x (B, 1, dim), in the checkpoint's order.
-        shift1, scale1, gate1, shift2, scale2, gate2 = self.lin(F.silu(temb))[:, None, :].chunk(6, dim=-1)
+        return self.split(self.lin(F.silu(temb)))
+
+    @staticmethod
+    def split(vec: Tensor) -> tuple[ModulationOut, ModulationOut]:
+        """(B, 6 * dim) -> 6 x (B, 1, dim), in the checkpoint's order: the attention half, the MLP half."""
+        shift1, scale1, gate1, shift2, scale2, gate2 = vec[:, None, :].chunk(6, dim=-1)
         return ModulationOut(shift1, scale1, gate1), ModulationOut(shift2, scale2, gate2)
 
 
@@ -323,10 +327,19 @@ class Block(nn.Module):
         self.txt_mlp = MLP(dim, mlp_hidden)
 
     def forward(
-        self, img: Tensor, txt: Tensor, temb: Tensor, rope: Rope, key_mask: Tensor | None, txt_lens=None
+        self,
+        img: Tensor,
+        txt: Tensor,
+        temb: Tensor,
+        rope: Rope,
+        key_mask: Tensor | None,
+        txt_lens=None,
+        img_mod: Tensor | None = None,
+        txt_mod: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
-        img_m1, img_m2 = self.img_mod(temb)
-        txt_m1, txt_m2 = self.txt_mod(temb)
+        # img_mod / txt_mod: this block's (1, 6 * dim) vectors for this step, precomputed (StepModulation).
+        img_m1, img_m2 = self.img_mod(temb) if img_mod is None else Modulation.split(img_mod)
+        txt_m1, txt_m2 = self.txt_mod(temb) if txt_mod is None else Modulation.split(txt_mod)
         img_in, txt_in = modulate(img, img_m1, self.eps), modulate(txt, txt_m1, self.eps)
         img_a, txt_a = self.attn(img_in, txt_in, rope, key_mask, txt_lens)
         img = img + img_m1.gate * img_a
@@ -356,13 +369,25 @@ class FinalLayer(nn.Module):
         self.mod = nn.Linear(dim, 2 * dim)
         self.proj = nn.Linear(dim, out_dim)
 
-    def forward(self, x: Tensor, temb: Tensor) -> Tensor:
-        scale, shift = self.mod(F.silu(temb))[:, None, :].chunk(2, dim=-1)
+    def forward(self, x: Tensor, temb: Tensor, mod: Tensor | None = None) -> Tensor:
+        # mod: this step's (1, 2 * dim) vector, precomputed (StepModulation); else computed from temb.
+        scale, shift = (self.mod(F.silu(temb)) if mod is None else mod)[:, None, :].chunk(2, dim=-1)
         return self.proj(F.layer_norm(x, x.shape[-1:], eps=self.eps) * (1 + scale) + shift)
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Model
+
+
+class StepModulation(NamedTuple):
+    """One denoising step's AdaLN vectors for every block, computed ahead for all steps at once by
+    `QwenImageTransformer.modulation_table` (they depend on the timestep only): per step the model then skips
+    2 x num_layers weight-bound GEMVs (2 x 113 MB of weights per block in bf16: 5.4 ms of a 1024^2 step on an H100).
+    """
+
+    img: Tensor  # (num_layers, 1, 6 * dim)
+    txt: Tensor  # (num_layers, 1, 6 * dim)
+    final: Tensor  # (1, 2 * dim)
 
 
 @dataclass
@@ -424,6 +449,18 @@ class QwenImageTransformer(nn.Module):
             key_mask = torch.cat([txt_mask, img_mask], dim=1)
         return DiTInputs(img, txt, temb, rope, key_mask)
 
+    @torch.no_grad()
+    def modulation_table(self, timesteps: Tensor) -> list[StepModulation]:
+        """Every block's modulation vectors for each of `timesteps` (T,) (sigma in [0, 1], as `forward` takes
+        it), as T `StepModulation`s: one GEMM of T rows per layer instead of one GEMV per layer and step.
+        Pass table[i] as `forward(..., modulation=)` for a step whose samples all have timesteps[i]."""
+        dtype = self.img_in.weight.dtype  # the compute dtype (block linears may be fp8, img_in never is)
+        act = F.silu(self.time_embed(timesteps.to(dtype), dtype))  # (T, dim)
+        img = torch.stack([block.img_mod.lin(act) for block in self.blocks])  # (L, T, 6 * dim)
+        txt = torch.stack([block.txt_mod.lin(act) for block in self.blocks])
+        final = self.final.mod(act)  # (T, 2 * dim)
+        return [StepModulation(img[:, i : i + 1], txt[:, i : i + 1], final[i : i + 1]) for i in range(len(act))]
+
     def forward(
         self,
         hidden_states: Tensor,
@@ -433,18 +470,35 @@ class QwenImageTransformer(nn.Module):
         img_shapes=None,
         rope: Rope | None = None,
         txt_lens: tuple[int, ...] | None = None,
+        modulation: StepModulation | None = None,
     ) -> Tensor:
         """(B, S_img, in_channels) latents, (B, S_txt, joint_dim) text states, (B, S_txt) mask, (B,) sigma,
         per-sample (frames, h, w) in patches -> (B, S_img, patch^2 * out_channels) velocity.
 
         Optional: `rope` precomputed by `make_rope`; `txt_lens`, the valid text length of each sample as
-        host ints, when the mask is padding at the end of the text (then attention needs no mask).
+        host ints, when the mask is padding at the end of the text (then attention needs no mask);
+        `modulation`, this step's entry of `modulation_table` (every sample must be at that timestep).
         """
         x = self.prepare(hidden_states, encoder_hidden_states, encoder_hidden_states_mask, timestep, img_shapes, rope)
-        img, txt = x.img, x.txt
-        for block in self.blocks:
-            img, txt = block(img, txt, x.temb, x.rope, x.key_mask, txt_lens)
-        return self.final(img, x.temb)
+        return self.run_blocks(x.img, x.txt, x.temb, x.rope, x.key_mask, txt_lens, modulation)
+
+    def run_blocks(
+        self,
+        img: Tensor,
+        txt: Tensor,
+        temb: Tensor,
+        rope: Rope,
+        key_mask: Tensor | None,
+        txt_lens=None,
+        modulation: StepModulation | None = None,
+    ) -> Tensor:
+        """The blocks and the final layer over prepared inputs: (B, S_img, dim) -> (B, S_img, out_dim)."""
+        for i, block in enumerate(self.blocks):
+            if modulation is None:
+                img, txt = block(img, txt, temb, rope, key_mask, txt_lens)
+            else:
+                img, txt = block(img, txt, temb, rope, key_mask, txt_lens, modulation.img[i], modulation.txt[i])
+        return self.final(img, temb, None if modulation is None else modulation.final)
 
 
 def compile_blocks(model: QwenImageTransformer, **compile_kwargs) -> QwenImageTransformer:

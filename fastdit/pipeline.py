@@ -270,6 +270,10 @@ class QwenImagePipeline:
         img_shapes = [(1, lat_h // 2, lat_w // 2)] * txt.shape[0]
         rope = self.transformer.make_rope(img_shapes, txt.shape[1], self.device)
         sigmas = flow_match_sigmas(num_inference_steps, latents.shape[1], self.scheduler_config)
+        # The reference feeds sigma as a timestep in [0, 1000] rounded to the latent dtype, then / 1000.
+        timesteps = (sigmas[:num_inference_steps] * 1000).to(self.device, latents.dtype) / 1000
+        # Every block's AdaLN vectors for all steps in one GEMM per layer (they depend on the timestep only).
+        modulation = self.transformer.modulation_table(timesteps)
 
         # 3. Flow-match Euler sampling.
         bar = None
@@ -278,8 +282,7 @@ class QwenImagePipeline:
 
             bar = tqdm(total=num_inference_steps, desc="denoising", unit="step")
         for i in range(num_inference_steps):
-            # The reference feeds sigma as a timestep in [0, 1000] rounded to the latent dtype, then / 1000.
-            timestep = (sigmas[i] * 1000).expand(txt.shape[0]).to(self.device, latents.dtype) / 1000
+            timestep = timesteps[i].expand(txt.shape[0])
             x = torch.cat([latents, latents]) if do_cfg else latents
             velocity = self.transformer(
                 hidden_states=x,
@@ -289,6 +292,7 @@ class QwenImagePipeline:
                 img_shapes=img_shapes,
                 rope=rope,
                 txt_lens=txt_lens,
+                modulation=modulation[i],
             )
             if do_cfg:
                 cond, uncond = velocity.chunk(2)

@@ -90,3 +90,38 @@ def test_text_lengths_compile_without_breaks_or_recompiles_per_step(model):
             again = compiled(x, enc, mask, t, shapes, txt_lens=lens)
     assert torch.equal(first, again)
     assert rel_err(first, model(x, enc, mask, t, shapes)) <= 1e-5
+
+
+def _steps(n_steps=3, b=2):
+    timesteps = torch.tensor([0.9, 0.55, 0.2])[:n_steps]
+    return timesteps, [timesteps[i].expand(b) for i in range(n_steps)]
+
+
+def test_modulation_table_gives_the_same_output(model):
+    """Precomputed AdaLN vectors (one GEMM per layer for all steps) == computing them in every step."""
+    x, enc, mask, _, shapes = inputs()
+    timesteps, per_step = _steps()
+    with torch.no_grad():
+        table = model.modulation_table(timesteps)
+        assert len(table) == 3 and table[0].img.shape == (len(model.blocks), 1, 6 * model.cfg.dim)
+        for t, mod in zip(per_step, table, strict=True):
+            assert rel_err(model(x, enc, mask, t, shapes, modulation=mod), model(x, enc, mask, t, shapes)) <= 1e-6
+
+
+def test_regional_compile_with_the_modulation_table_reuses_one_graph_across_steps(tmp_path):
+    """fastdit's default compile backend (fastdit.inductor) on every block; the steps of a denoising loop,
+    each with its own table entry, hit the graph compiled for the first block of the first step."""
+    save_tiny(tmp_path, seed=3)
+    model = load_transformer(tmp_path, dtype=torch.float32, device="cpu")
+    x, enc, mask, _, shapes = inputs()
+    timesteps, per_step = _steps()
+    with torch.no_grad():
+        table = model.modulation_table(timesteps)
+        eager = [model(x, enc, mask, t, shapes, modulation=m) for t, m in zip(per_step, table, strict=True)]
+        torch._dynamo.reset()
+        compile_blocks(model)
+        first = model(x, enc, mask, per_step[0], shapes, modulation=table[0])
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            rest = [model(x, enc, mask, t, shapes, modulation=m) for t, m in zip(per_step[1:], table[1:], strict=True)]
+    for out, ref in zip([first, *rest], eager, strict=True):
+        assert rel_err(out, ref) <= 1e-5

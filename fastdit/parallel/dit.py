@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from fastdit.errors import ConfigError, FastditError
 from fastdit.loader import ShardSpec, load_state_dict_into, read_config, resolve_transformer_dir
-from fastdit.model import DiTConfig, QwenImageTransformer, Rope
+from fastdit.model import DiTConfig, QwenImageTransformer, Rope, StepModulation
 from fastdit.parallel.layers import ColumnParallelLinear, ReplicatedLinear, RowParallelLinear, all_gather
 from fastdit.parallel.state import ParallelState
 from fastdit.parallel.ulysses import UlyssesAttention
@@ -113,6 +113,10 @@ class ParallelTransformer(nn.Module):
     def make_rope(self, img_shapes, txt_len: int, device=None) -> Rope:
         return self.model.make_rope(img_shapes, txt_len, device)
 
+    def modulation_table(self, timesteps: Tensor) -> list[StepModulation]:
+        # With sharded modulation each layer all-gathers: every rank must call this together (the pipeline does).
+        return self.model.modulation_table(timesteps)
+
     def forward(
         self,
         hidden_states: Tensor,
@@ -122,6 +126,7 @@ class ParallelTransformer(nn.Module):
         img_shapes=None,
         rope: Rope | None = None,
         txt_lens: tuple[int, ...] | None = None,
+        modulation: StepModulation | None = None,
     ) -> Tensor:
         st = self.state
         if rope is None:
@@ -141,7 +146,7 @@ class ParallelTransformer(nn.Module):
             if txt_lens is not None:
                 txt_lens = tuple(txt_lens[rows])
         out = self._forward_local(
-            hidden_states, encoder_hidden_states, encoder_hidden_states_mask, timestep, rope, txt_lens
+            hidden_states, encoder_hidden_states, encoder_hidden_states_mask, timestep, rope, txt_lens, modulation
         )
         if split:
             out = all_gather(out.contiguous(), 0, st.cfg_group)  # (B, S_img, out_dim), rank order
@@ -151,12 +156,19 @@ class ParallelTransformer(nn.Module):
         return out
 
     def _forward_local(
-        self, hidden: Tensor, enc: Tensor, mask: Tensor | None, timestep: Tensor, rope: Rope, txt_lens=None
+        self,
+        hidden: Tensor,
+        enc: Tensor,
+        mask: Tensor | None,
+        timestep: Tensor,
+        rope: Rope,
+        txt_lens=None,
+        modulation: StepModulation | None = None,
     ):
         """One cfg part. With sp ranks, pad S_img to a multiple of sp, run tokens [r * L, (r + 1) * L) here."""
         st, model = self.state, self.model
         if st.sp == 1:
-            return model(hidden, enc, mask, timestep, rope=rope, txt_lens=txt_lens)
+            return model(hidden, enc, mask, timestep, rope=rope, txt_lens=txt_lens, modulation=modulation)
         b, s_img = hidden.shape[:2]
         n_txt = enc.shape[1]
         local = -(-s_img // st.sp)
@@ -176,11 +188,8 @@ class ParallelTransformer(nn.Module):
             txt_mask = mask.to(torch.bool) if mask is not None else enc.new_ones(b, n_txt, dtype=torch.bool)
             img_mask = (torch.arange(local * st.sp, device=hidden.device) < s_img).expand(b, -1)
             key_mask = torch.cat([txt_mask, img_mask], dim=1)
-        img, txt = inp.img, inp.txt
         txt_lens = None if pad else txt_lens  # padded image keys need the mask
-        for block in model.blocks:
-            img, txt = block(img, txt, inp.temb, rope_local, key_mask, txt_lens)
-        out = model.final(img, inp.temb)  # (B, L, out_dim)
+        out = model.run_blocks(inp.img, inp.txt, inp.temb, rope_local, key_mask, txt_lens, modulation)  # (B, L, out)
         out = all_gather(out.contiguous(), 1, st.sp_group)  # (B, sp * L, out_dim)
         return out[:, :s_img]
 
