@@ -169,12 +169,13 @@ class QwenImagePipeline:
             # Modulation sharded too: it is a third of the DiT's weights, so tp=2 halves them per rank, for one
             # all-gather of (B, 6 * dim) per stream and block.
             transformer = load_sharded(
-                root / "transformer", parallel, dtype=dtype, device=device, shard_modulation=parallel.tp > 1
+                root / "transformer",
+                parallel,
+                dtype=dtype,
+                device=device,
+                shard_modulation=parallel.tp > 1,
+                quantize=quantize,  # fastdit.quant: fp8 on each rank's shards, after sharding
             )
-            if quantize is not None:  # fastdit.quant: fp8 on each rank's shards, after sharding
-                from fastdit.quant import parse_mode, quantize_model
-
-                quantize_model(transformer, emulate=parse_mode(quantize))
         else:
             transformer = load_transformer(root / "transformer", dtype=dtype, device=device, quantize=quantize)
         set_attention_backend(getattr(transformer, "model", transformer), attention)  # ParallelTransformer wraps it

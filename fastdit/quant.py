@@ -296,7 +296,7 @@ def load_quantized(
         return quantize_model(model.eval().requires_grad_(False), emulate=emulate)
     modules = tuple(saved["modules"])
     quantize_model(model, emulate=emulate, modules=modules)
-    _check_fp8_dtypes(folder, cfg.num_layers, modules)
+    check_fp8_checkpoint(folder, cfg.num_layers, modules)
     load_state_dict_into(model, folder, dtype=dtype, device=device)
     return model.eval().requires_grad_(False)
 
@@ -306,7 +306,7 @@ def _quantized_keys(num_layers: int, modules: tuple[str, ...]) -> list[str]:
     return [k for i in range(num_layers) for m in modules for k in checkpoint_keys(f"blocks.{i}.{m}.weight")]
 
 
-def _check_fp8_dtypes(folder: Path, num_layers: int, modules: tuple[str, ...]) -> None:
+def check_fp8_checkpoint(folder: Path, num_layers: int, modules: tuple[str, ...]) -> None:
     """Header reads only: each quantized weight is stored as e4m3 and each scale as float32."""
     from safetensors import safe_open
 

@@ -142,7 +142,7 @@ def reference(ckpt, cases):
     return run_cases(model, cases), model
 
 
-def _world2_worker(state: ParallelState, path: str, cases, pipe_folder: str) -> dict:
+def _world2_worker(state: ParallelState, path: str, cases, pipe_folder: str, fp8_path: str) -> dict:
     layouts = [(2, 1, 1), (1, 2, 1), (1, 1, 2)]
     results = _layout_worker(state, path, layouts, cases, compile_layouts=[(2, 1, 1), (1, 2, 1)])
     # Modulation sharded too (column-parallel + all-gather) instead of replicated.
@@ -150,14 +150,29 @@ def _world2_worker(state: ParallelState, path: str, cases, pipe_folder: str) -> 
     outs = run_cases(model, cases)
     agree = all(_same_on_every_rank(o) for o in outs.values())
     results["tp2_shard_mod"] = {"outs": outs, "agree": agree, "bytes": _param_bytes(model.model)}
+    # A checkpoint saved by `fastdit quantize`, loaded sharded (fp8 emulated on CPU).
+    model = load_transformer_parallel(fp8_path, state, dtype=torch.float32, device="cpu", quantize="fp8-emulated")
+    outs = run_cases(model, cases)
+    results["tp2_saved_fp8"] = {"outs": outs, "agree": all(_same_on_every_rank(o) for o in outs.values())}
     results["pipeline"] = _pipeline_worker(state, pipe_folder, layouts)
     return results
 
 
 @pytest.fixture(scope="module")
-def world2(ckpt, cases, tiny_dir):
+def fp8_ckpt(ckpt, tmp_path_factory):
+    from fastdit.cli import main
+
+    out = tmp_path_factory.mktemp("fp8") / "transformer"
+    assert main(["quantize", "--model", str(ckpt), "--output", str(out)]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def world2(ckpt, cases, tiny_dir, fp8_ckpt):
     """One group of 2 ranks runs the DiT checks for tp=2, sp=2 and cfg=2, then the pipeline for each."""
-    return launch(_world2_worker, str(ckpt), cases, str(tiny_dir), tp=2, device="cpu", timeout_s=LAUNCH_TIMEOUT_S)
+    return launch(
+        _world2_worker, str(ckpt), cases, str(tiny_dir), str(fp8_ckpt), tp=2, device="cpu", timeout_s=LAUNCH_TIMEOUT_S
+    )
 
 
 @pytest.fixture(scope="module")
@@ -209,6 +224,22 @@ def test_tp2_with_sharded_modulation_matches_and_halves_the_blocks(world2, refer
     _, single = reference
     blocks1 = sum(p.numel() * p.element_size() for p in single.blocks.parameters())
     assert world2["tp2_shard_mod"]["bytes"]["sharded"] <= blocks1 / 2 * 1.02
+
+
+def test_tp2_loads_a_saved_fp8_checkpoint(world2, fp8_ckpt, cases, reference):
+    """`fastdit quantize` output under tp=2 (gloo, fp8 emulated): both ranks agree, and the sharded fp8 model is
+    as close to the float model as the one-process fp8 model is (each rank scales the activations of its half
+    of a row-parallel layer itself, so the two fp8 results differ by fp8 noise, not more)."""
+    exact, _ = reference
+    one = run_cases(load_transformer(fp8_ckpt, dtype=torch.float32, device="cpu", quantize="fp8-emulated"), cases)
+    result = world2["tp2_saved_fp8"]
+    assert result["agree"]
+    for name, out in result["outs"].items():
+        err_tp, err_one = rel_err(out, exact[name]), rel_err(one[name], exact[name])
+        if os.environ.get("FASTDIT_PRINT_ERRORS"):
+            print(f"saved fp8, tp2 {name}: vs float {err_tp:.3e}, one-process fp8 vs float {err_one:.3e}")
+        assert err_tp < 0.08 and abs(err_tp - err_one) < 0.02, (name, err_tp, err_one)
+        assert rel_err(out, one[name]) < 0.08, name
 
 
 def test_tp2_halves_sharded_parameter_bytes(world2, reference):

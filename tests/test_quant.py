@@ -150,7 +150,7 @@ def test_quantize_cli_round_trip_and_size(ckpt, tmp_path, capsys):
     from fastdit.parallel import load_transformer_parallel
     from fastdit.parallel.state import single_device
 
-    with pytest.raises(FastditError, match="--quantize fp8 instead"):  # not yet under parallelism: said plainly
+    with pytest.raises(FastditError, match="compute capability"):  # the parallel loader checks the same way
         load_transformer_parallel(out, single_device("cpu"), dtype=torch.bfloat16, device="cpu")
     saved = load_transformer(out, dtype=torch.bfloat16, device="cpu", quantize="fp8-emulated")
     at_load = load_transformer(ckpt, dtype=torch.bfloat16, device="cpu", quantize="fp8-emulated")
@@ -164,6 +164,44 @@ def test_quantize_cli_round_trip_and_size(ckpt, tmp_path, capsys):
 
     assert main(["quantize", "--model", str(ckpt), "--output", str(out)]) == 2  # never overwrites
     assert "not empty" in capsys.readouterr().err
+
+
+def test_saved_fp8_checkpoint_loads_sharded_under_tensor_parallelism(ckpt, tmp_path):
+    """A `fastdit quantize` folder under tp=2: each rank holds exactly its slices of the saved e4m3 weights
+    and scales (column-parallel: rows and their scales; row-parallel: columns, scales of whole rows), and the
+    two ranks' MLP partial sums add up to the one-process fp8 MLP (within the per-rank activation scaling)."""
+    from fastdit.parallel import load_transformer_parallel
+
+    out = tmp_path / "fp8"
+    assert main(["quantize", "--model", str(ckpt), "--output", str(out)]) == 0
+    one = load_transformer(out, dtype=torch.float32, device="cpu", quantize="fp8-emulated")
+    x = torch.randn(2, 7, one.cfg.dim, generator=torch.Generator().manual_seed(0))
+    partials = []
+    for rank in range(2):
+        # A stand-in group: loading needs none, and the all-reduce below is done by hand.
+        state = ParallelState(tp=2, sp=1, cfg=1, tp_rank=rank, tp_group="stand-in")
+        par = load_transformer_parallel(out, state, dtype=torch.float32, device="cpu", quantize="fp8-emulated")
+        for path in BLOCK_LINEARS:
+            mine, full = par.model.blocks[1].get_submodule(path), one.blocks[1].get_submodule(path)
+            assert isinstance(mine, Fp8Linear) and mine.weight.dtype == FP8, path
+            n, k = mine.weight.shape
+            if isinstance(mine, Fp8RowParallelLinear):  # columns [rank * k, (rank + 1) * k), whole-row scales
+                want_w, want_s = full.weight[:, rank * k : (rank + 1) * k], full.weight_scale
+            elif path.endswith("qkv"):  # fused q, k, v: this rank's half of the rows of each, stacked
+                want_w = torch.cat([p.chunk(2)[rank] for p in full.weight.float().chunk(3)])
+                want_s = torch.cat([p.chunk(2)[rank] for p in full.weight_scale.chunk(3)])
+            else:  # rows [rank * n, (rank + 1) * n)
+                want_w, want_s = full.weight[rank * n : (rank + 1) * n], full.weight_scale[rank * n : (rank + 1) * n]
+            assert torch.equal(mine.weight.float(), want_w.float()), path
+            assert torch.equal(mine.weight_scale, want_s), path
+        mlp = par.model.blocks[0].img_mlp
+        with torch.no_grad():
+            partials.append(mlp.fc2._gemm(mlp.fc1(x), None, gelu_input=True))
+        bias = mlp.fc2.bias
+    with torch.no_grad():
+        tp_out = partials[0] + partials[1] + bias
+        ref = one.blocks[0].img_mlp(x)
+    assert rel_err(tp_out, ref) < 0.05
 
 
 def test_compile_fullgraph_under_emulation(ckpt):

@@ -26,7 +26,7 @@ import torch.distributed._functional_collectives as funcol
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fastdit.errors import ConfigError, FastditError
+from fastdit.errors import ConfigError
 from fastdit.loader import ShardSpec, load_state_dict_into, read_config, resolve_transformer_dir
 from fastdit.model import DiTConfig, QwenImageTransformer, Rope, StepModulation
 from fastdit.parallel.layers import ColumnParallelLinear, ReplicatedLinear, RowParallelLinear, all_gather
@@ -83,7 +83,9 @@ def shard_plan(model: nn.Module, state: ParallelState) -> Callable[[str], ShardS
     specs: dict[str, ShardSpec] = {}
     for name, module in model.named_modules():
         if isinstance(module, ColumnParallelLinear) and module.world > 1:
-            specs[f"{name}.weight"] = specs[f"{name}.bias"] = ShardSpec(0, state.tp_rank, state.tp)
+            # weight_scale: the per-row fp8 scales of a saved fp8 checkpoint (fastdit.quant) go with their rows.
+            spec = ShardSpec(0, state.tp_rank, state.tp)
+            specs[f"{name}.weight"] = specs[f"{name}.bias"] = specs[f"{name}.weight_scale"] = spec
         elif isinstance(module, RowParallelLinear) and module.world > 1:
             specs[f"{name}.weight"] = ShardSpec(1, state.tp_rank, state.tp)  # bias: whole, added once
     return specs.get
@@ -201,21 +203,37 @@ def load_transformer_parallel(
     dtype: torch.dtype = torch.bfloat16,
     device: str | torch.device | None = None,
     shard_modulation: bool = False,
+    quantize: str | None = None,
 ) -> ParallelTransformer:
-    """Like `fastdit.load_transformer`, but each rank builds its parallel layers and reads only its slices."""
-    folder = resolve_transformer_dir(path)
-    from fastdit.quant import folder_quantization  # fastdit.quant imports this package's layers
+    """Like `fastdit.load_transformer`, but each rank builds its parallel layers and reads only its slices.
 
-    if folder_quantization(folder) is not None:
-        raise FastditError(
-            f"{folder} is an fp8 checkpoint written by `fastdit quantize`; loading it under --tp/--sp/--cfg-parallel "
-            "is not supported yet: load the bf16 checkpoint with --quantize fp8 instead (each rank quantizes its shard)"
-        )
+    fp8 (fastdit.quant): a folder written by `fastdit quantize` loads its e4m3 weights and scales sliced like
+    the float ones (a column-parallel layer's scales with its rows; a row-parallel layer keeps the scales of
+    whole rows, which stay exact for its columns); `quantize` ("fp8", or "fp8-emulated" for CPU tests)
+    quantizes a float folder's block linears after sharding. A folder whose modulation is fp8 keeps
+    modulation replicated (an all-gathered sharded layer cannot be fp8).
+    """
+    from fastdit.quant import check_fp8_checkpoint, check_fp8_device, folder_quantization, parse_mode, quantize_model
+
+    folder = resolve_transformer_dir(path)
+    saved = folder_quantization(folder)
+    emulate = parse_mode(quantize or "fp8") if (saved or quantize) else False
+    device = torch.device(device) if device is not None else state.device
+    if (saved or quantize) and not emulate:
+        check_fp8_device(device)  # before reading anything
     cfg = read_config(folder)
     check_parallel_config(cfg, state.tp, state.sp)
-    device = torch.device(device) if device is not None else state.device
+    modules = tuple(saved["modules"]) if saved else ()
+    if any(m.endswith("_mod.lin") for m in modules):
+        shard_modulation = False
     with torch.device("meta"):
         model = QwenImageTransformer(cfg)
     parallelize(model, state, shard_modulation=shard_modulation)
-    load_state_dict_into(model, folder, dtype=dtype, device=device, shard_plan=shard_plan(model, state))
+    plan = shard_plan(model, state)  # from the parallel layer types, before fp8 layers replace them
+    if saved:
+        check_fp8_checkpoint(folder, cfg.num_layers, modules)
+        quantize_model(model, emulate=emulate, modules=modules)  # empty fp8 layers on meta
+    load_state_dict_into(model, folder, dtype=dtype, device=device, shard_plan=plan)
+    if quantize is not None:
+        quantize_model(model, emulate=emulate)  # float block linears still left (none for a saved fp8 folder)
     return ParallelTransformer(model.eval().requires_grad_(False), state)
