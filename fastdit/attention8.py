@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fastdit.errors import FastditError
+from fastdit.rowquant import missing_fp8_tensor_cores
 
 QUANT_BLOCK = 128  # tokens per Q / K scale; the kernel's BLOCK_M and BLOCK_N divide it
 P_SCALE = 448.0  # P in [0, 1] is stored as P * 448 in e4m3 (largest finite e4m3), far from subnormals
@@ -121,12 +122,8 @@ def check_int8_attention_device(device: torch.device | str) -> None:
     device = torch.device(device)
     if device.type != "cuda" or not torch.cuda.is_available():
         raise FastditError(f"8-bit attention runs on CUDA GPUs (compute capability >= 8.9), not on {device}")
-    major, minor = torch.cuda.get_device_capability(device)
-    if (major, minor) < (8, 9):
-        raise FastditError(
-            f"8-bit attention needs fp8 tensor cores (compute capability >= 8.9); "
-            f"{torch.cuda.get_device_name(device)} has {major}.{minor}"
-        )
+    if problem := missing_fp8_tensor_cores(device):
+        raise FastditError(f"8-bit attention needs fp8 tensor cores: {problem}")
     if triton is None:
         raise FastditError("8-bit attention needs Triton (pip install triton)")
 

@@ -53,7 +53,7 @@ from fastdit.loader import (
 )
 from fastdit.model import QwenImageTransformer
 from fastdit.parallel.layers import ColumnParallelLinear, ReplicatedLinear, RowParallelLinear
-from fastdit.rowquant import FP8, gelu_quantize_rows, quantize_rows
+from fastdit.rowquant import FP8, gelu_quantize_rows, missing_fp8_tensor_cores, quantize_rows
 
 # Block submodules (paths inside `Block`) that `quantize_model` swaps by default, and the opt-in extra.
 BLOCK_LINEARS = (
@@ -90,12 +90,8 @@ def check_fp8_device(device: str | torch.device) -> None:
         )
     if not torch.cuda.is_available():
         raise FastditError(f"fp8 asked for on {device}, but no CUDA GPU is visible")
-    major, minor = torch.cuda.get_device_capability(device)
-    if (major, minor) < (8, 9):
-        raise FastditError(
-            f"fp8 (e4m3) GEMMs need compute capability >= 8.9 (Ada, Hopper or newer); "
-            f"{torch.cuda.get_device_name(device)} has {major}.{minor}: {hint}"
-        )
+    if problem := missing_fp8_tensor_cores(device):
+        raise FastditError(f"fp8 (e4m3) GEMMs need Ada, Hopper or newer: {problem}; {hint}")
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -32,6 +32,14 @@ except ImportError:
     triton = None
 
 
+def missing_fp8_tensor_cores(device: torch.device) -> str | None:
+    """None when the (visible) CUDA `device` has fp8 tensor cores (compute capability >= 8.9), else why not."""
+    major, minor = torch.cuda.get_device_capability(device)
+    if (major, minor) >= (8, 9):
+        return None
+    return f"{torch.cuda.get_device_name(device)} has compute capability {major}.{minor}, fp8 needs >= 8.9"
+
+
 def quantize_rows(x: Tensor) -> tuple[Tensor, Tensor]:
     """(..., K) -> (e4m3 values (..., K), float32 scales (..., 1)) with x ~= values * scales, per row."""
     xf = x.float()
