@@ -26,7 +26,7 @@ import torch._dynamo
 import torch.nn.functional as F
 
 from fastdit.attention8 import int8_attention_available
-from fastdit.bench import cuda_graph, dit_inputs, random_dit, sync, time_steps
+from fastdit.bench import cuda_graph, dit_inputs, measure, random_dit, time_steps
 from fastdit.model import PRESETS, compile_blocks, set_attention_backend
 from fastdit.quant import BLOCK_LINEARS, MODULATION, Fp8Linear, check_fp8_device, quantize_model
 
@@ -97,13 +97,7 @@ def main() -> int:
             with torch.compiler.set_stance("force_eager"):  # once, to check the compiled graph against it
                 eager = model(x, enc, None, t, rope=rope)
         torch._dynamo.reset()
-        torch.cuda.reset_peak_memory_stats(device)
-        t0 = time.perf_counter()
-        out = step()
-        sync(device)
-        first = time.perf_counter() - t0
-        times = time_steps(step, device, args.warmup, args.iters)
-        extra["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30  # before the graph's own pool
+        out, first, times, extra["peak_gib"] = measure(step, device, args.warmup, args.iters)  # before the graph
         graphed = cuda_graph(step)
         extra["graph_s"] = statistics.median(time_steps(graphed, device, args.warmup, args.iters))
         del graphed

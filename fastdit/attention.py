@@ -65,6 +65,7 @@ def resolve_backend(name: str, device: torch.device | str) -> str:
         return "cudnn" if "cudnn" in available_backends(device) else "sdpa"
     if name == "int8":
         check_int8_attention_device(device)  # FastditError saying what is missing
+        return name
     if name not in available_backends(device):
         raise FastditError(
             f"attention backend {name!r} is not available on {device}; available: "

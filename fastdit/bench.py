@@ -73,6 +73,22 @@ def time_steps(fn: Callable[[], object], device: torch.device, warmup: int, iter
     return times
 
 
+def measure(
+    fn: Callable[[], torch.Tensor], device: torch.device, warmup: int, iters: int
+) -> tuple[torch.Tensor, float, list[float], float | None]:
+    """(first output, seconds of the first call (compiles), `time_steps` of the rest, peak GPU GiB or None)."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    t0 = time.perf_counter()
+    out = fn()
+    sync(device)
+    first = time.perf_counter() - t0
+    times = time_steps(fn, device, warmup, iters)
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    return out, first, times, peak
+
+
 def summarize(times: list[float], flops: float | None = None) -> dict:
     out = {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times), "n": len(times)}
     if flops:
@@ -231,18 +247,11 @@ def bench_dit(args, device: torch.device, dtype: torch.dtype) -> dict:
 
     def run(name: str, fn: Callable[[], torch.Tensor], compile_first: bool):
         log(f"[{name}] warming up" + (" (compiling)" if compile_first else ""))
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats(device)
-        t0 = time.perf_counter()
-        out = fn()
-        sync(device)
-        first = time.perf_counter() - t0
-        times = time_steps(fn, device, args.warmup, args.iters)
+        out, first, times, peak = measure(fn, device, args.warmup, args.iters)
         r = summarize(times, flops)
         r["first_call_s"] = first
-        if device.type == "cuda":
-            r["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+        if peak is not None:
+            r["peak_mem_gib"] = peak
         runs[name] = r
         log(
             f"[{name}] {r['median_s']:.4f} s/step (min {r['min_s']:.4f}, max {r['max_s']:.4f}), "

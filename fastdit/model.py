@@ -330,7 +330,7 @@ class Block(nn.Module):
         self,
         img: Tensor,
         txt: Tensor,
-        temb: Tensor,
+        temb: Tensor | None,
         rope: Rope,
         key_mask: Tensor | None,
         txt_lens=None,
@@ -369,7 +369,7 @@ class FinalLayer(nn.Module):
         self.mod = nn.Linear(dim, 2 * dim)
         self.proj = nn.Linear(dim, out_dim)
 
-    def forward(self, x: Tensor, temb: Tensor, mod: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, temb: Tensor | None, mod: Tensor | None = None) -> Tensor:
         # mod: this step's (1, 2 * dim) vector, precomputed (StepModulation); else computed from temb.
         scale, shift = (self.mod(F.silu(temb)) if mod is None else mod)[:, None, :].chunk(2, dim=-1)
         return self.proj(F.layer_norm(x, x.shape[-1:], eps=self.eps) * (1 + scale) + shift)
@@ -396,7 +396,7 @@ class DiTInputs:
 
     img: Tensor  # (B, S_img, dim)
     txt: Tensor  # (B, S_txt, dim)
-    temb: Tensor  # (B, dim)
+    temb: Tensor | None  # (B, dim); None when the caller passes a precomputed StepModulation
     rope: Rope
     key_mask: Tensor | None = field(default=None)  # (B, S_txt + S_img) bool, None: attend to all
 
@@ -431,15 +431,16 @@ class QwenImageTransformer(nn.Module):
         hidden_states: Tensor,
         encoder_hidden_states: Tensor,
         encoder_hidden_states_mask: Tensor | None,
-        timestep: Tensor,
+        timestep: Tensor | None,
         img_shapes=None,
         rope: Rope | None = None,
     ) -> DiTInputs:
+        """Embeddings, RoPE tables and key mask. `timestep` None: no temb (the step's modulation is precomputed)."""
         dtype = hidden_states.dtype
         img = self.img_in(hidden_states)
         txt = self.txt_in(self.txt_norm(encoder_hidden_states))
         # The reference rounds sigma to the model dtype before embedding it; so do we (bf16 parity).
-        temb = self.time_embed(timestep.to(dtype), dtype)
+        temb = None if timestep is None else self.time_embed(timestep.to(dtype), dtype)
         if rope is None:
             rope = self.make_rope(img_shapes, txt.shape[1], txt.device)
         key_mask = None
@@ -479,20 +480,22 @@ class QwenImageTransformer(nn.Module):
         host ints, when the mask is padding at the end of the text (then attention needs no mask);
         `modulation`, this step's entry of `modulation_table` (every sample must be at that timestep).
         """
-        x = self.prepare(hidden_states, encoder_hidden_states, encoder_hidden_states_mask, timestep, img_shapes, rope)
+        t = timestep if modulation is None else None  # the table replaces the time embedding
+        x = self.prepare(hidden_states, encoder_hidden_states, encoder_hidden_states_mask, t, img_shapes, rope)
         return self.run_blocks(x.img, x.txt, x.temb, x.rope, x.key_mask, txt_lens, modulation)
 
     def run_blocks(
         self,
         img: Tensor,
         txt: Tensor,
-        temb: Tensor,
+        temb: Tensor | None,
         rope: Rope,
         key_mask: Tensor | None,
         txt_lens=None,
         modulation: StepModulation | None = None,
     ) -> Tensor:
-        """The blocks and the final layer over prepared inputs: (B, S_img, dim) -> (B, S_img, out_dim)."""
+        """The blocks and the final layer over prepared inputs: (B, S_img, dim) -> (B, S_img, out_dim).
+        Needs `temb` unless `modulation` is given."""
         for i, block in enumerate(self.blocks):
             if modulation is None:
                 img, txt = block(img, txt, temb, rope, key_mask, txt_lens)

@@ -278,23 +278,35 @@ def load_quantized(
     an fp8 mode). A float folder with `quantize` set: loaded in `dtype` on `device`, then quantized layer
     by layer (peak memory: the float model; use `fastdit quantize` once to avoid even that).
     """
-    saved = folder_quantization(folder)
-    emulate = parse_mode(quantize or "fp8")
-    if not emulate:
-        check_fp8_device(device)  # before reading anything
-        if dtype != torch.bfloat16:
-            raise FastditError(f"fp8 layers compute in bfloat16; load with dtype=torch.bfloat16, not {dtype}")
     cfg = read_config(folder)
     with torch.device("meta"):
         model = QwenImageTransformer(cfg)
-    if saved is None:
-        load_state_dict_into(model, folder, dtype=dtype, device=device)
-        return quantize_model(model.eval().requires_grad_(False), emulate=emulate)
-    modules = tuple(saved["modules"])
-    quantize_model(model, emulate=emulate, modules=modules)
-    check_fp8_checkpoint(folder, cfg.num_layers, modules)
+    emulate = fp8_before_load(model, folder, quantize or "fp8", dtype=dtype, device=device)
     load_state_dict_into(model, folder, dtype=dtype, device=device)
-    return model.eval().requires_grad_(False)
+    return quantize_model(model.eval().requires_grad_(False), emulate=emulate)  # a float folder's block linears
+
+
+def fp8_before_load(
+    model: nn.Module, folder: Path, quantize: str | None, *, dtype: torch.dtype, device: torch.device
+) -> bool | None:
+    """The fp8 part of loading `folder` into `model` (built on meta, parallel layers already swapped in),
+    before any tensor is read: the device and dtype checks, and for a folder written by `fastdit quantize`
+    empty fp8 layers for its e4m3 tensors (its dtypes checked in the headers). Returns whether fp8 is
+    emulated, or None when neither the folder nor `quantize` asks for fp8. A float folder's layers are
+    quantized after loading: `quantize_model(model, emulate=...)` (a no-op on layers already fp8)."""
+    saved = folder_quantization(folder)
+    if saved is None and quantize is None:
+        return None
+    emulate = parse_mode(quantize or "fp8")
+    if not emulate:
+        check_fp8_device(device)
+        if dtype != torch.bfloat16:
+            raise FastditError(f"fp8 layers compute in bfloat16; load with dtype=torch.bfloat16, not {dtype}")
+    if saved is not None:
+        modules = tuple(saved["modules"])
+        check_fp8_checkpoint(folder, getattr(model, "model", model).cfg.num_layers, modules)
+        quantize_model(model, emulate=emulate, modules=modules)
+    return emulate
 
 
 def _quantized_keys(num_layers: int, modules: tuple[str, ...]) -> list[str]:

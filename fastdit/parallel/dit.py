@@ -183,7 +183,7 @@ class ParallelTransformer(nn.Module):
             _pad_tokens(rope.sin[n_txt:], pad, 0)[mine],
         )
         rope_local = Rope(torch.cat([rope.cos[:n_txt], cos_i]), torch.cat([rope.sin[:n_txt], sin_i]))
-        inp = model.prepare(x, enc, None, timestep, rope=rope_local)
+        inp = model.prepare(x, enc, None, timestep if modulation is None else None, rope=rope_local)
         # The global key mask over [text; all padded image tokens]: attention sees the whole sequence.
         key_mask = None
         if mask is not None or pad:
@@ -213,27 +213,21 @@ def load_transformer_parallel(
     quantizes a float folder's block linears after sharding. A folder whose modulation is fp8 keeps
     modulation replicated (an all-gathered sharded layer cannot be fp8).
     """
-    from fastdit.quant import check_fp8_checkpoint, check_fp8_device, folder_quantization, parse_mode, quantize_model
+    from fastdit.quant import folder_quantization, fp8_before_load, quantize_model
 
     folder = resolve_transformer_dir(path)
-    saved = folder_quantization(folder)
-    emulate = parse_mode(quantize or "fp8") if (saved or quantize) else False
     device = torch.device(device) if device is not None else state.device
-    if (saved or quantize) and not emulate:
-        check_fp8_device(device)  # before reading anything
     cfg = read_config(folder)
     check_parallel_config(cfg, state.tp, state.sp)
-    modules = tuple(saved["modules"]) if saved else ()
-    if any(m.endswith("_mod.lin") for m in modules):
+    saved = folder_quantization(folder)
+    if saved is not None and any(m.endswith("_mod.lin") for m in saved["modules"]):
         shard_modulation = False
     with torch.device("meta"):
         model = QwenImageTransformer(cfg)
     parallelize(model, state, shard_modulation=shard_modulation)
     plan = shard_plan(model, state)  # from the parallel layer types, before fp8 layers replace them
-    if saved:
-        check_fp8_checkpoint(folder, cfg.num_layers, modules)
-        quantize_model(model, emulate=emulate, modules=modules)  # empty fp8 layers on meta
+    emulate = fp8_before_load(model, folder, quantize, dtype=dtype, device=device)
     load_state_dict_into(model, folder, dtype=dtype, device=device, shard_plan=plan)
-    if quantize is not None:
-        quantize_model(model, emulate=emulate)  # float block linears still left (none for a saved fp8 folder)
+    if emulate is not None:
+        quantize_model(model, emulate=emulate)  # a float folder's block linears, on this rank's shards
     return ParallelTransformer(model.eval().requires_grad_(False), state)
