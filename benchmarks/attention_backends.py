@@ -35,7 +35,7 @@ def main():
         if backend == "math":
             continue
         fn = functools.partial(attention, backend=backend)
-        if backend == "int8":  # as in the DiT: its quantization pre-pass compiled (fused) before the kernel
+        if backend in ("int8", "fp8"):  # as in the DiT: the quantization pre-pass compiled (fused) before the kernel
             fn = torch.compile(fn, fullgraph=True)
         out = fn(q, k, v, None).float()
         err = ((out - ref).norm() / ref.norm()).item()

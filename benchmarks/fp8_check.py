@@ -5,8 +5,8 @@
 
 The full-size Qwen-Image DiT with random bf16 weights (fastdit.bench.random_dit) at 1024x1024, CFG batch 2,
 128 text tokens; every variant runs with regional compile (fastdit.model.compile_blocks). The model is
-quantized IN PLACE between variants (bf16 -> fp8 block linears -> fp8 + modulation -> the same with the
-8-bit attention kernel), so at no point do a bf16 and an fp8 copy share the GPU. Each variant is also timed
+quantized IN PLACE between variants (bf16 -> fp8 block linears -> fp8 + modulation -> the same with
+fastdit's int8 attention kernel, then with cuDNN's fp8 attention), so at no point do a bf16 and an fp8 copy share the GPU. Each variant is also timed
 captured in a CUDA graph (column "CUDA graph"). Also checks the real `torch._scaled_mm` layer against the float
 emulation used by the CPU tests, and the compiled fp8 model against its eager run (cos(eager)).
 
@@ -26,6 +26,7 @@ import torch._dynamo
 import torch.nn.functional as F
 
 from fastdit.attention8 import int8_attention_available
+from fastdit.attention_fp8 import missing_fp8_attention
 from fastdit.bench import cuda_graph, dit_inputs, measure, random_dit, time_steps
 from fastdit.model import PRESETS, compile_blocks, set_attention_backend
 from fastdit.quant import BLOCK_LINEARS, MODULATION, Fp8Linear, check_fp8_device, quantize_model
@@ -63,7 +64,7 @@ def main() -> int:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--no-modulation", action="store_true", help="skip the fp8 + modulation variant")
     ap.add_argument("--attention", default="auto")
-    ap.add_argument("--no-int8-attention", action="store_true", help="skip the variant with 8-bit attention")
+    ap.add_argument("--no-8bit-attention", action="store_true", help="skip the variants with 8-bit attention")
     args = ap.parse_args()
     device = torch.device("cuda")
     check_fp8_device(device)
@@ -85,9 +86,15 @@ def main() -> int:
     variants = [("bf16", None, backend), ("fp8 blocks", BLOCK_LINEARS, backend)]
     if not args.no_modulation:
         variants.append(("fp8 blocks + modulation", BLOCK_LINEARS + MODULATION, backend))
-    if not args.no_int8_attention and int8_attention_available(device):
-        last = variants[-1][1]
-        variants.append((f"{variants[-1][0]} + int8 attention", last, "int8"))
+    name, last = variants[-1][:2]
+    if not args.no_8bit_attention and int8_attention_available(device):
+        variants.append((f"{name} + int8 attention", last, "int8"))
+    if not args.no_8bit_attention:
+        why = missing_fp8_attention(device)
+        if why is None:
+            variants.append((f"{name} + fp8 attention", last, "fp8"))
+        else:
+            log(f"skipping the fp8 attention variant: {why}")
     for name, modules, attention in variants:
         extra = {}
         set_attention_backend(model, attention)

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Reproduces the tables in benchmarks/RESULTS.md on one GPU (needs diffusers installed for --compare):
-#   bash benchmarks/run_all.sh [OUTDIR] [dit|shapes|padding|stages|fp8|attention|all]
+#   bash benchmarks/run_all.sh [OUTDIR] [dit|shapes|padding|stages|fp8|attention|profile|all]
 # Set FASTDIT="python -m fastdit" if the `fastdit` command is not on PATH.
 set -euo pipefail
 out=${1:-bench-results}
@@ -34,4 +34,11 @@ fi
 if [[ $what == attention || $what == all ]]; then
     echo "+ python $here/attention_backends.py" >&2
     python "$here/attention_backends.py" | tee "$out/attention.txt"
+fi
+if [[ $what == profile || $what == all ]]; then
+    for variant in "" "--quantize fp8" "--quantize fp8 --attention fp8"; do
+        echo "+ python $here/profile_step.py $variant" >&2
+        # shellcheck disable=SC2086
+        python "$here/profile_step.py" $variant | tee -a "$out/profile.txt"
+    done
 fi

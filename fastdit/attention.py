@@ -8,8 +8,10 @@ Backends:
 - "math":  the reference composition, float32 softmax; the oracle in tests.
 - "int8":  fastdit's 8-bit kernel (INT8 Q.K^T with smoothed K, FP8 P.V; fastdit.attention8): Triton and
            compute capability >= 8.9. Approximate (a few percent of relative error per call): opt-in only.
+- "fp8":   cuDNN's fp8 attention (e4m3 Q, K, V, P and O with per-tensor scales; fastdit.attention_fp8):
+           Hopper or newer and the cuDNN frontend package. Approximate like int8, faster than bf16: opt-in only.
 
-"auto" picks cudnn on CUDA when no mask is given, sdpa otherwise (never int8). Keys that must not be attended to are
+"auto" picks cudnn on CUDA when no mask is given, sdpa otherwise (never an 8-bit one). Keys that must not be attended to are
 given as a (B, S) bool `key_mask`; backends that cannot take a mask fall back to sdpa for that call
 (decided at trace time from `key_mask is None`, so it never breaks a compiled graph).
 """
@@ -23,9 +25,16 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fastdit.attention8 import attention_int8, check_int8_attention_device, int8_attention_available
+from fastdit.attention_fp8 import (
+    Fp8Scales,
+    attention_fp8,
+    check_fp8_attention_device,
+    dequantize,
+    missing_fp8_attention,
+)
 from fastdit.errors import FastditError
 
-BACKENDS = ("auto", "sdpa", "cudnn", "flash", "flash_attn", "math", "int8")
+BACKENDS = ("auto", "sdpa", "cudnn", "flash", "flash_attn", "math", "int8", "fp8")
 
 
 def _flash_attn_func():
@@ -54,6 +63,8 @@ def available_backends(device: torch.device | str) -> list[str]:
             out += ["flash_attn"]
         if int8_attention_available(device):
             out += ["int8"]
+        if missing_fp8_attention(device) is None:
+            out += ["fp8"]
     return out
 
 
@@ -65,6 +76,9 @@ def resolve_backend(name: str, device: torch.device | str) -> str:
         return "cudnn" if "cudnn" in available_backends(device) else "sdpa"
     if name == "int8":
         check_int8_attention_device(device)  # FastditError saying what is missing
+        return name
+    if name == "fp8":
+        check_fp8_attention_device(device)
         return name
     if name not in available_backends(device):
         raise FastditError(
@@ -82,14 +96,16 @@ def math_attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None) -> 
     return torch.einsum("bhqk,bkhd->bqhd", scores.softmax(-1), v.float()).to(q.dtype)
 
 
-def _unpadded_per_sample(q, k, v, backend: str, txt_lens: tuple[int, ...], num_txt: int) -> Tensor:
+def _unpadded_per_sample(
+    q, k, v, backend: str, txt_lens: tuple[int, ...], num_txt: int, fp8: Fp8Scales | None = None
+) -> Tensor:
     """Key padding without a mask: sample b attends over its L_b valid text keys and all image keys, one
     unmasked call each. Exact (masked keys get zero weight either way) and, on H100 at the DiT's shape,
     553 TFLOP/s against 367 for one masked call (benchmarks/RESULTS.md)."""
     outs = []
     for b, n in enumerate(txt_lens):
         kb, vb = (torch.cat([x[b : b + 1, :n], x[b : b + 1, num_txt:]], dim=1) for x in (k, v))
-        outs.append(attention(q[b : b + 1], kb, vb, None, backend))
+        outs.append(attention(q[b : b + 1], kb, vb, None, backend, fp8=fp8))
     return torch.cat(outs, dim=0)
 
 
@@ -101,19 +117,25 @@ def attention(
     backend: str = "sdpa",
     txt_lens: tuple[int, ...] | None = None,
     num_txt: int = 0,
+    fp8: Fp8Scales | None = None,
 ) -> Tensor:
     """q, k, v (B, S, H, D) -> (B, S, H, D). `backend` must already be resolved (not "auto").
 
     `txt_lens` (host ints, one per sample) says that the only masked keys are text padding: sample b's
     keys [txt_lens[b], num_txt) of the [text; image] sequence. Then `key_mask` is not needed and each
-    sample runs unmasked (see `_unpadded_per_sample`).
+    sample runs unmasked (see `_unpadded_per_sample`). `fp8`: q, k, v are already e4m3 with these scales
+    (backend "fp8" only; fastdit.attention_fp8.quantize_streams).
     """
     if txt_lens is not None:
-        return _unpadded_per_sample(q, k, v, backend, txt_lens, num_txt)
+        return _unpadded_per_sample(q, k, v, backend, txt_lens, num_txt, fp8)
     if backend == "math":
         return math_attention(q, k, v, key_mask)
     if backend == "int8":
         return attention_int8(q, k, v, key_mask)
+    if backend == "fp8" and key_mask is None:
+        return attention_fp8(q, k, v, fp8)
+    if fp8 is not None:  # a masked call: the exact fallback below on the dequantized operands
+        q, k, v = dequantize(q, k, v, fp8)
     if backend == "flash_attn" and key_mask is None:
         return _flash_attn_func()(q, k, v)
     qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, S, D)

@@ -464,7 +464,10 @@ def add_parser(subparsers):
         "diffusers-eager skips compiling it (its compile takes minutes)",
     )
     p.add_argument(
-        "--attention", choices=BACKENDS, default="auto", help="attention backend (int8: fastdit's 8-bit kernel)"
+        "--attention",
+        choices=BACKENDS,
+        default="auto",
+        help="attention backend (int8: fastdit's 8-bit kernel; fp8: cuDNN's)",
     )
     p.add_argument(
         "--quantize", choices=["fp8"], default=None, help="fp8 (e4m3) block linears (fastdit.quant; CUDA >= 8.9)"

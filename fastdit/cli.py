@@ -109,7 +109,7 @@ def add_generate_parser(subparsers) -> argparse.ArgumentParser:
         "--attention",
         choices=[b for b in BACKENDS if b != "math"],
         default="auto",
-        help="attention backend of the DiT (auto: cuDNN on CUDA, else SDPA; int8: fastdit's 8-bit kernel, INT8 Q.K and FP8 P.V, CUDA compute capability >= 8.9 with Triton; approximate)",
+        help="attention backend of the DiT (auto: cuDNN on CUDA, else SDPA; int8: fastdit's 8-bit kernel, INT8 Q.K and FP8 P.V, CUDA compute capability >= 8.9 with Triton; fp8: cuDNN's fp8 attention, Hopper or newer with nvidia-cudnn-frontend; both approximate)",
     )
     # fastdit.parallel: one process per rank on this machine (or the ranks torchrun started).
     par = p.add_argument_group("parallelism (one process per GPU; gloo on CPU)")

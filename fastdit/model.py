@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastdit.attention import attention, resolve_backend
+from fastdit.attention_fp8 import quantize_streams, rms_norm_bound
 from fastdit.errors import ConfigError
 from fastdit.inductor import backend as inductor_backend
 
@@ -263,14 +264,17 @@ class Attention(nn.Module):
     core (fastdit.parallel) needs it to split text from image tokens. `txt_lens` (host ints, optional)
     says the mask is text padding only, so attention can run unmasked per sample (fastdit.attention).
     `backend` is one of fastdit.attention.BACKENDS, resolved for the device (see `set_attention_backend`).
+    `fp8`: q, k, v are e4m3 with these scales (fastdit.attention_fp8; backend "fp8").
     """
 
     def __init__(self, backend: str = "sdpa"):
         super().__init__()
         self.backend = backend
 
-    def forward(self, q: Tensor, k: Tensor, v: Tensor, num_txt: int, key_mask: Tensor | None, txt_lens=None) -> Tensor:
-        return attention(q, k, v, key_mask, self.backend, txt_lens, num_txt)
+    def forward(
+        self, q: Tensor, k: Tensor, v: Tensor, num_txt: int, key_mask: Tensor | None, txt_lens=None, fp8=None
+    ) -> Tensor:
+        return attention(q, k, v, key_mask, self.backend, txt_lens, num_txt, fp8)
 
 
 class JointAttention(nn.Module):
@@ -302,6 +306,17 @@ class JointAttention(nn.Module):
         sin_t, sin_i = rope.sin[:n_txt], rope.sin[n_txt:]
         tq, tk, tv = self._heads(txt, self.txt_qkv, self.txt_q_norm, self.txt_k_norm, cos_t, sin_t)
         iq, ik, iv = self._heads(img, self.img_qkv, self.img_q_norm, self.img_k_norm, cos_i, sin_i)
+        fp8 = None
+        if self.core.backend == "fp8" and (key_mask is None or txt_lens is not None):
+            # e4m3 per stream, before the concatenation: inductor fuses it into each stream's QK-norm + RoPE.
+            # |q|, |k| after RMSNorm + RoPE are bounded by the norm weights: no reduction for their scales.
+            bounds = (
+                rms_norm_bound(self.txt_q_norm.weight, self.img_q_norm.weight),
+                rms_norm_bound(self.txt_k_norm.weight, self.img_k_norm.weight),
+            )
+            (tq, iq), (tk, ik), (tv, iv), fp8 = quantize_streams([tq, iq], [tk, ik], [tv, iv], bounds)
+            if all(hasattr(layer, "forward_e4m3") for layer in (self.img_out, self.txt_out)):
+                fp8 = fp8._replace(out_dtype=None)  # fp8 out-projections take the e4m3 output as it is
         out = self.core(
             torch.cat([tq, iq], dim=1),
             torch.cat([tk, ik], dim=1),
@@ -309,8 +324,11 @@ class JointAttention(nn.Module):
             n_txt,
             key_mask,
             txt_lens,
+            fp8,
         )  # (B, S_txt + S_img, H, D)
         txt_o, img_o = out.flatten(2).split([n_txt, out.shape[1] - n_txt], dim=1)
+        if out.dtype == torch.float8_e4m3fn:  # in units of V's scale
+            return self.img_out.forward_e4m3(img_o, fp8.v), self.txt_out.forward_e4m3(txt_o, fp8.v)
         return self.img_out(img_o), self.txt_out(txt_o)
 
 

@@ -127,6 +127,7 @@ class Fp8Linear(nn.Module):
             )
         self.in_features, self.out_features = in_features, out_features
         self.emulate, self.fast_accum = emulate, fast_accum
+        self.out_dtype = dtype  # of an e4m3 input's output (forward_e4m3); float inputs keep their own dtype
         self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=FP8), requires_grad=False)
         self.weight_scale = nn.Parameter(torch.empty(out_features, dtype=torch.float32), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype), requires_grad=False) if bias else None
@@ -154,19 +155,30 @@ class Fp8Linear(nn.Module):
         runs inside the per-row quantization of h, one pass over the MLP's widest activation (fastdit.rowquant)."""
         return self._gemm(h, self.bias, gelu_input=True)
 
-    def _gemm(self, x: Tensor, bias: Tensor | None, gelu_input: bool = False) -> Tensor:
+    def forward_e4m3(self, x8: Tensor, scale: Tensor) -> Tensor:
+        """linear(x8 * scale) for an input that is already e4m3 with one (1,) float32 scale (the fp8 attention's
+        output, fastdit.attention_fp8): no quantization pass. Returns the compute dtype (bf16 on the GPU)."""
+        return self._gemm(x8, self.bias, x_scale=scale)
+
+    def _gemm(self, x: Tensor, bias: Tensor | None, gelu_input: bool = False, x_scale: Tensor | None = None) -> Tensor:
         shape = x.shape
-        quantize = gelu_quantize_rows if gelu_input else quantize_rows
-        xq, x_scale = quantize(x.reshape(-1, shape[-1]))  # (M, K) e4m3, (M, 1) float32
+        if x_scale is None:
+            quantize = gelu_quantize_rows if gelu_input else quantize_rows
+            xq, x_scale = quantize(x.reshape(-1, shape[-1]))  # (M, K) e4m3, (M, 1) float32
+            out_dtype = x.dtype
+        else:  # x is e4m3 already, one scale for all rows
+            xq = x.reshape(-1, shape[-1])
+            x_scale = x_scale.reshape(1, 1).expand(xq.shape[0], 1).contiguous()
+            out_dtype = self.out_dtype if self.bias is None else self.bias.dtype
         if self.emulate:
             y = (xq.float() @ self.weight.float().t()) * x_scale * self.weight_scale  # (M, N) float32
             if bias is not None:
                 y = y + bias.float()
-            y = y.to(x.dtype)
+            y = y.to(out_dtype)
         else:
-            if not x.is_cuda or x.dtype != torch.bfloat16:
+            if not x.is_cuda or out_dtype != torch.bfloat16:
                 raise FastditError(
-                    f"Fp8Linear runs on CUDA in bfloat16, got a {x.dtype} input on {x.device} "
+                    f"Fp8Linear runs on CUDA in bfloat16, got a {out_dtype} input on {x.device} "
                     "(use quantize='fp8-emulated' for CPU tests)"
                 )
             y = torch._scaled_mm(
@@ -199,6 +211,9 @@ class Fp8RowParallelLinear(Fp8Linear):
 
     def forward_gelu_input(self, h: Tensor) -> Tensor:
         return self._reduce(self._gemm(h, None, gelu_input=True))
+
+    def forward_e4m3(self, x8: Tensor, scale: Tensor) -> Tensor:
+        return self._reduce(self._gemm(x8, None, x_scale=scale))
 
     def _reduce(self, y: Tensor) -> Tensor:
         if self.world > 1:

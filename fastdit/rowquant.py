@@ -61,7 +61,8 @@ def _launch(kernel, h: Tensor) -> tuple[Tensor, Tensor]:
     values = torch.empty(x.shape, device=h.device, dtype=FP8)
     scales = torch.empty((x.shape[0], 1), device=h.device, dtype=torch.float32)
     block = triton.next_power_of_2(n)
-    warps = max(4, min(32, block // 512))  # ~16 float32 values per thread
+    # ~64 float32 values per thread: 8 warps at 12288 wide (H100: 0.151 ms at 8192 rows, 0.156 with 16 warps)
+    warps = max(4, min(16, block // 2048))
     kernel[(x.shape[0],)](x, values, scales, n, x.stride(0), BLOCK=block, num_warps=warps)
     return values.view(h.shape), scales.view(*h.shape[:-1], 1)
 

@@ -26,7 +26,7 @@ def test_backends_agree_with_math(device, masked):
     ref = attention(q.double(), k.double(), v.double(), mask, "math")
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     for backend in available_backends(device):
-        if backend == "int8":  # approximate by design: tests/test_attention8.py bounds its error
+        if backend in ("int8", "fp8"):  # approximate by design: tests/test_attention8.py and _fp8.py bound the error
             continue
         out = attention(q, k, v, mask, backend)
         err = ((out.double() - ref).norm() / ref.norm()).item()

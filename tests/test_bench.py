@@ -49,8 +49,10 @@ def test_bench_bad_size_is_a_clean_error(capsys):
 def test_bench_cuda_graph_and_int8_attention_need_a_gpu(capsys):
     assert main(["bench", "--preset", "tiny", "--device", "cpu", "--cuda-graph"]) == 2
     assert main(["bench", "--preset", "tiny", "--device", "cpu", "--attention", "int8"]) == 2
+    assert main(["bench", "--preset", "tiny", "--device", "cpu", "--attention", "fp8"]) == 2
     err = capsys.readouterr().err
     assert "--cuda-graph times the DiT step on a CUDA GPU" in err and "8-bit attention runs on CUDA" in err
+    assert "fp8 attention runs on CUDA GPUs through cuDNN, not on cpu" in err
     assert "Traceback" not in err
 
 

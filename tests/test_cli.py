@@ -86,14 +86,15 @@ def test_attention_sdpa_equals_auto_on_cpu(tiny_dir, tmp_path):
         assert b.size == (32, 32) and a.tobytes() == b.tobytes()
 
 
-def test_int8_attention_on_cpu_is_one_line(tiny_dir, tmp_path, capsys):
-    """The 8-bit kernel needs CUDA: exit 2, one stderr line saying so, no image."""
+@pytest.mark.parametrize("backend, says", [("int8", "8-bit attention"), ("fp8", "fp8 attention")])
+def test_8bit_attention_on_cpu_is_one_line(tiny_dir, tmp_path, capsys, backend, says):
+    """The 8-bit kernels need CUDA: exit 2, one stderr line saying so, no image."""
     out = tmp_path / "x.png"
-    argv = ["generate", "--model", str(tiny_dir), "--prompt", "x", "--attention", "int8", "--device", "cpu"]
+    argv = ["generate", "--model", str(tiny_dir), "--prompt", "x", "--attention", backend, "--device", "cpu"]
     assert main([*argv, "--steps", "1", "--height", "32", "--width", "32", "--output", str(out)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1, err
-    assert err[0].startswith("fastdit: error: 8-bit attention") and "CUDA" in err[0] and "cpu" in err[0], err
+    assert err[0].startswith(f"fastdit: error: {says}") and "CUDA" in err[0] and "cpu" in err[0], err
     assert not out.exists()
 
 

@@ -154,8 +154,48 @@ def _world2_worker(state: ParallelState, path: str, cases, pipe_folder: str, fp8
     model = load_transformer_parallel(fp8_path, state, dtype=torch.float32, device="cpu", quantize="fp8-emulated")
     outs = run_cases(model, cases)
     results["tp2_saved_fp8"] = {"outs": outs, "agree": all(_same_on_every_rank(o) for o in outs.values())}
+    results["fp8_attention"] = _fp8_attention_worker(state, fp8_path, cases)
     results["pipeline"] = _pipeline_worker(state, pipe_folder, layouts)
     return results
+
+
+def _unmasked_case(cases) -> dict:
+    x, enc, _, t, shapes = cases["masked"]  # 24 image tokens: no padding under sp = 2, so no key mask at all
+    return {"unmasked": (x, enc, None, t, shapes)}
+
+
+def _with_fp8_attention(model, case) -> tuple[dict, list]:
+    """Run `case` with every attention core on fp8 (set directly: on CPU the op's reference implementation stands
+    in for cuDNN); returns the outputs and the dtypes of q in each fp8 attention call."""
+    import fastdit.attention
+    from fastdit.model import Attention
+
+    for m in model.modules():
+        if isinstance(m, Attention):
+            m.backend = "fp8"
+    seen, real = [], fastdit.attention.attention_fp8
+
+    def spy(q, k, v, scales=None):
+        seen.append(str(q.dtype))
+        return real(q, k, v, scales)
+
+    fastdit.attention.attention_fp8 = spy
+    try:
+        return run_cases(model, case), seen
+    finally:
+        fastdit.attention.attention_fp8 = real
+
+
+def _fp8_attention_worker(state: ParallelState, fp8_path: str, cases) -> dict:
+    """fp8 linears + fp8 attention under tp=2 and sp=2: e4m3 q/k/v cross sp's all-to-all, and the e4m3 output its
+    all-to-all / all-gather, as bytes; tp's out-projections take the e4m3 output of their heads directly."""
+    out = {}
+    for layout in [(2, 1, 1), (1, 2, 1)]:
+        st = state if layout == (state.tp, state.sp, state.cfg) else make_parallel_state(*layout, state.device)
+        model = load_transformer_parallel(fp8_path, st, dtype=torch.float32, device="cpu", quantize="fp8-emulated")
+        outs, seen = _with_fp8_attention(model, _unmasked_case(cases))
+        out[layout] = {"outs": outs, "seen": seen, "agree": all(_same_on_every_rank(o) for o in outs.values())}
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -240,6 +280,27 @@ def test_tp2_loads_a_saved_fp8_checkpoint(world2, fp8_ckpt, cases, reference):
             print(f"saved fp8, tp2 {name}: vs float {err_tp:.3e}, one-process fp8 vs float {err_one:.3e}")
         assert err_tp < 0.08 and abs(err_tp - err_one) < 0.02, (name, err_tp, err_one)
         assert rel_err(out, one[name]) < 0.08, name
+
+
+@pytest.mark.parametrize("layout", [(2, 1, 1), (1, 2, 1)], ids=["tp2", "sp2"])
+def test_fp8_attention_under_tp_and_sp(world2, fp8_ckpt, cases, reference, layout):
+    """fp8 linears + fp8 attention (CPU reference op) under tp=2 / sp=2 (gloo): every block's attention ran on e4m3
+    operands, the ranks agree, and the result is as close to one process's fp8 attention as fp8 noise allows
+    (the V scale is per rank: over its heads)."""
+    single = load_transformer(fp8_ckpt, dtype=torch.float32, device="cpu", quantize="fp8-emulated")
+    case = _unmasked_case(cases)
+    exact = run_cases(reference[1], case)["unmasked"]  # the float model
+    one, seen_one = _with_fp8_attention(single, case)
+    result = world2["fp8_attention"][layout]
+    assert result["agree"]
+    n_layers = len(single.blocks)
+    assert seen_one == ["torch.float8_e4m3fn"] * n_layers
+    assert result["seen"] == ["torch.float8_e4m3fn"] * n_layers
+    err, err_one = rel_err(result["outs"]["unmasked"], one["unmasked"]), rel_err(one["unmasked"], exact)
+    err_float = rel_err(result["outs"]["unmasked"], exact)
+    if os.environ.get("FASTDIT_PRINT_ERRORS"):
+        print(f"fp8 attention {layout}: vs one process {err:.3e}, vs float {err_float:.3e} (one process {err_one:.3e})")
+    assert err < 0.08 and err_float < 0.1 and abs(err_float - err_one) < 0.03, (err, err_float, err_one)
 
 
 def test_tp2_halves_sharded_parameter_bytes(world2, reference):

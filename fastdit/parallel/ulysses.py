@@ -24,11 +24,18 @@ from fastdit.model import Attention
 from fastdit.parallel.layers import all_gather
 
 
+def _all_to_all(x: Tensor, group: ProcessGroup) -> Tensor:
+    """all-to-all over dim 0; e4m3 (the fp8 attention's operands) travels as bytes, as not every backend has fp8."""
+    if x.dtype == torch.float8_e4m3fn:
+        return funcol.all_to_all_single(x.view(torch.uint8), None, None, group).view(x.dtype)
+    return funcol.all_to_all_single(x, None, None, group)
+
+
 def _seq_to_heads(x: Tensor, sp: int, group: ProcessGroup) -> Tensor:
     """(B, S/sp, H, D) on each rank -> (B, S, H/sp, D): rank r sends head chunk j to rank j."""
     b, s, h, d = x.shape
     x = x.reshape(b, s, sp, h // sp, d).permute(2, 0, 1, 3, 4).contiguous()  # (sp, B, S/sp, H/sp, D)
-    x = funcol.all_to_all_single(x, None, None, group)  # dim 0 now indexes the source rank = sequence chunk
+    x = _all_to_all(x, group)  # dim 0 now indexes the source rank = sequence chunk
     return x.permute(1, 0, 2, 3, 4).reshape(b, sp * s, h // sp, d)
 
 
@@ -36,7 +43,7 @@ def _heads_to_seq(x: Tensor, sp: int, group: ProcessGroup) -> Tensor:
     """Inverse of `_seq_to_heads`: (B, S, H/sp, D) -> (B, S/sp, H, D)."""
     b, s, h, d = x.shape
     x = x.reshape(b, sp, s // sp, h, d).transpose(0, 1).contiguous()  # (sp, B, S/sp, H/sp, D)
-    x = funcol.all_to_all_single(x, None, None, group)  # dim 0 now indexes the source rank = head chunk
+    x = _all_to_all(x, group)  # dim 0 now indexes the source rank = head chunk
     return x.permute(1, 2, 0, 3, 4).reshape(b, s // sp, sp * h, d)
 
 
@@ -51,7 +58,9 @@ class UlyssesAttention(Attention):
         super().__init__(backend)
         self.sp, self.sp_rank, self.group = sp, sp_rank, group
 
-    def forward(self, q: Tensor, k: Tensor, v: Tensor, num_txt: int, key_mask: Tensor | None, txt_lens=None) -> Tensor:
+    def forward(
+        self, q: Tensor, k: Tensor, v: Tensor, num_txt: int, key_mask: Tensor | None, txt_lens=None, fp8=None
+    ) -> Tensor:
         h = q.shape[2] // self.sp
         heads = slice(self.sp_rank * h, (self.sp_rank + 1) * h)
 
@@ -60,9 +69,12 @@ class UlyssesAttention(Attention):
             return torch.cat([txt[:, :, heads], _seq_to_heads(img, self.sp, self.group)], dim=1)
 
         # (B, S_txt + S_img, H/sp, D); txt_lens only when no image token is padding (ParallelTransformer).
-        out = attention(joint(q), joint(k), joint(v), key_mask, self.backend, txt_lens, num_txt)
+        out = attention(joint(q), joint(k), joint(v), key_mask, self.backend, txt_lens, num_txt, fp8)
         txt, img = out[:, :num_txt], out[:, num_txt:]
         # (sp * B, S_txt, H/sp, D) in rank order -> (B, S_txt, H, D), heads in rank order.
-        txt = all_gather(txt.contiguous(), 0, self.group)
+        if txt.dtype == torch.float8_e4m3fn:  # the fp8 attention's e4m3 output travels as bytes
+            txt = all_gather(txt.contiguous().view(torch.uint8), 0, self.group).view(txt.dtype)
+        else:
+            txt = all_gather(txt.contiguous(), 0, self.group)
         txt = txt.unflatten(0, (self.sp, -1)).permute(1, 2, 0, 3, 4).flatten(2, 3)
         return torch.cat([txt, _heads_to_seq(img, self.sp, self.group)], dim=1)

@@ -69,7 +69,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--attention",
         choices=[b for b in BACKENDS if b != "math"],
         default="auto",
-        help="attention backend of the DiT (auto: cuDNN on CUDA, else SDPA; int8: fastdit's 8-bit kernel, INT8 Q.K and FP8 P.V, CUDA compute capability >= 8.9 with Triton; approximate)",
+        help="attention backend of the DiT (auto: cuDNN on CUDA, else SDPA; int8: fastdit's 8-bit kernel, INT8 Q.K and FP8 P.V, CUDA compute capability >= 8.9 with Triton; fp8: cuDNN's fp8 attention, Hopper or newer with nvidia-cudnn-frontend; both approximate)",
     )
     model.add_argument(
         "--compile", action="store_true", help="torch.compile the DiT block by block (the warmup compiles it)"

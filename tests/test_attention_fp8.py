@@ -1,0 +1,322 @@
+"""fastdit.attention_fp8: cuDNN's fp8 attention (per-tensor e4m3 Q, K, V, P and O), against exact attention.
+
+- CPU: the quantization and `reference_sdpa_fp8` (cuDNN's arithmetic in float32 torch; the op's CPU
+  implementation) against `math_attention`; the custom op under torch.compile(fullgraph=True); the backend
+  refused off CUDA / without the frontend, with one sentence saying what is missing.
+- CUDA, Hopper or newer, with nvidia-cudnn-frontend (`gpu` marker): cuDNN's kernel at the DiT's shape
+  against the reference and exact attention, eager and compiled, and inside the DiT.
+
+Thresholds, measured with std-1 inputs (a property of the scheme, not of the seed): reference vs exact 0.055-0.06
+relative L2 at D = 128, almost all of it from Q and K in e4m3 (3 mantissa bits; alone 0.05), then V and O
+(0.026 each) and P (0.015). Bound 0.09. With V's rows shuffled (a wrong key <-> value pairing) it is > 1.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastdit.attention_fp8 as afp8
+from fastdit.attention import attention, available_backends, math_attention, resolve_backend
+from fastdit.attention_fp8 import (
+    FP8,
+    attention_fp8,
+    check_fp8_attention_device,
+    missing_fp8_attention,
+    quantize_streams,
+    quantize_tensor,
+    reference_sdpa_fp8,
+    rms_norm_bound,
+    sdpa_fp8,
+)
+from fastdit.errors import FastditError
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def qkv(b, s, h, d, seed, dtype=torch.float32, device="cpu", s_kv=None):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, s, h, d, generator=g)
+    k, v = (torch.randn(b, s_kv or s, h, d, generator=g) for _ in range(2))
+    return tuple(x.to(device, dtype) for x in (q, k, v))
+
+
+# ---- CPU ------------------------------------------------------------------------------------------------
+
+
+def test_quantize_tensor_maps_the_largest_value_to_448():
+    x = torch.randn(3, 50, 2, 16) * 7.0
+    x8, scale = quantize_tensor(x)
+    assert x8.dtype == FP8 and scale.shape == (1,) and scale.dtype == torch.float32
+    assert x8.float().abs().max().item() == 448.0
+    assert rel(x8.float() * scale, x) < 0.04  # e4m3: 3 mantissa bits
+    z8, zs = quantize_tensor(torch.zeros(4, 8))
+    assert (z8.float() == 0).all() and zs.item() > 0 and torch.isfinite(zs).all()
+
+
+@pytest.mark.parametrize("shape", [(2, 200, 3, 64, 200), (1, 333, 2, 128, 333), (2, 160, 2, 32, 97)])
+def test_reference_scheme_is_close_to_exact(shape):
+    """attention_fp8 on CPU (quantization + reference op) vs float32 attention; k/v may be shorter than q (the
+    per-sample calls that drop padded text keys)."""
+    b, s, h, d, s_kv = shape
+    q, k, v = qkv(b, s, h, d, seed=s, s_kv=s_kv)
+    exact = math_attention(q, k, v, None)
+    out = attention_fp8(q, k, v)
+    assert out.shape == q.shape and out.dtype == q.dtype
+    err = rel(out, exact)
+    assert err < 0.09, err
+    assert F.cosine_similarity(out.flatten(), exact.flatten(), dim=0) > 0.995
+    wrong = attention_fp8(q, k, v[:, torch.randperm(s_kv)])  # values paired with the wrong keys
+    assert rel(wrong, exact) > 10 * err
+
+
+def test_output_cannot_overflow():
+    """O is written in V's units: a query that puts all its weight on the largest value gives exactly 448, not
+    NaN (e4m3fn has no inf), however large V is."""
+    q, k, v = qkv(1, 64, 1, 32, seed=3)
+    k[0, 7] = q[0, 0] * 40.0  # query 0 attends (almost) only to key 7
+    v = v * 1e4
+    v[0, 7] = 5e5  # the largest value of V, in every channel
+    q8, qs = quantize_tensor(q)
+    k8, ks = quantize_tensor(k)
+    v8, vs = quantize_tensor(v)
+    o8 = reference_sdpa_fp8(q8, k8, v8, qs, ks, vs, vs)
+    assert o8.dtype == FP8 and torch.isfinite(o8.float()).all()
+    assert o8[0, 0].float().abs().max().item() == 448.0
+    assert rel(o8[0, 0].float() * vs, v[0, 7]) < 0.01
+
+
+def test_rms_norm_bound_holds_and_is_tight():
+    """RoPE(RMSNorm(h) * w) never exceeds `rms_norm_bound(w)`; a head with all its energy in one pair of
+    channels (the worst case) comes within 2 % of it."""
+    from fastdit.model import RMSNorm, apply_rope, rope_tables
+
+    d = 32
+    norm = RMSNorm(d, 1e-6)
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(d) * 3 - 1.5)
+    j = int(norm.weight.abs().argmax())
+    cos, sin = rope_tables((1, 4, 4), 8, (8, 12, 12))
+    h = torch.randn(1, 24, 2, d) * 5
+    h[0, :, 0] = 0.0
+    h[0, :, 0, j] = 3.0  # one-hot heads: |RMSNorm(h)_j| = sqrt(d)
+    for dtype in (torch.float32, torch.bfloat16):
+        x = apply_rope(norm.to(dtype)(h.to(dtype)), cos, sin).float()
+        bound = rms_norm_bound(norm.weight).item()
+        assert x.abs().max().item() <= bound
+        assert x[0, :, 0].abs().max().item() >= bound / 1.02
+
+
+def test_dit_quantizes_with_the_norm_bound_and_stays_close():
+    """The tiny DiT with every attention core on fp8 (the CPU reference op stands in for cuDNN): each block
+    quantizes its text and image q / k with the RMSNorm bound (>= their absmax, so nothing saturates) and one
+    scale over both streams, and the velocity stays within cosine 0.999 of exact attention."""
+    import fastdit.model
+    from fastdit.bench import dit_inputs, random_dit
+    from fastdit.model import PRESETS, Attention
+
+    cfg = PRESETS["tiny"]
+    model = random_dit(cfg, torch.float32, torch.device("cpu"))
+    x, enc, t, shapes = dit_inputs(cfg, 2, 64, 64, 16, torch.float32, torch.device("cpu"))
+    seen = []
+    real = fastdit.model.quantize_streams
+
+    def spy(qs, ks, vs, qk_bound):
+        out = real(qs, ks, vs, qk_bound)
+        seen.append((qk_bound, max(q.abs().max() for q in qs), max(k.abs().max() for k in ks), out[3]))
+        return out
+
+    with torch.no_grad():
+        exact = model(x, enc, None, t, img_shapes=shapes)
+        for m in model.modules():
+            if isinstance(m, Attention):
+                m.backend = "fp8"  # set directly: resolve_backend refuses fp8 off CUDA
+        fastdit.model.quantize_streams = spy
+        try:
+            out = model(x, enc, None, t, img_shapes=shapes)
+        finally:
+            fastdit.model.quantize_streams = real
+    assert len(seen) == cfg.num_layers
+    for (q_bound, k_bound), q_max, k_max, scales in seen:
+        assert q_max <= q_bound and k_max <= k_bound
+        assert torch.allclose(scales.q * 448, q_bound) and torch.allclose(scales.k * 448, k_bound)
+    cos = F.cosine_similarity(out.flatten().double(), exact.flatten().double(), dim=0).item()
+    assert 0.999 < cos < 1.0, cos
+
+
+def test_fp8_out_projections_take_the_e4m3_output():
+    """With fp8 (emulated) out-projections, the attention output goes into their GEMMs as e4m3 with V's scale
+    (`forward_e4m3`, no requantization): same velocity as dequantizing it first, within fp8 rounding."""
+    import fastdit.model
+    from fastdit.bench import dit_inputs, random_dit
+    from fastdit.model import PRESETS, Attention
+    from fastdit.quant import Fp8Linear, quantize_model
+
+    cfg = PRESETS["tiny"]
+    model = quantize_model(random_dit(cfg, torch.float32, torch.device("cpu")), emulate=True)
+    x, enc, t, shapes = dit_inputs(cfg, 2, 64, 64, 16, torch.float32, torch.device("cpu"))
+    calls = []
+    real = Fp8Linear.forward_e4m3
+
+    def spy(self, x8, scale):
+        calls.append(x8.dtype)
+        return real(self, x8, scale)
+
+    with torch.no_grad():
+        exact = model(x, enc, None, t, img_shapes=shapes)
+        for m in model.modules():
+            if isinstance(m, Attention):
+                m.backend = "fp8"
+        Fp8Linear.forward_e4m3 = spy
+        try:
+            direct = model(x, enc, None, t, img_shapes=shapes)
+        finally:
+            Fp8Linear.forward_e4m3 = real
+        saved = fastdit.model.quantize_streams
+        fastdit.model.quantize_streams = lambda *a: saved(*a)[:3] + (saved(*a)[3]._replace(out_dtype=torch.float32),)
+        try:
+            requantized = model(x, enc, None, t, img_shapes=shapes)  # O dequantized, then quantized per row
+        finally:
+            fastdit.model.quantize_streams = saved
+    assert calls == [FP8] * (2 * cfg.num_layers)
+    assert rel(direct, requantized) < 0.02
+    assert F.cosine_similarity(direct.flatten().double(), exact.flatten().double(), dim=0) > 0.999
+
+
+def test_forward_e4m3_is_the_linear_of_the_dequantized_input():
+    from fastdit.quant import Fp8Linear
+
+    layer = Fp8Linear(64, 48, emulate=True, dtype=torch.float32)
+    layer.load_float(torch.randn(48, 64) / 8, torch.randn(48))
+    x8, scale = quantize_tensor(torch.randn(3, 5, 64))
+    w = layer.weight.float() * layer.weight_scale[:, None]
+    expected = (x8.float() * scale) @ w.t() + layer.bias
+    got = layer.forward_e4m3(x8, scale)
+    assert got.shape == (3, 5, 48) and got.dtype == torch.float32
+    assert torch.allclose(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_quantize_streams_shares_one_scale():
+    """Two streams quantized apart then concatenated == the concatenation quantized as one tensor."""
+    a, b = torch.randn(2, 5, 2, 16), torch.randn(2, 9, 2, 16) * 3
+    (a8, b8), _, _, scales = quantize_streams([a, b], [a, b], [a, b])
+    joint8, joint_scale = quantize_tensor(torch.cat([a, b], dim=1))
+    assert torch.equal(scales.q, joint_scale) and torch.equal(scales.v, joint_scale)
+    assert torch.equal(torch.cat([a8, b8], dim=1).view(torch.uint8), joint8.view(torch.uint8))
+    assert scales.out_dtype == torch.float32
+
+
+def test_op_compiles_fullgraph_and_matches_eager():
+    """The custom op (CPU implementation here) inside torch.compile(fullgraph=True): no graph break, the
+    quantization traced around it, the same result as eager."""
+    torch._dynamo.reset()
+    q, k, v = qkv(2, 96, 2, 32, seed=5)
+    compiled = torch.compile(attention_fp8, fullgraph=True)
+    assert torch.equal(compiled(q, k, v), attention_fp8(q, k, v))
+
+
+def test_op_schema_and_fake():
+    q8, k8, v8 = (quantize_tensor(x)[0] for x in qkv(1, 40, 2, 16, seed=6, s_kv=24))
+    one = torch.ones(1)
+    out = sdpa_fp8(q8, k8, v8, one, one, one)
+    assert out.shape == q8.shape and out.dtype == FP8
+    torch.library.opcheck(sdpa_fp8, (q8, k8, v8, one, one, one), test_utils=("test_faketensor",))
+
+
+def test_bad_shapes_are_refused():
+    q, k, v = qkv(1, 16, 2, 24, seed=7)
+    with pytest.raises(FastditError, match="multiple of 16"):
+        attention_fp8(q, k, v)
+    q, k, v = qkv(1, 16, 2, 32, seed=7)
+    with pytest.raises(FastditError, match="fp8 attention needs"):
+        attention_fp8(q, k[:, :, :1], v[:, :, :1])
+
+
+def test_backend_refused_off_cuda():
+    assert "fp8" not in available_backends("cpu")
+    assert "CUDA" in missing_fp8_attention("cpu")
+    with pytest.raises(FastditError, match="fp8 attention runs on CUDA GPUs through cuDNN, not on cpu"):
+        resolve_backend("fp8", "cpu")
+    assert resolve_backend("auto", "cpu") == "sdpa"
+
+
+def test_missing_frontend_or_old_gpu_says_what_to_do(monkeypatch):
+    """On a CUDA machine: a pre-Hopper GPU, or no cuDNN frontend installed, is one sentence naming the fix."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Some GPU")
+    monkeypatch.setattr(torch.backends.cudnn, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 9))
+    assert "Hopper" in missing_fp8_attention("cuda") and "8.9" in missing_fp8_attention("cuda")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+
+    def no_frontend():
+        raise ImportError("No module named 'cudnn'")
+
+    monkeypatch.setattr(afp8, "_frontend", no_frontend)
+    why = missing_fp8_attention("cuda")
+    assert "nvidia-cudnn-frontend" in why and "pip install" in why
+    with pytest.raises(FastditError, match="pip install"):
+        check_fp8_attention_device("cuda")
+
+
+def test_masked_call_falls_back_to_exact_attention():
+    """fp8 takes no key mask (like the cudnn and flash backends): a masked call runs SDPA, exactly."""
+    q, k, v = qkv(2, 30, 2, 16, seed=8)
+    mask = torch.ones(2, 30, dtype=torch.bool)
+    mask[1, 3:9] = False
+    assert torch.allclose(attention(q, k, v, mask, "fp8"), math_attention(q, k, v, mask), atol=1e-5)
+
+
+# ---- CUDA (Hopper or newer, cuDNN frontend installed) ------------------------------------------------------
+
+
+def _require_fp8_gpu() -> None:
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU")
+    why = missing_fp8_attention("cuda")
+    if why is not None:
+        pytest.skip(why)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("s_kv", [4224, 4144], ids=["joint", "shorter-keys"])
+def test_gpu_cudnn_matches_reference_and_exact(s_kv):
+    """B = 2, S = 4224 (4096 image + 128 text tokens), 24 heads of 128: cuDNN vs its float32 reference (same
+    quantized operands) < 0.05 (0.038 measured on an H100: cuDNN rounds P against the running row maximum),
+    vs exact attention < 0.09."""
+    _require_fp8_gpu()
+    q, k, v = qkv(2, 4224, 24, 128, seed=0, dtype=torch.bfloat16, device="cuda", s_kv=s_kv)
+    out = attention(q, k, v, None, "fp8")
+    assert out.shape == q.shape and out.dtype == torch.bfloat16 and out.isfinite().all()
+    for b in range(2):  # one sample at a time: float32 scores of both would need ~7 GB each
+        qs, ks, vs = (x[b : b + 1] for x in (q, k, v))
+        (q8, sq), (k8, sk), (v8, sv) = (quantize_tensor(x) for x in (q, k, v))
+        ref = reference_sdpa_fp8(q8[b : b + 1], k8[b : b + 1], v8[b : b + 1], sq, sk, sv, sv).float() * sv
+        exact = math_attention(qs.float(), ks.float(), vs.float(), None)
+        assert rel(out[b : b + 1], ref) < 0.05, rel(out[b : b + 1], ref)
+        assert rel(out[b : b + 1], exact) < 0.09, rel(out[b : b + 1], exact)
+
+
+@pytest.mark.gpu
+def test_gpu_compiled_equals_eager_and_graph_capture():
+    """torch.compile(fullgraph=True) around the cuDNN op equals eager within 1e-2; a CUDA graph replays it."""
+    _require_fp8_gpu()
+    torch._dynamo.reset()
+    q, k, v = qkv(2, 4224, 24, 128, seed=1, dtype=torch.bfloat16, device="cuda")
+    compiled = torch.compile(attention_fp8, fullgraph=True)
+    eager, out = attention_fp8(q, k, v), compiled(q, k, v)
+    assert rel(out, eager) < 1e-2, rel(out, eager)
+    graph = torch.cuda.CUDAGraph()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        compiled(q, k, v)
+        with torch.cuda.graph(graph, stream=stream):
+            static = compiled(q, k, v)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert rel(static, eager) < 1e-2
