@@ -35,6 +35,8 @@ from fastdit.attention_fp8 import (
 from fastdit.errors import FastditError
 
 BACKENDS = ("auto", "sdpa", "cudnn", "flash", "flash_attn", "math", "int8", "fp8")
+# The opt-in 8-bit backends: each check raises FastditError with what the device lacks.
+_CHECK_8BIT = {"int8": check_int8_attention_device, "fp8": check_fp8_attention_device}
 
 
 def _flash_attn_func():
@@ -74,11 +76,8 @@ def resolve_backend(name: str, device: torch.device | str) -> str:
     device = torch.device(device)
     if name == "auto":
         return "cudnn" if "cudnn" in available_backends(device) else "sdpa"
-    if name == "int8":
-        check_int8_attention_device(device)  # FastditError saying what is missing
-        return name
-    if name == "fp8":
-        check_fp8_attention_device(device)
+    if name in _CHECK_8BIT:
+        _CHECK_8BIT[name](device)  # FastditError saying what is missing
         return name
     if name not in available_backends(device):
         raise FastditError(

@@ -28,11 +28,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fastdit.errors import FastditError
-from fastdit.rowquant import missing_fp8_tensor_cores
+from fastdit.rowquant import FP8, FP8_MAX, MIN_AMAX, missing_fp8_tensor_cores
 
 QUANT_BLOCK = 128  # tokens per Q / K scale; the kernel's BLOCK_M and BLOCK_N divide it
-P_SCALE = 448.0  # P in [0, 1] is stored as P * 448 in e4m3 (largest finite e4m3), far from subnormals
-FP8 = torch.float8_e4m3fn
+P_SCALE = FP8_MAX  # P in [0, 1] is stored as P * 448 in e4m3 (largest finite e4m3), far from subnormals
 LOG2E = 1.4426950408889634
 
 
@@ -62,7 +61,7 @@ def quantize_qkv(
 
     def blockwise_int8(x: Tensor) -> tuple[Tensor, Tensor]:
         x = F.pad(x, (0, 0, 0, 0, 0, pad)).unflatten(1, (nblk, QUANT_BLOCK))  # (B, nblk, 128, H, D)
-        scale = x.abs().amax(dim=(2, 4), keepdim=True).clamp(min=1e-12) / 127.0
+        scale = x.abs().amax(dim=(2, 4), keepdim=True).clamp(min=MIN_AMAX) / 127.0
         x8 = (x / scale).round().clamp(-127, 127).to(torch.int8).flatten(1, 2)
         return x8, scale.squeeze(4).squeeze(2).transpose(1, 2).contiguous()  # (B, H, nblk)
 
@@ -79,7 +78,7 @@ def quantize_qkv(
         vt = F.pad(v.to(torch.bfloat16), (0, 0, 0, 0, 0, pad)).permute(0, 2, 3, 1)
         return q8, k8, vt, q_scale, k_scale, torch.ones(b, h, d, device=v.device)
     vf = v.float()
-    v_scale = vf.abs().amax(dim=1).clamp(min=1e-12) / 448.0  # (B, H, D)
+    v_scale = vf.abs().amax(dim=1).clamp(min=MIN_AMAX) / FP8_MAX  # (B, H, D)
     vt8 = F.pad((vf / v_scale[:, None]).to(FP8).permute(0, 2, 3, 1), (0, pad)).contiguous()  # (B, H, D, Sp)
     return q8, k8, vt8, q_scale, k_scale, v_scale
 

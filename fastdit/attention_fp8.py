@@ -39,11 +39,9 @@ import torch
 from torch import Tensor
 
 from fastdit.errors import FastditError
+from fastdit.rowquant import FP8, FP8_MAX, MIN_AMAX, to_e4m3
 
-FP8 = torch.float8_e4m3fn
-FP8_MAX = 448.0  # largest finite e4m3
-P_SCALE = 448.0  # P in [0, 1] is stored as P * 448 (cuDNN's scale_s)
-MIN_AMAX = 1e-12  # an all-zero tensor gets a tiny, finite scale
+P_SCALE = FP8_MAX  # P in [0, 1] is stored as P * 448 (cuDNN's scale_s)
 INSTALL_HINT = 'pip install "fastdit[fp8-attention]" (NVIDIA\'s cuDNN frontend, nvidia-cudnn-frontend)'
 
 
@@ -86,11 +84,6 @@ def check_fp8_attention_device(device: torch.device | str) -> None:
 # Quantization (torch; fused by inductor when compiled)
 
 
-def _to_e4m3(x: Tensor, scale: Tensor) -> Tensor:
-    # The clamp only matters for a bound that is too small (values saturate at 448 instead of becoming NaN).
-    return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
-
-
 def _scale(amax: Tensor) -> Tensor:
     return (amax.float().clamp(min=MIN_AMAX) / FP8_MAX).reshape(1)
 
@@ -103,7 +96,7 @@ def quantize_tensor(x: Tensor, bound: Tensor | None = None) -> tuple[Tensor, Ten
     """x -> (e4m3 values, (1,) float32 scale) with x ~= values * scale; one scale for the whole tensor:
     `bound` / 448 if given (a tensor >= max |x|: values beyond it would saturate at 448), else absmax / 448."""
     scale = _scale(_amax([x]) if bound is None else bound)
-    return _to_e4m3(x, scale), scale
+    return to_e4m3(x, scale), scale
 
 
 class Fp8Scales(NamedTuple):
@@ -128,9 +121,9 @@ def quantize_streams(
     v_scale = _scale(_amax(vs))
     scales = Fp8Scales(q_scale, k_scale, v_scale, qs[0].dtype)
     return (
-        [_to_e4m3(x, q_scale) for x in qs],
-        [_to_e4m3(x, k_scale) for x in ks],
-        [_to_e4m3(x, v_scale) for x in vs],
+        [to_e4m3(x, q_scale) for x in qs],
+        [to_e4m3(x, k_scale) for x in ks],
+        [to_e4m3(x, v_scale) for x in vs],
         scales,
     )
 
@@ -159,7 +152,7 @@ def reference_sdpa_fp8(
     p = torch.exp(s - s.amax(-1, keepdim=True))  # unnormalised, in [0, 1]
     p8 = (p * P_SCALE).to(FP8).float()
     o = (p8 @ v) * (v_scale / P_SCALE) / p.sum(-1, keepdim=True)
-    return (o / o_scale).clamp(-FP8_MAX, FP8_MAX).to(FP8).transpose(1, 2).contiguous()
+    return to_e4m3(o, o_scale).transpose(1, 2).contiguous()
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -36,6 +36,18 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
+def add_attention_argument(parser) -> None:
+    """--attention, shared by `generate` and `serve` (`math` is the tests' oracle, not offered)."""
+    parser.add_argument(
+        "--attention",
+        choices=[b for b in BACKENDS if b != "math"],
+        default="auto",
+        help="attention backend of the DiT (auto: cuDNN on CUDA, else SDPA; int8: fastdit's 8-bit kernel, INT8 "
+        "Q.K and FP8 P.V, CUDA compute capability >= 8.9 with Triton; fp8: cuDNN's fp8 attention, Hopper or "
+        "newer with nvidia-cudnn-frontend; both approximate)",
+    )
+
+
 def _int(text: str) -> int:
     try:
         return int(text)
@@ -105,12 +117,7 @@ def add_generate_parser(subparsers) -> argparse.ArgumentParser:
         help="run the DiT's block linears in fp8 e4m3 (CUDA, compute capability >= 8.9); a folder written by "
         "`fastdit quantize` is fp8 without this flag",
     )
-    p.add_argument(
-        "--attention",
-        choices=[b for b in BACKENDS if b != "math"],
-        default="auto",
-        help="attention backend of the DiT (auto: cuDNN on CUDA, else SDPA; int8: fastdit's 8-bit kernel, INT8 Q.K and FP8 P.V, CUDA compute capability >= 8.9 with Triton; fp8: cuDNN's fp8 attention, Hopper or newer with nvidia-cudnn-frontend; both approximate)",
-    )
+    add_attention_argument(p)
     # fastdit.parallel: one process per rank on this machine (or the ranks torchrun started).
     par = p.add_argument_group("parallelism (one process per GPU; gloo on CPU)")
     par.add_argument("--tp", type=_int, default=1, help="tensor-parallel degree (splits the DiT's heads)")

@@ -515,10 +515,8 @@ class QwenImageTransformer(nn.Module):
         """The blocks and the final layer over prepared inputs: (B, S_img, dim) -> (B, S_img, out_dim).
         Needs `temb` unless `modulation` is given."""
         for i, block in enumerate(self.blocks):
-            if modulation is None:
-                img, txt = block(img, txt, temb, rope, key_mask, txt_lens)
-            else:
-                img, txt = block(img, txt, temb, rope, key_mask, txt_lens, modulation.img[i], modulation.txt[i])
+            mods = (None, None) if modulation is None else (modulation.img[i], modulation.txt[i])
+            img, txt = block(img, txt, temb, rope, key_mask, txt_lens, *mods)
         return self.final(img, temb, None if modulation is None else modulation.final)
 
 

@@ -141,7 +141,7 @@ class QwenImagePipeline:
         then loaded sharded (tp / sp / cfg), the text encoder and VAE whole on every rank.
         `quantize`: "fp8" runs the DiT's block linears in fp8 e4m3 (fastdit.quant; "fp8-emulated" for CPU
         tests); a transformer folder written by `fastdit quantize` is fp8 without it.
-        `attention`: the DiT's attention backend (fastdit.attention.BACKENDS; "int8" is the 8-bit kernel).
+        `attention`: the DiT's attention backend (fastdit.attention.BACKENDS; "int8" and "fp8" are 8-bit).
         """
         from diffusers import AutoencoderKLQwenImage
         from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration

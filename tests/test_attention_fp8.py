@@ -110,17 +110,36 @@ def test_rms_norm_bound_holds_and_is_tight():
         assert x[0, :, 0].abs().max().item() >= bound / 1.02
 
 
-def test_dit_quantizes_with_the_norm_bound_and_stays_close():
-    """The tiny DiT with every attention core on fp8 (the CPU reference op stands in for cuDNN): each block
-    quantizes its text and image q / k with the RMSNorm bound (>= their absmax, so nothing saturates) and one
-    scale over both streams, and the velocity stays within cosine 0.999 of exact attention."""
-    import fastdit.model
+def _tiny_dit(fp8_linears: bool = False):
+    """The tiny DiT (float32, CPU; block linears fp8-emulated if asked) and a CFG-like batch of 2 inputs."""
     from fastdit.bench import dit_inputs, random_dit
-    from fastdit.model import PRESETS, Attention
+    from fastdit.model import PRESETS
+    from fastdit.quant import quantize_model
 
     cfg = PRESETS["tiny"]
     model = random_dit(cfg, torch.float32, torch.device("cpu"))
-    x, enc, t, shapes = dit_inputs(cfg, 2, 64, 64, 16, torch.float32, torch.device("cpu"))
+    if fp8_linears:
+        quantize_model(model, emulate=True)
+    return model, dit_inputs(cfg, 2, 64, 64, 16, torch.float32, torch.device("cpu"))
+
+
+def _use_fp8_attention(model) -> None:
+    """Every attention core on fp8, set directly (resolve_backend refuses fp8 off CUDA): on CPU the op's
+    reference implementation stands in for cuDNN."""
+    from fastdit.model import Attention
+
+    for m in model.modules():
+        if isinstance(m, Attention):
+            m.backend = "fp8"
+
+
+def test_dit_quantizes_with_the_norm_bound_and_stays_close(monkeypatch):
+    """The tiny DiT with fp8 attention: each block quantizes its text and image q / k with the RMSNorm bound
+    (>= their absmax, so nothing saturates) and one scale over both streams, and the velocity stays within
+    cosine 0.999 of exact attention."""
+    import fastdit.model
+
+    model, (x, enc, t, shapes) = _tiny_dit()
     seen = []
     real = fastdit.model.quantize_streams
 
@@ -131,15 +150,10 @@ def test_dit_quantizes_with_the_norm_bound_and_stays_close():
 
     with torch.no_grad():
         exact = model(x, enc, None, t, img_shapes=shapes)
-        for m in model.modules():
-            if isinstance(m, Attention):
-                m.backend = "fp8"  # set directly: resolve_backend refuses fp8 off CUDA
-        fastdit.model.quantize_streams = spy
-        try:
-            out = model(x, enc, None, t, img_shapes=shapes)
-        finally:
-            fastdit.model.quantize_streams = real
-    assert len(seen) == cfg.num_layers
+        _use_fp8_attention(model)
+        monkeypatch.setattr(fastdit.model, "quantize_streams", spy)
+        out = model(x, enc, None, t, img_shapes=shapes)
+    assert len(seen) == len(model.blocks)
     for (q_bound, k_bound), q_max, k_max, scales in seen:
         assert q_max <= q_bound and k_max <= k_bound
         assert torch.allclose(scales.q * 448, q_bound) and torch.allclose(scales.k * 448, k_bound)
@@ -147,41 +161,33 @@ def test_dit_quantizes_with_the_norm_bound_and_stays_close():
     assert 0.999 < cos < 1.0, cos
 
 
-def test_fp8_out_projections_take_the_e4m3_output():
+def test_fp8_out_projections_take_the_e4m3_output(monkeypatch):
     """With fp8 (emulated) out-projections, the attention output goes into their GEMMs as e4m3 with V's scale
     (`forward_e4m3`, no requantization): same velocity as dequantizing it first, within fp8 rounding."""
     import fastdit.model
-    from fastdit.bench import dit_inputs, random_dit
-    from fastdit.model import PRESETS, Attention
-    from fastdit.quant import Fp8Linear, quantize_model
+    from fastdit.quant import Fp8Linear
 
-    cfg = PRESETS["tiny"]
-    model = quantize_model(random_dit(cfg, torch.float32, torch.device("cpu")), emulate=True)
-    x, enc, t, shapes = dit_inputs(cfg, 2, 64, 64, 16, torch.float32, torch.device("cpu"))
+    model, (x, enc, t, shapes) = _tiny_dit(fp8_linears=True)
     calls = []
-    real = Fp8Linear.forward_e4m3
+    real_gemm, real_quantize = Fp8Linear.forward_e4m3, fastdit.model.quantize_streams
 
     def spy(self, x8, scale):
         calls.append(x8.dtype)
-        return real(self, x8, scale)
+        return real_gemm(self, x8, scale)
+
+    def float_output(*args):  # O dequantized after the call, then quantized per row by the out-projections
+        *operands, scales = real_quantize(*args)
+        return (*operands, scales._replace(out_dtype=torch.float32))
 
     with torch.no_grad():
         exact = model(x, enc, None, t, img_shapes=shapes)
-        for m in model.modules():
-            if isinstance(m, Attention):
-                m.backend = "fp8"
-        Fp8Linear.forward_e4m3 = spy
-        try:
+        _use_fp8_attention(model)
+        with monkeypatch.context() as m:
+            m.setattr(Fp8Linear, "forward_e4m3", spy)
             direct = model(x, enc, None, t, img_shapes=shapes)
-        finally:
-            Fp8Linear.forward_e4m3 = real
-        saved = fastdit.model.quantize_streams
-        fastdit.model.quantize_streams = lambda *a: saved(*a)[:3] + (saved(*a)[3]._replace(out_dtype=torch.float32),)
-        try:
-            requantized = model(x, enc, None, t, img_shapes=shapes)  # O dequantized, then quantized per row
-        finally:
-            fastdit.model.quantize_streams = saved
-    assert calls == [FP8] * (2 * cfg.num_layers)
+        monkeypatch.setattr(fastdit.model, "quantize_streams", float_output)
+        requantized = model(x, enc, None, t, img_shapes=shapes)
+    assert calls == [FP8] * (2 * len(model.blocks))
     assert rel(direct, requantized) < 0.02
     assert F.cosine_similarity(direct.flatten().double(), exact.flatten().double(), dim=0) > 0.999
 
@@ -203,18 +209,11 @@ def test_padded_cfg_batch_runs_per_sample_on_e4m3():
     """A CFG batch whose texts differ in length: with the valid lengths (the pipeline's way) each sample runs
     unmasked on its slice of the e4m3 operands, close to exact masked attention; with only a mask the fp8
     backend falls back to exact attention (bit-identical)."""
-    from fastdit.bench import dit_inputs, random_dit
-    from fastdit.model import PRESETS, Attention
-
-    cfg = PRESETS["tiny"]
-    model = random_dit(cfg, torch.float32, torch.device("cpu"))
-    x, enc, t, shapes = dit_inputs(cfg, 2, 64, 64, 16, torch.float32, torch.device("cpu"))
+    model, (x, enc, t, shapes) = _tiny_dit()
     mask = torch.arange(16)[None, :] < torch.tensor([16, 9])[:, None]
     with torch.no_grad():
         exact = model(x, enc, mask, t, img_shapes=shapes)
-        for m in model.modules():
-            if isinstance(m, Attention):
-                m.backend = "fp8"
+        _use_fp8_attention(model)
         lengths = model(x, enc, mask, t, img_shapes=shapes, txt_lens=(16, 9))
         masked = model(x, enc, mask, t, img_shapes=shapes)
     assert F.cosine_similarity(lengths.flatten(), exact.flatten(), dim=0) > 0.999

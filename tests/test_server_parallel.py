@@ -94,6 +94,14 @@ def _stop(process: subprocess.Popen) -> None:
         process.wait()
 
 
+def _wait_all(process, ranks) -> int:
+    """The server's exit code, once it and every rank process have exited (within seconds)."""
+    code = process.wait(30)
+    _, alive = psutil.wait_procs(ranks, timeout=10)
+    assert not alive, f"ranks left running: {alive}"
+    return code
+
+
 def test_cfg_parallel_serves_the_single_process_image_and_stops_on_sigterm(tiny_cache, tiny_pipe, tmp_path):
     """Two CFG ranks: /health turns 200, a too-long prompt is a 400, a CFG request with a seed then gets
     the single-process image, and SIGTERM stops the server (gracefully, as the single-process one) and both
@@ -109,9 +117,7 @@ def test_cfg_parallel_serves_the_single_process_image_and_stops_on_sigterm(tiny_
         assert answer.status_code == 400 and "too long" in answer.json()["error"]["message"], answer.text
         _generate_and_compare(port, tiny_pipe)
         process.send_signal(signal.SIGTERM)
-        code = process.wait(30)
-        _, alive = psutil.wait_procs(ranks, timeout=10)
-        assert not alive, f"ranks left running: {alive}"
+        code = _wait_all(process, ranks)
     finally:
         _stop(process)
     text = log.read_text()
@@ -131,9 +137,7 @@ def test_tp2_serves_and_a_dead_follower_stops_the_server(tiny_cache, tiny_pipe, 
         leader = [p for p in ranks if any(c.laddr.port == port for c in p.net_connections(kind="tcp"))]
         (follower,) = set(ranks) - set(leader)
         follower.kill()
-        code = process.wait(30)
-        _, alive = psutil.wait_procs(ranks, timeout=10)
-        assert not alive, f"ranks left running: {alive}"
+        code = _wait_all(process, ranks)
     finally:
         _stop(process)
     text = log.read_text()

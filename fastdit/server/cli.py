@@ -20,7 +20,7 @@ from collections.abc import Callable
 
 import uvicorn
 
-from fastdit.attention import BACKENDS
+from fastdit.cli import add_attention_argument
 from fastdit.errors import FastditError
 from fastdit.server.app import create_app
 from fastdit.server.engine import Engine, Generator, Warmup
@@ -65,12 +65,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="run the DiT's block linears in fp8 e4m3 (CUDA, compute capability >= 8.9)",
     )
-    model.add_argument(
-        "--attention",
-        choices=[b for b in BACKENDS if b != "math"],
-        default="auto",
-        help="attention backend of the DiT (auto: cuDNN on CUDA, else SDPA; int8: fastdit's 8-bit kernel, INT8 Q.K and FP8 P.V, CUDA compute capability >= 8.9 with Triton; fp8: cuDNN's fp8 attention, Hopper or newer with nvidia-cudnn-frontend; both approximate)",
-    )
+    add_attention_argument(model)
     model.add_argument(
         "--compile", action="store_true", help="torch.compile the DiT block by block (the warmup compiles it)"
     )
