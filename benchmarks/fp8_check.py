@@ -65,6 +65,7 @@ def main() -> int:
     ap.add_argument("--no-modulation", action="store_true", help="skip the fp8 + modulation variant")
     ap.add_argument("--attention", default="auto")
     ap.add_argument("--no-8bit-attention", action="store_true", help="skip the variants with 8-bit attention")
+    ap.add_argument("--no-int8", action="store_true", help="skip the int8 attention variant (keep fp8 attention)")
     args = ap.parse_args()
     device = torch.device("cuda")
     check_fp8_device(device)
@@ -87,7 +88,7 @@ def main() -> int:
     if not args.no_modulation:
         variants.append(("fp8 blocks + modulation", BLOCK_LINEARS + MODULATION, backend))
     name, last = variants[-1][:2]
-    if not args.no_8bit_attention and int8_attention_available(device):
+    if not (args.no_8bit_attention or args.no_int8) and int8_attention_available(device):
         variants.append((f"{name} + int8 attention", last, "int8"))
     if not args.no_8bit_attention:
         why = missing_fp8_attention(device)

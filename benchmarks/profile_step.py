@@ -11,6 +11,7 @@ step time (CUDA events, and replayed from a CUDA graph), then torch.profiler's p
 from __future__ import annotations
 
 import argparse
+import ast
 import statistics
 
 import torch
@@ -20,11 +21,26 @@ from fastdit.bench import cuda_graph, dit_inputs, random_dit, time_steps
 from fastdit.model import PRESETS, compile_blocks, set_attention_backend
 
 
+def _option(text: str) -> tuple[str, object]:
+    key, _, value = text.partition("=")
+    try:
+        return key, ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        return key, value
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quantize", choices=["fp8"], default=None)
     ap.add_argument("--attention", default="auto")
     ap.add_argument("--top", type=int, default=25, help="kernels to list")
+    ap.add_argument(
+        "--inductor",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an inductor config patch for the blocks' compile, e.g. combo_kernels=True (repeatable)",
+    )
     args = ap.parse_args()
     torch.set_grad_enabled(False)
     device = torch.device("cuda")
@@ -39,7 +55,7 @@ def main() -> None:
     backend = set_attention_backend(model, args.attention)
     rope = model.make_rope(shapes, 128, device)
     mod = model.modulation_table(t[:1])[0]
-    compile_blocks(model)
+    compile_blocks(model, options=dict(_option(o) for o in args.inductor) or None)
     step = lambda: model(x, enc, None, t, rope=rope, modulation=mod)
     step()
     s = statistics.median(time_steps(step, device, 3, 10))

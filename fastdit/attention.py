@@ -123,7 +123,7 @@ def attention(
     `txt_lens` (host ints, one per sample) says that the only masked keys are text padding: sample b's
     keys [txt_lens[b], num_txt) of the [text; image] sequence. Then `key_mask` is not needed and each
     sample runs unmasked (see `_unpadded_per_sample`). `fp8`: q, k, v are already e4m3 with these scales
-    (backend "fp8" only; fastdit.attention_fp8.quantize_streams).
+    (backend "fp8" only; fastdit.attention_fp8.quantize_qkv).
     """
     if txt_lens is not None:
         return _unpadded_per_sample(q, k, v, backend, txt_lens, num_txt, fp8)

@@ -10,10 +10,8 @@ float format: every value within 2^14 of the scale's largest keeps its 3-bit man
 tensor is enough, and a bound on |x| serves as well as the exact absmax:
 - Q and K: the DiT passes a bound from its QK RMSNorm weights w (`rms_norm_bound`): after RMSNorm each
   head's vector has rms 1, so no element exceeds sqrt(D) max|w|, and RoPE rotates pairs without growing
-  them. Then no reduction is needed and, as the DiT quantizes its text and image streams before
-  concatenating them (`quantize_streams`), the quantization fuses into each stream's QK-norm / RoPE pass,
-  which then writes e4m3 (half the bytes of bf16; inductor still joins the two streams with a copy).
-  Without a bound: absmax / 448, one reduction.
+  them. Then no reduction is needed, and the DiT's QK-norm + RoPE kernel writes e4m3 directly
+  (fastdit.qk_norm_rope, half the bytes of bf16). Without a bound: absmax / 448, one reduction.
 - V: absmax / 448 (one reduction; nothing bounds a linear layer's output).
 - O: a convex combination of V's rows, so |O| <= max |V|: O is written in V's units (scale_o = 1 / V's
   scale), which cannot overflow. When the out-projections are fp8 too, O goes into their GEMMs as it is
@@ -84,7 +82,8 @@ def check_fp8_attention_device(device: torch.device | str) -> None:
 # Quantization (torch; fused by inductor when compiled)
 
 
-def _scale(amax: Tensor) -> Tensor:
+def fp8_scale(amax: Tensor) -> Tensor:
+    """The (1,) float32 e4m3 scale for values bounded by `amax`: amax / 448 (never zero)."""
     return (amax.float().clamp(min=MIN_AMAX) / FP8_MAX).reshape(1)
 
 
@@ -95,7 +94,7 @@ def _amax(xs) -> Tensor:
 def quantize_tensor(x: Tensor, bound: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """x -> (e4m3 values, (1,) float32 scale) with x ~= values * scale; one scale for the whole tensor:
     `bound` / 448 if given (a tensor >= max |x|: values beyond it would saturate at 448), else absmax / 448."""
-    scale = _scale(_amax([x]) if bound is None else bound)
+    scale = fp8_scale(_amax([x]) if bound is None else bound)
     return to_e4m3(x, scale), scale
 
 
@@ -109,23 +108,10 @@ class Fp8Scales(NamedTuple):
     out_dtype: torch.dtype | None
 
 
-def quantize_streams(
-    qs: list[Tensor], ks: list[Tensor], vs: list[Tensor], qk_bound: tuple[Tensor, Tensor] | None = None
-) -> tuple[list[Tensor], list[Tensor], list[Tensor], Fp8Scales]:
-    """q, k, v of several streams (the DiT's text and image tokens) that will be concatenated along the
-    sequence -> the same in e4m3, with one scale per q / k / v over all streams (`qk_bound`: bounds on |q|
-    and |k|, see `rms_norm_bound`; else absmax). Quantizing each stream before the concatenation lets inductor
-    fuse it into the pass that produces the stream (QK-norm + RoPE), which then writes e4m3."""
-    q_scale = _scale(_amax(qs) if qk_bound is None else qk_bound[0])
-    k_scale = _scale(_amax(ks) if qk_bound is None else qk_bound[1])
-    v_scale = _scale(_amax(vs))
-    scales = Fp8Scales(q_scale, k_scale, v_scale, qs[0].dtype)
-    return (
-        [to_e4m3(x, q_scale) for x in qs],
-        [to_e4m3(x, k_scale) for x in ks],
-        [to_e4m3(x, v_scale) for x in vs],
-        scales,
-    )
+def quantize_qkv(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor, Fp8Scales]:
+    """q, k, v -> the same in e4m3, one absmax scale each (`quantize_tensor`)."""
+    (q8, q_scale), (k8, k_scale), (v8, v_scale) = (quantize_tensor(x) for x in (q, k, v))
+    return q8, k8, v8, Fp8Scales(q_scale, k_scale, v_scale, q.dtype)
 
 
 def dequantize(q8: Tensor, k8: Tensor, v8: Tensor, scales: Fp8Scales) -> tuple[Tensor, Tensor, Tensor]:
@@ -261,7 +247,7 @@ def _(q8, k8, v8, q_scale, k_scale, v_scale):
 
 def attention_fp8(q: Tensor, k: Tensor, v: Tensor, scales: Fp8Scales | None = None) -> Tensor:
     """q (B, S_q, H, D), k and v (B, S_kv, H, D) -> (B, S_q, H, D), through fp8: float q, k, v (quantized
-    here, absmax scales), or e4m3 ones with their `scales` (from `quantize_streams`)."""
+    here, absmax scales), or e4m3 ones with their `scales` (from `quantize_qkv`)."""
     b, _, h, d = q.shape
     if d % 16 or d > 256 or k.shape != v.shape or k.shape[::2] != (b, h) or k.shape[-1] != d:
         raise FastditError(
@@ -269,7 +255,7 @@ def attention_fp8(q: Tensor, k: Tensor, v: Tensor, scales: Fp8Scales | None = No
             f"got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
         )
     if scales is None:
-        (q,), (k,), (v,), scales = quantize_streams([q], [k], [v])
+        q, k, v, scales = quantize_qkv(q, k, v)
     o8 = sdpa_fp8(q, k, v, scales.q, scales.k, scales.v)
     if scales.out_dtype is None:
         return o8

@@ -295,9 +295,11 @@ FP8_GPU = torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not FP8_GPU, reason="needs a CUDA GPU with fp8 (compute capability >= 8.9)")
-def test_gelu_quantize_rows_kernel_on_gpu():
-    """The Triton kernel (one pass, row in registers) against the torch composition, at the DiT's fc2 width."""
-    h = torch.randn(300, 12288, device="cuda", generator=torch.Generator("cuda").manual_seed(0)).bfloat16() * 2
+@pytest.mark.parametrize("width", [12288, 6144, 10000, 16384, 96])
+def test_gelu_quantize_rows_kernel_on_gpu(width):
+    """The Triton kernel (one pass, row in registers) against the torch composition: the DiT's fc2 width, its
+    tp=2 shard, and widths whose last chunk is partial (10000, 96) or that need four chunks (16384)."""
+    h = torch.randn(300, width, device="cuda", generator=torch.Generator("cuda").manual_seed(0)).bfloat16() * 2
     v, s = gelu_quantize_rows(h)
     rv, rs = gelu_quantize_rows_torch(h)
     assert torch.allclose(s, rs, rtol=1e-5, atol=0)
