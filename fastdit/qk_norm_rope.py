@@ -47,6 +47,12 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return (xf * cos[None, :, None, :] + swapped * sin[None, :, None, :]).to(x.dtype)
 
 
+def _kernel_runs(x: Tensor, head_dim: int) -> bool:
+    """The kernel takes CUDA bf16 / fp16 activations and a power-of-two head_dim (a Triton block dimension)."""
+    power_of_two = head_dim >= 2 and head_dim & (head_dim - 1) == 0
+    return triton is not None and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and power_of_two
+
+
 def qk_norm_rope(
     txt_qkv: Tensor,
     img_qkv: Tensor,
@@ -64,9 +70,9 @@ def qk_norm_rope(
     image q, image k), then RoPE with the joint tables `cos`, `sin` (S_txt + S_img, D) float32.
 
     Returns (2, B, S_txt + S_img, H, D): q then k, in the activations' dtype, or with `scales` (q's and k's
-    (1,) float32) as e4m3 x / scale, clamped to +-448. One Triton kernel on CUDA (bf16 / fp16), the torch
-    path elsewhere or with `reference=True`."""
-    if not reference and triton is not None and txt_qkv.is_cuda and txt_qkv.dtype in (torch.bfloat16, torch.float16):
+    (1,) float32) as e4m3 x / scale, clamped to +-448. One Triton kernel on CUDA (bf16 / fp16, head_dim a
+    power of two), the torch path elsewhere or with `reference=True`."""
+    if not reference and _kernel_runs(txt_qkv, head_dim):
         q_scale, k_scale = (None, None) if scales is None else scales
         return _qk_norm_rope_op(txt_qkv, img_qkv, *norms, cos, sin, eps, head_dim, q_scale, k_scale)
     n_txt, out = txt_qkv.shape[1], []
