@@ -5,6 +5,8 @@ One step = one DiT forward over the CFG batch (cond + uncond batched). Times com
 TFLOP/s, and that as a share of the bf16 matmul ceiling measured in the same run. `--compare diffusers`
 runs diffusers' QwenImageTransformer2DModel on the very same weights (views of ours: no extra memory),
 eager and compiled, and prints the ratios. `--stage vae|text-encoder` times those stages instead.
+`--tp / --sp / --cfg-parallel` time the DiT step on that many ranks (fastdit.parallel: one process per GPU,
+each with its shard of the random weights; rank 0 reports).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
 import statistics
 import sys
@@ -23,6 +26,7 @@ import torch
 from torch import nn
 
 from fastdit.attention import BACKENDS
+from fastdit.cli import add_parallel_arguments
 from fastdit.errors import FastditError
 from fastdit.inductor import backend as inductor_backend
 from fastdit.loader import diffusers_state_dict
@@ -135,22 +139,42 @@ def random_dit(cfg: DiTConfig, dtype: torch.dtype, device: torch.device, seed: i
     with torch.device("meta"):
         model = QwenImageTransformer(cfg).to(dtype)  # cast on meta: never a float32 copy on the device
     model.to_empty(device=device)
-    g = torch.Generator(device=device).manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.fill_(1.0)
-            elif name.endswith("mod.lin.weight") or name.endswith("final.mod.weight"):
-                # Trained DiTs keep modulation small (AdaLN-Zero starts it at 0); full-scale random
-                # modulation makes a 60-layer stack so ill-conditioned that bf16 itself is 10% off fp32.
-                p.copy_(
-                    torch.randn(p.shape, device=device, dtype=torch.float32, generator=g) * 0.1 / math.sqrt(p.shape[1])
-                )
-            elif p.ndim == 2:
-                p.copy_(torch.randn(p.shape, device=device, dtype=torch.float32, generator=g) / math.sqrt(p.shape[1]))
-            else:
-                p.copy_(torch.randn(p.shape, device=device, dtype=torch.float32, generator=g) * 0.02)
+    fill_random_(model, device, seed)
     return model.eval().requires_grad_(False)
+
+
+def parallel_random_dit(cfg: DiTConfig, dtype: torch.dtype, state, seed: int = 0) -> QwenImageTransformer:
+    """`random_dit` with this rank's tensor / sequence-parallel layers (fastdit.parallel.parallelize)."""
+    from fastdit.parallel import parallelize
+
+    with torch.device("meta"):
+        model = QwenImageTransformer(cfg).to(dtype)
+    parallelize(model, state)
+    model.to_empty(device=state.device)
+    fill_random_(model, state.device, seed)
+    return model.eval().requires_grad_(False)
+
+
+def fill_random_(model: nn.Module, device: torch.device, seed: int) -> None:
+    """Weights ~ N(0, 1 / fan_in) (a layer's whole fan-in, also for a tensor-parallel shard of it), biases
+    N(0, 0.02^2), norm weights 1, modulation 10x smaller; in place, from one seeded generator."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    randn = lambda shape: torch.randn(shape, device=device, dtype=torch.float32, generator=g)  # noqa: E731
+    with torch.no_grad():
+        for module_name, module in model.named_modules():
+            for p_name, p in module.named_parameters(recurse=False):
+                name = f"{module_name}.{p_name}"
+                fan_in = getattr(module, "in_features", p.shape[-1])
+                if name.endswith("norm.weight"):
+                    p.fill_(1.0)
+                elif name.endswith("mod.lin.weight") or name.endswith("final.mod.weight"):
+                    # Trained DiTs keep modulation small (AdaLN-Zero starts it at 0); full-scale random
+                    # modulation makes a 60-layer stack so ill-conditioned that bf16 itself is 10% off fp32.
+                    p.copy_(randn(p.shape) * 0.1 / math.sqrt(fan_in))
+                elif p.ndim == 2:
+                    p.copy_(randn(p.shape) / math.sqrt(fan_in))
+                else:
+                    p.copy_(randn(p.shape) * 0.02)
 
 
 def diffusers_twin(model: QwenImageTransformer) -> nn.Module:
@@ -191,18 +215,31 @@ def dit_inputs(cfg: DiTConfig, batch: int, height: int, width: int, text_len: in
 # Stages
 
 
-def bench_dit(args, device: torch.device, dtype: torch.dtype) -> dict:
+def bench_dit(args, device: torch.device, dtype: torch.dtype, state=None) -> dict:
+    """`state`: this rank's fastdit.parallel.ParallelState when the step runs on several ranks (every rank
+    calls this; rank 0's result is reported), else None."""
     cfg = PRESETS[args.preset]
     batch = args.batch * (1 if args.no_cfg else 2)
     x, enc, t, shapes = dit_inputs(cfg, batch, args.height, args.width, args.text_len, dtype, device)
     n_img = x.shape[1]
     flops = dit_flops(cfg, batch, n_img, args.text_len)
-    model = random_dit(cfg, dtype, device, seed=args.seed)
-    if args.quantize:  # fastdit.quant: the block linears in fp8, quantized from the random weights
+    say = log if state is None or state.is_main else lambda msg: None
+    blocks = (
+        random_dit(cfg, dtype, device, args.seed)
+        if state is None
+        else parallel_random_dit(cfg, dtype, state, args.seed)
+    )
+    if args.quantize:  # fastdit.quant: the block linears in fp8, quantized from the random weights (after sharding)
         from fastdit.quant import quantize_model
 
-        quantize_model(model)
-    backend = set_attention_backend(model, args.attention)
+        quantize_model(blocks)
+    backend = set_attention_backend(blocks, args.attention)
+    if state is None:
+        model = blocks
+    else:  # the same call as the model's; splits the CFG batch / image tokens and gathers the output
+        from fastdit.parallel import ParallelTransformer
+
+        model = ParallelTransformer(blocks, state)
     rope = model.make_rope(shapes, args.text_len, device)
     # As the pipeline runs a step: AdaLN vectors from a table built once for all steps (all samples share t).
     mod, table_s = None, None
@@ -237,6 +274,7 @@ def bench_dit(args, device: torch.device, dtype: torch.dtype) -> dict:
             "padding": args.padding if args.uncond_text_len is not None else None,
         },
         "flops_per_step": flops,
+        "ranks": None if state is None else {"tp": state.tp, "sp": state.sp, "cfg": state.cfg},
         "attention_backend": backend,
         "quantize": args.quantize,
         "modulation": args.modulation,
@@ -246,14 +284,14 @@ def bench_dit(args, device: torch.device, dtype: torch.dtype) -> dict:
     runs = results["runs"]
 
     def run(name: str, fn: Callable[[], torch.Tensor], compile_first: bool):
-        log(f"[{name}] warming up" + (" (compiling)" if compile_first else ""))
+        say(f"[{name}] warming up" + (" (compiling)" if compile_first else ""))
         out, first, times, peak = measure(fn, device, args.warmup, args.iters)
         r = summarize(times, flops)
         r["first_call_s"] = first
         if peak is not None:
             r["peak_mem_gib"] = peak
         runs[name] = r
-        log(
+        say(
             f"[{name}] {r['median_s']:.4f} s/step (min {r['min_s']:.4f}, max {r['max_s']:.4f}), "
             f"{r['tflops']:.0f} TFLOP/s, first call {first:.1f} s"
         )
@@ -266,10 +304,10 @@ def bench_dit(args, device: torch.device, dtype: torch.dtype) -> dict:
         )
         if args.compile:
             compiled = (
-                torch.compile(model, fullgraph=True, backend=inductor_backend())
-                if args.compile == "full"
-                else compile_blocks(model)
+                torch.compile(model, fullgraph=True, backend=inductor_backend()) if args.compile == "full" else model
             )
+            if args.compile == "regional":
+                compile_blocks(blocks)
             ours_out = run(
                 f"{ours} compiled ({args.compile})",
                 lambda: compiled(x, enc, mask, t, rope=rope, txt_lens=txt_lens, modulation=mod),
@@ -388,13 +426,17 @@ def print_table(res: dict):
     if "matmul_tflops" in res:
         print(f"bf16 matmul ceiling this run: {res['matmul_tflops']:.0f} TFLOP/s")
     width = max([32, *map(len, runs)])
+    ranks = res.get("ranks")
+    world = 1 if not ranks else ranks["tp"] * ranks["sp"] * ranks["cfg"]
+    if ranks:
+        print(f"ranks: tp={ranks['tp']} sp={ranks['sp']} cfg={ranks['cfg']} (%ceil: of {world} x the ceiling)")
     print(
         f"{'run':{width}s} {'s/step':>8s} {'min':>8s} {'max':>8s} {'TFLOP/s':>8s} {'%ceil':>6s} {'vs base':>8s} "
         f"{'warm-up s':>9s} {'peak GiB':>8s}"
     )
     for name, r in runs.items():
         tf = r.get("tflops")
-        pct = f"{100 * tf / res['matmul_tflops']:.0f}" if tf and res.get("matmul_tflops") else "-"
+        pct = f"{100 * tf / (world * res['matmul_tflops']):.0f}" if tf and res.get("matmul_tflops") else "-"
         ratio = f"{base['median_s'] / r['median_s']:.2f}x" if base else "-"
         print(
             f"{name:{width}s} {r['median_s']:8.4f} {r['min_s']:8.4f} {r['max_s']:8.4f} "
@@ -478,8 +520,47 @@ def add_parser(subparsers):
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, metavar="FILE", help="write all numbers and the environment here")
+    add_parallel_arguments(p, "parallelism: the DiT step on tp x sp x cfg ranks (one process per GPU; gloo on CPU)")
     p.set_defaults(func=bench_main)
     return p
+
+
+def _parallel(args) -> bool:
+    from fastdit.parallel.launch import under_torchrun
+
+    return args.tp * args.sp * (2 if args.cfg_parallel else 1) > 1 or under_torchrun()
+
+
+def _bench_parallel(args, device: torch.device, dtype: torch.dtype) -> dict:
+    """The DiT step on tp x sp x cfg ranks (fastdit.parallel.launch: spawned here, or torchrun's)."""
+    from fastdit.parallel import check_parallel_config, launch
+    from fastdit.parallel.launch import check_world
+
+    unsupported = [
+        flag
+        for flag, on in (
+            (f"--stage {args.stage}", args.stage != "dit"),
+            ("--compare", args.compare),
+            ("--cuda-graph", args.cuda_graph),
+            ("--compile full", args.compile == "full"),
+        )
+        if on
+    ]
+    if unsupported:
+        raise FastditError(
+            f"{', '.join(unsupported)} cannot be combined with --tp / --sp / --cfg-parallel: the parallel bench "
+            "times the DiT step eager and with --compile (block by block)"
+        )
+    cfg = 2 if args.cfg_parallel else 1
+    check_world(args.tp, args.sp, cfg, device.type)
+    check_parallel_config(PRESETS[args.preset], args.tp, args.sp)
+    return launch(
+        _bench_rank, args, dtype, tp=args.tp, sp=args.sp, cfg=cfg, device=device.type, master_port=args.master_port
+    )
+
+
+def _bench_rank(state, args, dtype: torch.dtype) -> dict:
+    return bench_dit(args, state.device, dtype, state)
 
 
 def bench_main(args) -> int:
@@ -491,9 +572,14 @@ def bench_main(args) -> int:
     if args.cuda_graph and (device.type != "cuda" or args.stage != "dit"):
         raise FastditError("--cuda-graph times the DiT step on a CUDA GPU (--stage dit, --device cuda)")
     dtype = DTYPES[args.dtype]
-    stage = {"dit": bench_dit, "vae": bench_vae, "text-encoder": bench_text_encoder}[args.stage]
-    with torch.inference_mode() if args.stage != "dit" else nullcontext():
-        res = stage(args, device, dtype)
+    if _parallel(args):
+        res = _bench_parallel(args, device, dtype)
+        if int(os.environ.get("RANK", 0)) != 0:  # under torchrun every rank returns; rank 0 reports
+            return 0
+    else:
+        stage = {"dit": bench_dit, "vae": bench_vae, "text-encoder": bench_text_encoder}[args.stage]
+        with torch.inference_mode() if args.stage != "dit" else nullcontext():
+            res = stage(args, device, dtype)
     if args.stage == "dit":
         res["matmul_tflops"] = matmul_ceiling(device, dtype)
     res["environment"] = environment(device)

@@ -48,6 +48,28 @@ def add_attention_argument(parser) -> None:
     )
 
 
+def add_parallel_arguments(parser, title: str) -> None:
+    """--tp / --sp / --cfg-parallel / --master-port (fastdit.parallel), shared by generate, serve and bench."""
+    par = parser.add_argument_group(title)
+    par.add_argument("--tp", type=_positive_int, default=1, help="tensor-parallel degree (splits the DiT's heads)")
+    par.add_argument(
+        "--sp", type=_positive_int, default=1, help="Ulysses sequence-parallel degree (splits image tokens)"
+    )
+    par.add_argument(
+        "--cfg-parallel", action="store_true", help="run the cond and uncond CFG branches on two rank groups"
+    )
+    par.add_argument(
+        "--master-port", type=_int, default=None, help="rendezvous port on 127.0.0.1 (default: a free one)"
+    )
+
+
+def _positive_int(text: str) -> int:
+    value = _int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} must be >= 1")
+    return value
+
+
 def _int(text: str) -> int:
     try:
         return int(text)
@@ -119,15 +141,7 @@ def add_generate_parser(subparsers) -> argparse.ArgumentParser:
     )
     add_attention_argument(p)
     # fastdit.parallel: one process per rank on this machine (or the ranks torchrun started).
-    par = p.add_argument_group("parallelism (one process per GPU; gloo on CPU)")
-    par.add_argument("--tp", type=_int, default=1, help="tensor-parallel degree (splits the DiT's heads)")
-    par.add_argument("--sp", type=_int, default=1, help="Ulysses sequence-parallel degree (splits image tokens)")
-    par.add_argument(
-        "--cfg-parallel", action="store_true", help="run the cond and uncond CFG branches on two rank groups"
-    )
-    par.add_argument(
-        "--master-port", type=_int, default=None, help="rendezvous port on 127.0.0.1 (default: a free one)"
-    )
+    add_parallel_arguments(p, "parallelism (one process per GPU; gloo on CPU)")
     p.set_defaults(func=generate_main)
     return p
 

@@ -66,3 +66,26 @@ def test_bench_padded_uncond_text(tmp_path, padding):
     res = json.loads(out.read_text())
     assert res["shapes"]["uncond_text_tokens"] == 3 and res["shapes"]["padding"] == padding
     assert res["rel_l2_vs_diffusers"] < 1e-5
+
+
+def test_bench_on_two_ranks(tmp_path, capsys):
+    """--tp 2 (two gloo ranks on the CPU): the DiT step timed on tensor-parallel ranks, reported by rank 0."""
+    out = tmp_path / "tp.json"
+    argv = ["bench", "--preset", "tiny", "--device", "cpu", "--dtype", "fp32", "--height", "64", "--width", "64"]
+    argv += ["--text-len", "8", "--warmup", "1", "--iters", "2", "--tp", "2", "--json", str(out)]
+    assert main(argv) == 0
+    res = json.loads(out.read_text())
+    assert res["ranks"] == {"tp": 2, "sp": 1, "cfg": 1}
+    (run,) = res["runs"].values()
+    assert 0 < run["min_s"] <= run["median_s"] and run["n"] == 2
+    assert "ranks: tp=2 sp=1 cfg=1" in capsys.readouterr().out
+
+
+def test_bench_on_ranks_refuses_what_it_does_not_time(capsys):
+    base = ["bench", "--preset", "tiny", "--device", "cpu", "--cfg-parallel"]
+    for extra in (["--compare", "diffusers"], ["--stage", "vae"], ["--compile", "full"]):
+        assert main([*base, *extra]) == 2
+    assert main(["bench", "--preset", "tiny", "--device", "cpu", "--tp", "4"]) == 2  # the tiny DiT has 2 heads
+    err = capsys.readouterr().err
+    assert err.count("cannot be combined with --tp / --sp / --cfg-parallel") == 3
+    assert "not divisible by tp x sp" in err and "Traceback" not in err

@@ -20,7 +20,7 @@ from collections.abc import Callable
 
 import uvicorn
 
-from fastdit.cli import add_attention_argument
+from fastdit.cli import add_attention_argument, add_parallel_arguments
 from fastdit.errors import FastditError
 from fastdit.server.app import create_app
 from fastdit.server.engine import Engine, Generator, Warmup
@@ -69,13 +69,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument(
         "--compile", action="store_true", help="torch.compile the DiT block by block (the warmup compiles it)"
     )
-    par = parser.add_argument_group("parallelism (one process per GPU; gloo on CPU; rank 0 serves HTTP)")
-    par.add_argument("--tp", type=_positive, default=1, help="tensor-parallel degree (splits the DiT's heads)")
-    par.add_argument("--sp", type=_positive, default=1, help="Ulysses sequence-parallel degree (splits image tokens)")
-    par.add_argument(
-        "--cfg-parallel", action="store_true", help="run the cond and uncond CFG branches on two rank groups"
-    )
-    par.add_argument("--master-port", type=int, default=None, help="rendezvous port on 127.0.0.1 (default: a free one)")
+    add_parallel_arguments(parser, "parallelism (one process per GPU; gloo on CPU; rank 0 serves HTTP)")
     server = parser.add_argument_group("server")
     server.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s)")
     server.add_argument("--port", type=int, default=30000, help="port to bind (default: %(default)s)")
