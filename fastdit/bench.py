@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from fastdit.attention import BACKENDS
-from fastdit.cli import add_parallel_arguments
+from fastdit.cli import add_parallel_arguments, parallel_degrees, parallel_requested
 from fastdit.errors import FastditError
 from fastdit.inductor import backend as inductor_backend
 from fastdit.loader import diffusers_state_dict
@@ -525,16 +525,9 @@ def add_parser(subparsers):
     return p
 
 
-def _parallel(args) -> bool:
-    from fastdit.parallel.launch import under_torchrun
-
-    return args.tp * args.sp * (2 if args.cfg_parallel else 1) > 1 or under_torchrun()
-
-
 def _bench_parallel(args, device: torch.device, dtype: torch.dtype) -> dict:
     """The DiT step on tp x sp x cfg ranks (fastdit.parallel.launch: spawned here, or torchrun's)."""
     from fastdit.parallel import check_parallel_config, launch
-    from fastdit.parallel.launch import check_world
 
     unsupported = [
         flag
@@ -551,12 +544,9 @@ def _bench_parallel(args, device: torch.device, dtype: torch.dtype) -> dict:
             f"{', '.join(unsupported)} cannot be combined with --tp / --sp / --cfg-parallel: the parallel bench "
             "times the DiT step eager and with --compile (block by block)"
         )
-    cfg = 2 if args.cfg_parallel else 1
-    check_world(args.tp, args.sp, cfg, device.type)
-    check_parallel_config(PRESETS[args.preset], args.tp, args.sp)
-    return launch(
-        _bench_rank, args, dtype, tp=args.tp, sp=args.sp, cfg=cfg, device=device.type, master_port=args.master_port
-    )
+    tp, sp, cfg = parallel_degrees(args)
+    check_parallel_config(PRESETS[args.preset], tp, sp)  # before spawning; launch checks the devices
+    return launch(_bench_rank, args, dtype, tp=tp, sp=sp, cfg=cfg, device=device.type, master_port=args.master_port)
 
 
 def _bench_rank(state, args, dtype: torch.dtype) -> dict:
@@ -572,7 +562,7 @@ def bench_main(args) -> int:
     if args.cuda_graph and (device.type != "cuda" or args.stage != "dit"):
         raise FastditError("--cuda-graph times the DiT step on a CUDA GPU (--stage dit, --device cuda)")
     dtype = DTYPES[args.dtype]
-    if _parallel(args):
+    if parallel_requested(args):
         res = _bench_parallel(args, device, dtype)
         if int(os.environ.get("RANK", 0)) != 0:  # under torchrun every rank returns; rank 0 reports
             return 0

@@ -63,6 +63,18 @@ def add_parallel_arguments(parser, title: str) -> None:
     )
 
 
+def parallel_degrees(args: argparse.Namespace) -> tuple[int, int, int]:
+    """(tp, sp, cfg) from the arguments `add_parallel_arguments` declares."""
+    return args.tp, args.sp, 2 if args.cfg_parallel else 1
+
+
+def parallel_requested(args: argparse.Namespace) -> bool:
+    """Whether to run on several ranks: a degree above 1, or torchrun started this process (checked as
+    fastdit.parallel.launch does, without importing torch: the single-process path pays nothing)."""
+    tp, sp, cfg = parallel_degrees(args)
+    return tp * sp * cfg > 1 or ("RANK" in os.environ and "WORLD_SIZE" in os.environ)
+
+
 def _positive_int(text: str) -> int:
     value = _int(text)
     if value < 1:
@@ -248,7 +260,7 @@ def generate_main(args: argparse.Namespace, parallel=None) -> int:
     paths = output_paths(args.output, args.num_images, seeds)
     if args.timings_json:
         _check_writable_file(Path(args.timings_json), "--timings-json")
-    if parallel is None and _parallel_requested(args):
+    if parallel is None and parallel_requested(args):
         return _generate_parallel(args, first)
     main = parallel is None or parallel.is_main  # only rank 0 prints, shows progress and writes
 
@@ -323,29 +335,17 @@ def generate_main(args: argparse.Namespace, parallel=None) -> int:
 # every rank runs generate_main with its ParallelState, rank 0 alone prints and writes.
 
 
-def _parallel_requested(args: argparse.Namespace) -> bool:
-    return args.tp * args.sp * (2 if args.cfg_parallel else 1) > 1 or "WORLD_SIZE" in os.environ
-
-
 def _generate_parallel(args: argparse.Namespace, seed: int) -> int:
     from fastdit.loader import read_config, resolve_transformer_dir
     from fastdit.parallel import check_parallel_config, launch
     from fastdit.parallel.launch import check_world, device_type
 
-    cfg = 2 if args.cfg_parallel else 1
-    check_world(args.tp, args.sp, cfg, device_type(args.device))  # before any download or load
+    tp, sp, cfg = parallel_degrees(args)
+    check_world(tp, sp, cfg, device_type(args.device))  # before any download or load
     folder = resolve_model(args.model)  # once, here: a Hub download must not race between ranks
-    check_parallel_config(read_config(resolve_transformer_dir(folder)), args.tp, args.sp)
+    check_parallel_config(read_config(resolve_transformer_dir(folder)), tp, sp)
     rank_args = argparse.Namespace(**{**vars(args), "model": str(folder), "seed": seed})
-    return launch(
-        _generate_rank,
-        rank_args,
-        tp=args.tp,
-        sp=args.sp,
-        cfg=cfg,
-        device=args.device,
-        master_port=args.master_port,
-    )
+    return launch(_generate_rank, rank_args, tp=tp, sp=sp, cfg=cfg, device=args.device, master_port=args.master_port)
 
 
 def _generate_rank(state, args: argparse.Namespace) -> int:

@@ -285,23 +285,23 @@ class JointAttention(nn.Module):
     ) -> tuple[Tensor, Tensor]:
         n_txt = txt.shape[1]
         txt_qkv, img_qkv = self.txt_qkv(txt), self.img_qkv(img)  # (B, S, 3 * H * D), [q | k | v]
-        norms = (self.txt_q_norm, self.txt_k_norm, self.img_q_norm, self.img_k_norm)
         # v of both streams, joined: (B, S_txt + S_img, H, D); H is whatever this rank holds (all heads without TP).
         v = torch.cat([x.unflatten(-1, (3, -1, self.head_dim))[:, :, 2] for x in (txt_qkv, img_qkv)], dim=1)
+        # QK RMSNorm weights: text q, text k, image q, image k.
+        w_tq, w_tk, w_iq, w_ik = (
+            n.weight for n in (self.txt_q_norm, self.txt_k_norm, self.img_q_norm, self.img_k_norm)
+        )
         qk_scales, fp8 = None, None
         if self.core.backend == "fp8" and (key_mask is None or txt_lens is not None):
             # |q|, |k| after RMSNorm + RoPE are bounded by the norm weights: scales without a reduction.
-            qk_scales = (
-                fp8_scale(rms_norm_bound(self.txt_q_norm.weight, self.img_q_norm.weight)),
-                fp8_scale(rms_norm_bound(self.txt_k_norm.weight, self.img_k_norm.weight)),
-            )
+            qk_scales = (fp8_scale(rms_norm_bound(w_tq, w_iq)), fp8_scale(rms_norm_bound(w_tk, w_ik)))
             v, v_scale = quantize_tensor(v)
             fp8 = Fp8Scales(*qk_scales, v_scale, txt.dtype)
             if all(hasattr(layer, "forward_e4m3") for layer in (self.img_out, self.txt_out)):
                 fp8 = fp8._replace(out_dtype=None)  # fp8 out-projections take the e4m3 output as it is
         # q and k of both streams: QK norm + RoPE (+ e4m3) in one pass, written into the joint sequence.
-        weights = tuple(norm.weight for norm in norms)
-        q, k = qk_norm_rope(txt_qkv, img_qkv, weights, *rope, norms[0].eps, self.head_dim, qk_scales).unbind(0)
+        weights = (w_tq, w_tk, w_iq, w_ik)
+        q, k = qk_norm_rope(txt_qkv, img_qkv, weights, *rope, self.txt_q_norm.eps, self.head_dim, qk_scales).unbind(0)
         out = self.core(q, k, v, n_txt, key_mask, txt_lens, fp8)  # (B, S_txt + S_img, H, D)
         txt_o, img_o = out.flatten(2).split([n_txt, out.shape[1] - n_txt], dim=1)
         if out.dtype == torch.float8_e4m3fn:  # in units of V's scale

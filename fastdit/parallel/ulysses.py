@@ -24,11 +24,17 @@ from fastdit.model import Attention
 from fastdit.parallel.layers import all_gather
 
 
-def _all_to_all(x: Tensor, group: ProcessGroup) -> Tensor:
-    """all-to-all over dim 0; e4m3 (the fp8 attention's operands) travels as bytes, as not every backend has fp8."""
+def _collective(fn, x: Tensor, *args) -> Tensor:
+    """fn(x, *args) for a functional collective; e4m3 (the fp8 attention's tensors) travels as bytes, as not
+    every backend has fp8."""
     if x.dtype == torch.float8_e4m3fn:
-        return funcol.all_to_all_single(x.view(torch.uint8), None, None, group).view(x.dtype)
-    return funcol.all_to_all_single(x, None, None, group)
+        return fn(x.view(torch.uint8), *args).view(x.dtype)
+    return fn(x, *args)
+
+
+def _all_to_all(x: Tensor, group: ProcessGroup) -> Tensor:
+    """all-to-all over dim 0."""
+    return _collective(funcol.all_to_all_single, x, None, None, group)
 
 
 def _seq_to_heads(x: Tensor, sp: int, group: ProcessGroup) -> Tensor:
@@ -72,9 +78,6 @@ class UlyssesAttention(Attention):
         out = attention(joint(q), joint(k), joint(v), key_mask, self.backend, txt_lens, num_txt, fp8)
         txt, img = out[:, :num_txt], out[:, num_txt:]
         # (sp * B, S_txt, H/sp, D) in rank order -> (B, S_txt, H, D), heads in rank order.
-        if txt.dtype == torch.float8_e4m3fn:  # the fp8 attention's e4m3 output travels as bytes
-            txt = all_gather(txt.contiguous().view(torch.uint8), 0, self.group).view(txt.dtype)
-        else:
-            txt = all_gather(txt.contiguous(), 0, self.group)
+        txt = _collective(all_gather, txt.contiguous(), 0, self.group)
         txt = txt.unflatten(0, (self.sp, -1)).permute(1, 2, 0, 3, 4).flatten(2, 3)
         return torch.cat([txt, _heads_to_seq(img, self.sp, self.group)], dim=1)

@@ -20,7 +20,7 @@ from collections.abc import Callable
 
 import uvicorn
 
-from fastdit.cli import add_attention_argument, add_parallel_arguments
+from fastdit.cli import add_attention_argument, add_parallel_arguments, parallel_requested
 from fastdit.errors import FastditError
 from fastdit.server.app import create_app
 from fastdit.server.engine import Engine, Generator, Warmup
@@ -219,13 +219,13 @@ def serve_main(args: argparse.Namespace) -> int:
     sock = bind_socket(args.host, args.port) if ranks.serves_http() else None
     try:
         path = resolve_model_path(args.model)
-        if ranks.requested(args):
+        if parallel_requested(args):
             ranks.check(args, path)  # degrees against the devices and the model's heads, before loading
     except BaseException:
         if sock is not None:
             sock.close()
         raise
-    if ranks.requested(args):
+    if parallel_requested(args):
         return ranks.serve(args, sock, path)
     return run_server(args, sock, lambda: load_generator(args, path))
 

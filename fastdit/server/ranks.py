@@ -39,6 +39,7 @@ from datetime import timedelta
 
 from PIL import Image
 
+from fastdit.cli import parallel_degrees
 from fastdit.errors import FastditError
 from fastdit.server.engine import GeneratorBroken
 
@@ -50,19 +51,8 @@ CONTROL_TIMEOUT = timedelta(days=365)
 _GO, _STOP = 0, 1  # the per-step flag
 
 
-def degrees(args: argparse.Namespace) -> tuple[int, int, int]:
-    """(tp, sp, cfg) from the command line."""
-    return args.tp, args.sp, 2 if args.cfg_parallel else 1
-
-
 def _under_torchrun() -> bool:  # as fastdit.parallel.launch says, without importing torch here
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
-
-
-def requested(args: argparse.Namespace) -> bool:
-    """Whether to serve on several ranks; cheap (no torch import), the single-process path pays nothing."""
-    tp, sp, cfg = degrees(args)
-    return tp * sp * cfg > 1 or _under_torchrun()
 
 
 def serves_http() -> bool:
@@ -76,7 +66,7 @@ def check(args: argparse.Namespace, path: str) -> None:
     from fastdit.parallel import check_parallel_config
     from fastdit.parallel.launch import check_world, device_type
 
-    check_world(*degrees(args), device_type(args.device))
+    check_world(*parallel_degrees(args), device_type(args.device))
     check_parallel_config(read_config(resolve_transformer_dir(path)), args.tp, args.sp)
 
 
@@ -90,7 +80,7 @@ def serve(args: argparse.Namespace, sock: socket.socket | None, path: str) -> in
     from fastdit.parallel import RankError, launch
     from fastdit.parallel.launch import under_torchrun
 
-    tp, sp, cfg = degrees(args)
+    tp, sp, cfg = parallel_degrees(args)
     spawned = not under_torchrun()
     leader_pid = mp.get_context("spawn").RawValue("q", 0) if spawned else None  # rank 0 writes its pid
     received: list[int] = []
