@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Reproduces the tables in benchmarks/RESULTS.md on one GPU (needs diffusers installed for --compare):
-#   bash benchmarks/run_all.sh [OUTDIR] [dit|shapes|padding|stages|fp8|attention|profile|all]
+#   bash benchmarks/run_all.sh [OUTDIR] [dit|shapes|padding|stages|fp8|attention|profile|multigpu|all]
+# (multigpu needs 2 GPUs and is not part of all)
 # Set FASTDIT="python -m fastdit" if the `fastdit` command is not on PATH.
 set -euo pipefail
 out=${1:-bench-results}
@@ -34,6 +35,8 @@ fi
 if [[ $what == attention || $what == all ]]; then
     echo "+ python $here/attention_backends.py" >&2
     python "$here/attention_backends.py" | tee "$out/attention.txt"
+    echo "+ python $here/cudnn_plans.py" >&2
+    python "$here/cudnn_plans.py" | tee "$out/cudnn-plans.txt"
 fi
 if [[ $what == profile || $what == all ]]; then
     for variant in "" "--quantize fp8" "--quantize fp8 --attention fp8"; do
@@ -41,4 +44,14 @@ if [[ $what == profile || $what == all ]]; then
         # shellcheck disable=SC2086
         python "$here/profile_step.py" $variant | tee -a "$out/profile.txt"
     done
+fi
+if [[ $what == multigpu ]]; then
+    b=(bench --iters 8 --warmup 2 --compile)
+    run "${b[@]}" --compare diffusers-eager --json "$out/multi-1gpu.json"
+    run "${b[@]}" --tp 2 --json "$out/multi-tp2.json"
+    run "${b[@]}" --sp 2 --json "$out/multi-sp2.json"
+    run "${b[@]}" --cfg-parallel --json "$out/multi-cfg2.json"
+    run "${b[@]}" --tp 2 --quantize fp8 --cuda-graph --json "$out/multi-tp2-fp8.json"
+    run "${b[@]}" --cfg-parallel --quantize fp8 --json "$out/multi-cfg2-fp8.json"
+    run "${b[@]}" --cfg-parallel --quantize fp8 --attention fp8 --cuda-graph --json "$out/multi-cfg2-fp8-fp8attn.json"
 fi

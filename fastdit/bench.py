@@ -27,6 +27,7 @@ from torch import nn
 
 from fastdit.attention import BACKENDS
 from fastdit.cli import add_parallel_arguments, parallel_degrees, parallel_requested
+from fastdit.cudagraph import CudaGraphStep
 from fastdit.errors import FastditError
 from fastdit.inductor import backend as inductor_backend
 from fastdit.loader import diffusers_state_dict
@@ -101,23 +102,11 @@ def summarize(times: list[float], flops: float | None = None) -> dict:
 
 
 def cuda_graph(fn: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
-    """Capture fn (fixed inputs, no host syncs) in a CUDA graph; returns a replay that gives fn's output
-    tensor (its memory is the graph's, overwritten by each replay)."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):  # warm up outside the default stream, as capture requires
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = fn()
-
-    def replay() -> torch.Tensor:
-        graph.replay()
-        return out
-
-    return replay
+    """fn (fixed inputs, no host syncs) captured in a CUDA graph (fastdit.cudagraph) after two warm-up runs;
+    returns the replay, which gives fn's output tensor (the graph's memory, overwritten by each replay)."""
+    step = CudaGraphStep(fn, warmup=2)
+    step()  # warm-up and capture
+    return step
 
 
 def matmul_ceiling(device: torch.device, dtype: torch.dtype) -> float:
@@ -148,9 +137,9 @@ def parallel_random_dit(cfg: DiTConfig, dtype: torch.dtype, state, seed: int = 0
     from fastdit.parallel import parallelize
 
     with torch.device("meta"):
-        model = QwenImageTransformer(cfg).to(dtype)
-    parallelize(model, state)
-    model.to_empty(device=state.device)
+        model = QwenImageTransformer(cfg)
+    parallelize(model, state)  # its parallel layers are created in the default dtype: cast after the swap
+    model.to(dtype).to_empty(device=state.device)
     fill_random_(model, state.device, seed)
     return model.eval().requires_grad_(False)
 
@@ -534,7 +523,6 @@ def _bench_parallel(args, device: torch.device, dtype: torch.dtype) -> dict:
         for flag, on in (
             (f"--stage {args.stage}", args.stage != "dit"),
             ("--compare", args.compare),
-            ("--cuda-graph", args.cuda_graph),
             ("--compile full", args.compile == "full"),
         )
         if on
@@ -542,7 +530,7 @@ def _bench_parallel(args, device: torch.device, dtype: torch.dtype) -> dict:
     if unsupported:
         raise FastditError(
             f"{', '.join(unsupported)} cannot be combined with --tp / --sp / --cfg-parallel: the parallel bench "
-            "times the DiT step eager and with --compile (block by block)"
+            "times the DiT step eager, with --compile (block by block) and with --cuda-graph"
         )
     tp, sp, cfg = parallel_degrees(args)
     check_parallel_config(PRESETS[args.preset], tp, sp)  # before spawning; launch checks the devices

@@ -48,6 +48,29 @@ def add_attention_argument(parser) -> None:
     )
 
 
+def add_cuda_graph_argument(parser) -> None:
+    """--cuda-graph, shared by `generate` and `serve` (fastdit.pipeline.QwenImagePipeline.enable_cuda_graph)."""
+    parser.add_argument(
+        "--cuda-graph",
+        action="store_true",
+        help="replay each denoising step from a CUDA graph, recorded at each call's first step (CUDA only; "
+        "one graph per image size and text length at a time, kept in GPU memory)",
+    )
+
+
+def check_cuda_graph_device(device) -> None:
+    """--cuda-graph on a device that is not CUDA: a one-line error before anything loads."""
+    import torch
+
+    try:
+        device = torch.device(device) if device is not None else None
+    except RuntimeError as e:
+        raise FastditError(f"--device {device}: {e}") from None
+    on_cuda = device.type == "cuda" if device is not None else torch.cuda.is_available()
+    if not on_cuda:
+        raise FastditError(f"--cuda-graph needs a CUDA device, but the pipeline would run on {device or 'cpu'}")
+
+
 def add_parallel_arguments(parser, title: str) -> None:
     """--tp / --sp / --cfg-parallel / --master-port (fastdit.parallel), shared by generate, serve and bench."""
     par = parser.add_argument_group(title)
@@ -152,6 +175,7 @@ def add_generate_parser(subparsers) -> argparse.ArgumentParser:
         "`fastdit quantize` is fp8 without this flag",
     )
     add_attention_argument(p)
+    add_cuda_graph_argument(p)
     # fastdit.parallel: one process per rank on this machine (or the ranks torchrun started).
     add_parallel_arguments(p, "parallelism (one process per GPU; gloo on CPU)")
     p.set_defaults(func=generate_main)
@@ -260,6 +284,8 @@ def generate_main(args: argparse.Namespace, parallel=None) -> int:
     paths = output_paths(args.output, args.num_images, seeds)
     if args.timings_json:
         _check_writable_file(Path(args.timings_json), "--timings-json")
+    if args.cuda_graph:
+        check_cuda_graph_device(args.device)
     if parallel is None and parallel_requested(args):
         return _generate_parallel(args, first)
     main = parallel is None or parallel.is_main  # only rank 0 prints, shows progress and writes
@@ -290,6 +316,8 @@ def generate_main(args: argparse.Namespace, parallel=None) -> int:
     )
     if args.compile:
         pipe.compile()
+    if args.cuda_graph:
+        pipe.enable_cuda_graph()
     load_s = time.perf_counter() - t0
     if main:
         print(f"fastdit: loaded {folder} in {load_s:.1f} s ({pipe.device}, {str(dtype).removeprefix('torch.')})")

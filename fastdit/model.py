@@ -303,9 +303,12 @@ class JointAttention(nn.Module):
         weights = (w_tq, w_tk, w_iq, w_ik)
         q, k = qk_norm_rope(txt_qkv, img_qkv, weights, *rope, self.txt_q_norm.eps, self.head_dim, qk_scales).unbind(0)
         out = self.core(q, k, v, n_txt, key_mask, txt_lens, fp8)  # (B, S_txt + S_img, H, D)
-        txt_o, img_o = out.flatten(2).split([n_txt, out.shape[1] - n_txt], dim=1)
         if out.dtype == torch.float8_e4m3fn:  # in units of V's scale
-            return self.img_out.forward_e4m3(img_o, fp8.v), self.txt_out.forward_e4m3(txt_o, fp8.v)
+            # cuDNN writes O sequence-major: as (S, B, H * D), each stream's rows are one contiguous block.
+            txt_o, img_o = out.transpose(0, 1).flatten(2).split([n_txt, out.shape[1] - n_txt])
+            img_a, txt_a = self.img_out.forward_e4m3(img_o, fp8.v), self.txt_out.forward_e4m3(txt_o, fp8.v)
+            return img_a.transpose(0, 1), txt_a.transpose(0, 1)  # (B, S_x, dim) views
+        txt_o, img_o = out.flatten(2).split([n_txt, out.shape[1] - n_txt], dim=1)
         return self.img_out(img_o), self.txt_out(txt_o)
 
 

@@ -123,6 +123,8 @@ class QwenImagePipeline:
         self.latent_channels = vae.config.z_dim
         self.last_timings: dict[str, float] = {}
         self.last_seeds: int | list[int] | None = None
+        self.cuda_graph = False  # see enable_cuda_graph
+        self._graph_key, self._graph = None, None
 
     @classmethod
     def from_pretrained(
@@ -205,6 +207,42 @@ class QwenImagePipeline:
         compile_blocks(getattr(self.transformer, "model", self.transformer))  # ParallelTransformer wraps it
         return self
 
+    def enable_cuda_graph(self) -> QwenImagePipeline:
+        """Replay each denoising step from a CUDA graph (fastdit.cudagraph): the GPU no longer waits for
+        Python to launch the step's ~2000 kernels. Per image size, batch and text length, the first step of a
+        call runs normally and is recorded; the graph is kept for later calls of the same shapes (one at a
+        time: its activations stay in GPU memory). Works compiled or not, on every rank of a parallel run."""
+        if self.device.type != "cuda":
+            raise FastditError(f"CUDA graphs need a CUDA device; this pipeline runs on {self.device}")
+        self.cuda_graph = True
+        return self
+
+    def _step_fn(self, key, txt_mask, img_shapes, txt_lens):
+        """The DiT call of one step: the transformer itself, or its CUDA graph for these shapes (`key`)."""
+        from fastdit.cudagraph import CudaGraphStep
+        from fastdit.model import Rope, StepModulation
+
+        transformer = self.transformer  # not self: a graph held by the pipeline must not keep it alive in a cycle
+
+        def step(x, txt, mask, timestep, cos, sin, mod_img, mod_txt, mod_final):
+            return transformer(
+                hidden_states=x,
+                encoder_hidden_states=txt,
+                encoder_hidden_states_mask=mask,
+                timestep=timestep,
+                img_shapes=img_shapes,
+                rope=Rope(cos, sin),
+                txt_lens=txt_lens,
+                modulation=StepModulation(mod_img, mod_txt, mod_final),
+            )
+
+        if not self.cuda_graph:
+            return step
+        if self._graph_key != key:
+            self._graph_key, self._graph = None, None  # free the old graph's memory before recording a new one
+            self._graph_key, self._graph = key, CudaGraphStep(step)
+        return self._graph
+
     @torch.inference_mode()
     def __call__(
         self,
@@ -277,6 +315,10 @@ class QwenImagePipeline:
         modulation = self.transformer.modulation_table(timesteps)
 
         # 3. Flow-match Euler sampling.
+        # Every tensor the step reads is an argument, so a CUDA graph recorded in an earlier call with the same
+        # shapes reads this call's text, mask and RoPE tables (copied into its inputs).
+        key = (tuple(latents.shape), do_cfg, tuple(txt.shape), txt_mask is not None, txt_lens)
+        step = self._step_fn(key, txt_mask, img_shapes, txt_lens)
         bar = None
         if show_progress:
             from tqdm.auto import tqdm
@@ -285,16 +327,7 @@ class QwenImagePipeline:
         for i in range(num_inference_steps):
             timestep = timesteps[i].expand(txt.shape[0])
             x = torch.cat([latents, latents]) if do_cfg else latents
-            velocity = self.transformer(
-                hidden_states=x,
-                encoder_hidden_states=txt,
-                encoder_hidden_states_mask=txt_mask,
-                timestep=timestep,
-                img_shapes=img_shapes,
-                rope=rope,
-                txt_lens=txt_lens,
-                modulation=modulation[i],
-            )
+            velocity = step(x, txt, txt_mask, timestep, *rope, *modulation[i])
             if do_cfg:
                 cond, uncond = velocity.chunk(2)
                 velocity = guided_velocity(cond, uncond, true_cfg_scale)

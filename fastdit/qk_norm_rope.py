@@ -165,7 +165,7 @@ def _launch(kernel, txt_qkv, img_qkv, norms, cos, sin, eps, head_dim, q_scale=No
     """Two launches into one joint output: the text stream's tokens, then the image stream's."""
     b, n_txt, width = txt_qkv.shape
     seq = n_txt + img_qkv.shape[1]
-    heads = width // (3 * head_dim)
+    heads = int(width) // (3 * head_dim)  # a kernel constant: int() specializes a width torch.compile made dynamic
     quantize = q_scale is not None
     out = torch.empty((2, b, seq, heads, head_dim), device=txt_qkv.device, dtype=FP8 if quantize else txt_qkv.dtype)
     cos, sin = cos.contiguous(), sin.contiguous()

@@ -65,7 +65,9 @@ def _launch(kernel, h: Tensor) -> tuple[Tensor, Tensor]:
         x = x.contiguous()
     values = torch.empty(x.shape, device=h.device, dtype=FP8)
     scales = torch.empty((x.shape[0], 1), device=h.device, dtype=torch.float32)
-    block = triton.next_power_of_2(n)
+    # int(): under torch.compile a width that became dynamic (one function compiled for several widths) is
+    # specialized here, since Triton's block size must be a constant.
+    block = triton.next_power_of_2(int(n))
     # ~64 float32 values per thread: 8 warps at 12288 wide (H100: 0.151 ms at 8192 rows, 0.156 with 16 warps)
     warps = max(4, min(16, block // 2048))
     kernel[(x.shape[0],)](x, values, scales, n, x.stride(0), BLOCK=block, num_warps=warps)

@@ -69,9 +69,10 @@ def test_bench_padded_uncond_text(tmp_path, padding):
 
 
 def test_bench_on_two_ranks(tmp_path, capsys):
-    """--tp 2 (two gloo ranks on the CPU): the DiT step timed on tensor-parallel ranks, reported by rank 0."""
+    """--tp 2 (two gloo ranks on the CPU): the DiT step timed on tensor-parallel ranks, reported by rank 0; in
+    bf16, so the parallel layers (created after the model) must be cast too."""
     out = tmp_path / "tp.json"
-    argv = ["bench", "--preset", "tiny", "--device", "cpu", "--dtype", "fp32", "--height", "64", "--width", "64"]
+    argv = ["bench", "--preset", "tiny", "--device", "cpu", "--dtype", "bf16", "--height", "64", "--width", "64"]
     argv += ["--text-len", "8", "--warmup", "1", "--iters", "2", "--tp", "2", "--json", str(out)]
     assert main(argv) == 0
     res = json.loads(out.read_text())

@@ -86,6 +86,18 @@ def test_attention_sdpa_equals_auto_on_cpu(tiny_dir, tmp_path):
         assert b.size == (32, 32) and a.tobytes() == b.tobytes()
 
 
+def test_cuda_graph_on_cpu_is_one_line(tiny_dir, tmp_path, capsys):
+    """--cuda-graph needs CUDA: exit 2 and one stderr line, before loading; also with ranks (gloo)."""
+    out = tmp_path / "x.png"
+    argv = ["generate", "--model", str(tiny_dir), "--prompt", "x", "--cuda-graph", "--steps", "1", "--output", str(out)]
+    for extra in (["--device", "cpu"], ["--device", "cpu", "--cfg-parallel"], ["--device", "not-a-device"]):
+        assert main([*argv, *extra]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("fastdit: error:") and "Traceback" not in err[0], err
+        assert "--cuda-graph needs a CUDA device" in err[0] or "not-a-device" in err[0], err
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("backend, says", [("int8", "8-bit attention"), ("fp8", "fp8 attention")])
 def test_8bit_attention_on_cpu_is_one_line(tiny_dir, tmp_path, capsys, backend, says):
     """The 8-bit kernels need CUDA: exit 2, one stderr line saying so, no image."""

@@ -204,3 +204,40 @@ def test_compiled_pipeline_gives_the_same_image(tiny_dir):
     torch._dynamo.reset()
     compiled = pipe.compile()("a lighthouse at dusk", **kw)
     assert np.abs(_pixels(compiled) - _pixels(eager)).max() <= 1
+
+
+def test_cuda_graph_needs_cuda(tiny_pipe):
+    from fastdit.cudagraph import CudaGraphStep
+
+    with pytest.raises(FastditError, match="CUDA graphs need a CUDA device"):
+        tiny_pipe.enable_cuda_graph()
+    assert not tiny_pipe.cuda_graph
+    with pytest.raises(FastditError, match="on a CUDA device"):
+        CudaGraphStep(lambda x: x * 2)(torch.ones(3))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graph_gives_the_same_images(tiny_dir):
+    """Steps replayed from a CUDA graph give the images of the plain pipeline; a later call with the same shapes
+    but another prompt and seed reuses the graph and reads its own text; another size records a new one."""
+    from fastdit.pipeline import QwenImagePipeline
+
+    pipe = QwenImagePipeline.from_pretrained(tiny_dir, dtype=torch.float32, device="cuda")
+    kw = dict(negative_prompt=" ", height=32, width=48, num_inference_steps=3, show_progress=False)
+    runs = [("a red fox", 5), ("a tan cat", 6), ("a blue bird", 7)]  # same token count: one graph
+    plain = [_pixels(pipe(prompt, seed=seed, **kw)) for prompt, seed in runs]
+    pipe.enable_cuda_graph()
+    graphed, graphs = [], []
+    for prompt, seed in runs:
+        graphed.append(_pixels(pipe(prompt, seed=seed, **kw)))
+        graphs.append(pipe._graph)
+    first = graphs[0]
+    assert first is not None and all(g is first for g in graphs)
+    for a, b in zip(plain, graphed, strict=True):
+        assert np.array_equal(a, b)
+    assert not np.array_equal(graphed[0], graphed[1])
+    taller = pipe("a red fox", seed=5, **{**kw, "height": 48})
+    assert pipe._graph is not first
+    pipe.cuda_graph = False
+    assert np.array_equal(_pixels(taller), _pixels(pipe("a red fox", seed=5, **{**kw, "height": 48})))

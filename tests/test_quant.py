@@ -306,6 +306,7 @@ def test_gelu_quantize_rows_kernel_on_gpu(width):
     # GELU via sigmoid vs torch's tanh form differ in the last float32 bits: a few values round the other way.
     assert (v.float() != rv.float()).float().mean().item() < 1e-3
     assert rel_err(v.float() * s, rv.float() * rs) < 1e-3
-    compiled = torch.compile(gelu_quantize_rows, fullgraph=True)
+    # dynamic=True: the width symbolic too (as after several widths through one compiled function)
+    compiled = torch.compile(gelu_quantize_rows, fullgraph=True, dynamic=True)
     cv, cs = compiled(h)
     assert torch.equal(cv.float(), v.float()) and torch.equal(cs, s)

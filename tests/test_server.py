@@ -628,6 +628,13 @@ def test_cli_refuses_int8_attention_on_cpu_before_binding(tmp_path, capsys):
     assert len(lines) == 1 and lines[0].startswith("fastdit: error: 8-bit attention") and "CUDA" in lines[0], lines
 
 
+def test_cli_refuses_cuda_graph_on_cpu(tmp_path, capsys):
+    """--cuda-graph --device cpu: exit 2 with one line, before the model folder is looked at."""
+    assert main(["serve", "--model", str(tmp_path / "absent"), "--cuda-graph", "--device", "cpu", "--port", "0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--cuda-graph needs a CUDA device" in err[0], err
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_signal_shuts_down_cleanly(sig, tmp_path, tiny_cache):

@@ -16,6 +16,7 @@ other exception as `RankError` carrying the rank's message and traceback.
 
 from __future__ import annotations
 
+import gc
 import os
 import pickle
 import socket
@@ -136,6 +137,15 @@ def _worker(rank, world, port, tp, sp, cfg, dev_type, fn, args, queue) -> None:
     except BaseException as e:
         queue.put(("error", rank, (_picklable(e), f"{type(e).__name__}: {e}", traceback.format_exc())))
         raise  # the spawn wrapper exits non-zero; the parent terminates the other ranks
+    _destroy_process_group()
+
+
+def _destroy_process_group() -> None:
+    """Collect garbage first: a CUDA graph with NCCL collectives recorded in it (a pipeline's `--cuda-graph`
+    step) must be gone before its communicators are destroyed, else the rank hangs at exit."""
+    gc.collect()
+    if torch.cuda.is_initialized():
+        torch.cuda.synchronize()
     dist.destroy_process_group()
 
 
@@ -168,7 +178,7 @@ def launch(
         try:
             return fn(make_parallel_state(tp, sp, cfg, dev), *args)
         finally:
-            dist.destroy_process_group()
+            _destroy_process_group()
     if world == 1:
         return fn(_single(device, dev_type), *args)
     if master_port is None:

@@ -20,7 +20,13 @@ from collections.abc import Callable
 
 import uvicorn
 
-from fastdit.cli import add_attention_argument, add_parallel_arguments, parallel_requested
+from fastdit.cli import (
+    add_attention_argument,
+    add_cuda_graph_argument,
+    add_parallel_arguments,
+    check_cuda_graph_device,
+    parallel_requested,
+)
 from fastdit.errors import FastditError
 from fastdit.server.app import create_app
 from fastdit.server.engine import Engine, Generator, Warmup
@@ -69,6 +75,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument(
         "--compile", action="store_true", help="torch.compile the DiT block by block (the warmup compiles it)"
     )
+    add_cuda_graph_argument(model)
     add_parallel_arguments(parser, "parallelism (one process per GPU; gloo on CPU; rank 0 serves HTTP)")
     server = parser.add_argument_group("server")
     server.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s)")
@@ -135,12 +142,16 @@ def load_generator(args: argparse.Namespace, model_path: str, parallel=None) -> 
     )
     if args.compile:
         pipe.compile()
+    if args.cuda_graph:
+        pipe.enable_cuda_graph()
     return pipe
 
 
 def _check_device_options(args: argparse.Namespace) -> None:
     """--quantize fp8 on a device without fp8 GEMMs, or an --attention backend the device lacks, is a one-line
     error before anything binds or loads."""
+    if args.cuda_graph:
+        check_cuda_graph_device(args.device)
     if args.quantize is None and args.attention == "auto":
         return
     from fastdit.attention import resolve_backend

@@ -1,0 +1,57 @@
+"""One function of fixed-shape tensors, replayed from a CUDA graph.
+
+A DiT step launches about 2000 kernels; from Python that takes longer than the GPU needs for the small ones,
+so the GPU waits between them (fp8 at 1024^2 on an H100: 0.159 s/step launched, 0.155 replayed). A CUDA graph
+records the launches once and replays them with one call.
+
+`CudaGraphStep(fn)` wraps fn(*tensors) -> tensor. Its first call runs fn on a side stream (compiling, building
+cuDNN plans, returning the real output) and then records fn into a graph over private copies of the
+arguments; each later call copies its arguments into those copies and replays. Later arguments must have the
+first call's shapes and dtypes; whoever holds one `CudaGraphStep` keys it by them (fastdit.pipeline). The
+returned tensor is the graph's memory: the next call overwrites it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from fastdit.errors import FastditError
+
+
+class CudaGraphStep:
+    def __init__(self, fn: Callable[..., Tensor], warmup: int = 1):
+        self.fn, self.warmup = fn, warmup
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.inputs: list[Tensor | None] = []
+        self.output: Tensor | None = None
+
+    def __call__(self, *args: Tensor | None) -> Tensor:
+        if self.graph is None:
+            return self._capture(args)
+        for static, arg in zip(self.inputs, args, strict=True):
+            if static is not None:
+                static.copy_(arg)
+        self.graph.replay()
+        return self.output
+
+    def _capture(self, args) -> Tensor:
+        if any(a is not None and not a.is_cuda for a in args):
+            raise FastditError("CUDA graphs need the step's tensors on a CUDA device")
+        # None stays None (an absent optional input); clone keeps the strides of dense tensors.
+        self.inputs = [None if a is None else a.clone() for a in args]
+        main = torch.cuda.current_stream()
+        side = torch.cuda.Stream()
+        side.wait_stream(main)
+        with torch.cuda.stream(side):  # capture wants the lazy first-call work done off the default stream
+            for _ in range(self.warmup):
+                out = self.fn(*self.inputs)
+        main.wait_stream(side)
+        out.record_stream(main)  # allocated on the side stream, used and freed on this one
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self.output = self.fn(*self.inputs)
+        self.graph = graph
+        return out
