@@ -217,7 +217,7 @@ class QwenImagePipeline:
         self.cuda_graph = True
         return self
 
-    def _step_fn(self, key, txt_mask, img_shapes, txt_lens):
+    def _step_fn(self, key, img_shapes, txt_lens):
         """The DiT call of one step: the transformer itself, or its CUDA graph for these shapes (`key`)."""
         from fastdit.cudagraph import CudaGraphStep
         from fastdit.model import Rope, StepModulation
@@ -318,7 +318,7 @@ class QwenImagePipeline:
         # Every tensor the step reads is an argument, so a CUDA graph recorded in an earlier call with the same
         # shapes reads this call's text, mask and RoPE tables (copied into its inputs).
         key = (tuple(latents.shape), do_cfg, tuple(txt.shape), txt_mask is not None, txt_lens)
-        step = self._step_fn(key, txt_mask, img_shapes, txt_lens)
+        step = self._step_fn(key, img_shapes, txt_lens)
         bar = None
         if show_progress:
             from tqdm.auto import tqdm
