@@ -53,8 +53,8 @@ def add_cuda_graph_argument(parser) -> None:
     parser.add_argument(
         "--cuda-graph",
         action="store_true",
-        help="replay each denoising step from a CUDA graph, recorded at each call's first step (CUDA only; "
-        "one graph per image size and text length at a time, kept in GPU memory)",
+        help="replay each denoising step from a CUDA graph, recorded at a call's first step (CUDA only; the "
+        "graph of the latest image size and text length stays in GPU memory for later calls)",
     )
 
 
