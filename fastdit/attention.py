@@ -135,11 +135,11 @@ def attention(
         return attention_fp8(q, k, v, fp8)
     if fp8 is not None:  # a masked call: the exact fallback below on the dequantized operands
         q, k, v = dequantize(q, k, v, fp8)
-    if backend == "flash_attn" and key_mask is None and q.dtype in (torch.float16, torch.bfloat16):
+    if q.dtype not in (torch.float16, torch.bfloat16):  # the cuDNN and flash kernels are half-precision only
+        backend = "sdpa"
+    if backend == "flash_attn" and key_mask is None:
         return _flash_attn_func()(q, k, v)
     qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, S, D)
-    if q.dtype not in (torch.float16, torch.bfloat16):  # cuDNN's and flash's kernels are half-precision only
-        backend = "sdpa"
     if backend == "cudnn" and key_mask is None:
         out = torch.ops.aten._scaled_dot_product_cudnn_attention(qt, kt, vt, None, False, 0.0, False, False)[0]
     elif backend == "flash" and key_mask is None:

@@ -92,10 +92,11 @@ def parallel_degrees(args: argparse.Namespace) -> tuple[int, int, int]:
 
 
 def parallel_requested(args: argparse.Namespace) -> bool:
-    """Whether to run on several ranks: a degree above 1, or torchrun started this process (checked as
-    fastdit.parallel.launch does, without importing torch: the single-process path pays nothing)."""
+    """Whether to run on several ranks: a degree above 1, or torchrun started this process."""
+    from fastdit.parallel.launch import under_torchrun
+
     tp, sp, cfg = parallel_degrees(args)
-    return tp * sp * cfg > 1 or ("RANK" in os.environ and "WORLD_SIZE" in os.environ)
+    return tp * sp * cfg > 1 or under_torchrun()
 
 
 def _positive_int(text: str) -> int:

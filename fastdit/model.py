@@ -288,9 +288,8 @@ class JointAttention(nn.Module):
         # v of both streams, joined: (B, S_txt + S_img, H, D); H is whatever this rank holds (all heads without TP).
         v = torch.cat([x.unflatten(-1, (3, -1, self.head_dim))[:, :, 2] for x in (txt_qkv, img_qkv)], dim=1)
         # QK RMSNorm weights: text q, text k, image q, image k.
-        w_tq, w_tk, w_iq, w_ik = (
-            n.weight for n in (self.txt_q_norm, self.txt_k_norm, self.img_q_norm, self.img_k_norm)
-        )
+        norms = tuple(n.weight for n in (self.txt_q_norm, self.txt_k_norm, self.img_q_norm, self.img_k_norm))
+        w_tq, w_tk, w_iq, w_ik = norms
         qk_scales, fp8 = None, None
         if self.core.backend == "fp8" and (key_mask is None or txt_lens is not None):
             # |q|, |k| after RMSNorm + RoPE are bounded by the norm weights: scales without a reduction.
@@ -300,8 +299,7 @@ class JointAttention(nn.Module):
             if all(hasattr(layer, "forward_e4m3") for layer in (self.img_out, self.txt_out)):
                 fp8 = fp8._replace(out_dtype=None)  # fp8 out-projections take the e4m3 output as it is
         # q and k of both streams: QK norm + RoPE (+ e4m3) in one pass, written into the joint sequence.
-        weights = (w_tq, w_tk, w_iq, w_ik)
-        q, k = qk_norm_rope(txt_qkv, img_qkv, weights, *rope, self.txt_q_norm.eps, self.head_dim, qk_scales).unbind(0)
+        q, k = qk_norm_rope(txt_qkv, img_qkv, norms, *rope, self.txt_q_norm.eps, self.head_dim, qk_scales).unbind(0)
         out = self.core(q, k, v, n_txt, key_mask, txt_lens, fp8)  # (B, S_txt + S_img, H, D)
         if out.dtype == torch.float8_e4m3fn:  # in units of V's scale
             # cuDNN writes O sequence-major: as (S, B, H * D), each stream's rows are one contiguous block.

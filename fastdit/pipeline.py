@@ -238,8 +238,7 @@ class QwenImagePipeline:
 
         if not self.cuda_graph:
             return step
-        if self._graph_key != key:
-            self._graph_key, self._graph = None, None  # free the old graph's memory before recording a new one
+        if self._graph_key != key:  # the old graph (and its memory) goes here, before the new one records
             self._graph_key, self._graph = key, CudaGraphStep(step)
         return self._graph
 

@@ -51,13 +51,11 @@ CONTROL_TIMEOUT = timedelta(days=365)
 _GO, _STOP = 0, 1  # the per-step flag
 
 
-def _under_torchrun() -> bool:  # as fastdit.parallel.launch says, without importing torch here
-    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
-
-
 def serves_http() -> bool:
     """Whether this process binds the port: always, except on torchrun's ranks other than 0."""
-    return not _under_torchrun() or os.environ["RANK"] == "0"
+    from fastdit.parallel.launch import under_torchrun
+
+    return not under_torchrun() or os.environ["RANK"] == "0"
 
 
 def check(args: argparse.Namespace, path: str) -> None:
