@@ -12,7 +12,7 @@ The scheme (published as SageAttention / SageAttention2) and why each step is th
 
 So the kernel runs both GEMMs at Hopper's 8-bit tensor-core rate. The quantization pre-pass
 (`quantize_qkv`) is plain torch so that, inside a compiled block, inductor fuses it with the QK-norm /
-RoPE that produces q and k (and with the [text; image] concatenation).
+RoPE that produces q and k (and with the [image; text] concatenation).
 
 `attention_int8(q, k, v, key_mask)` takes and returns (B, S, H, D) like fastdit.attention. Needs Triton
 and a GPU with fp8 tensor cores (compute capability >= 8.9). `reference_int8` is the same arithmetic in

@@ -3,7 +3,9 @@
 Architectural choices (all fixed by the Qwen-Image checkpoints; diffusers' QwenImageTransformer2DModel
 is the numerical reference):
 - Dual-stream blocks: image and text tokens keep separate weights (modulation, QKV, norms, MLP) and meet
-  only in one joint attention over the sequence [text; image].
+  only in one joint attention over the sequence [image; text] (diffusers orders it [text; image]; attention
+  does not depend on the order of its keys, and with the text last, a sample's padded text keys are the tail
+  of the sequence: its valid keys are a prefix, so per-sample attention takes views, not copies).
 - AdaLN-Zero style modulation from the timestep embedding: shift/scale before attention and MLP, gate on
   the residual. LayerNorms have no affine weights; Q and K get an RMSNorm per head.
 - 3-axis RoPE (frame, height, width) on interleaved channel pairs. Image rows/columns are centred around
@@ -113,7 +115,7 @@ PRESETS: dict[str, DiTConfig] = {
 
 
 class Rope(NamedTuple):
-    """RoPE tables over the joint sequence [text; image], each (S_txt + S_img, head_dim), float32.
+    """RoPE tables over the joint sequence [image; text], each (S_img + S_txt, head_dim), float32.
 
     Full width with each pair's angle repeated (c0, c0, c1, c1, ...), and the rotation's sign folded into
     sin (-s0, s0, -s1, s1, ...), so applying it is two fused multiply-adds per element (fastdit.qk_norm_rope).
@@ -139,7 +141,7 @@ def normalize_img_shapes(img_shapes) -> list[tuple[int, int, int]]:
 
 
 def rope_positions(img_shapes: list[tuple[int, int, int]], txt_len: int, device=None) -> Tensor:
-    """(S_txt + S_img, 3) integer positions (frame, row, col) of the joint sequence [text; image].
+    """(S_img + S_txt, 3) integer positions (frame, row, col) of the joint sequence [image; text].
 
     Image k of a sample sits at frame k; rows run from -(h - h//2) to h//2 - 1 (centred), columns alike.
     Text token j sits at (m + j, m + j, m + j) with m = max over images of max(h//2, w//2).
@@ -153,7 +155,7 @@ def rope_positions(img_shapes: list[tuple[int, int, int]], txt_len: int, device=
         parts.append(grid.reshape(-1, 3))
         m = max(m, h // 2, w // 2)
     txt = (m + torch.arange(txt_len, device=device)).unsqueeze(1).expand(txt_len, 3)
-    return torch.cat([txt, *parts], dim=0)
+    return torch.cat([*parts, txt], dim=0)
 
 
 def rope_tables(img_shapes, txt_len: int, axes_dims: tuple[int, int, int], theta: float = 10000.0, device=None) -> Rope:
@@ -247,7 +249,7 @@ class Attention(nn.Module):
     """Attention core over already-projected heads: q, k, v (B, S, H, D) -> (B, S, H, D).
 
     `key_mask` (B, S) bool marks keys that may be attended to (None: all). `num_txt` is the number of
-    text tokens at the start of the sequence; the single-device core ignores it, the sequence-parallel
+    text tokens at the end of the sequence; the single-device core uses it only with `txt_lens`, the sequence-parallel
     core (fastdit.parallel) needs it to split text from image tokens. `txt_lens` (host ints, optional)
     says the mask is text padding only, so attention can run unmasked per sample (fastdit.attention).
     `backend` is one of fastdit.attention.BACKENDS, resolved for the device (see `set_attention_backend`).
@@ -265,7 +267,7 @@ class Attention(nn.Module):
 
 
 class JointAttention(nn.Module):
-    """QKV projections, per-head QK RMSNorm and RoPE for both streams, one attention over [text; image]."""
+    """QKV projections, per-head QK RMSNorm and RoPE for both streams, one attention over [image; text]."""
 
     def __init__(self, dim: int, head_dim: int, eps: float):
         super().__init__()
@@ -285,8 +287,8 @@ class JointAttention(nn.Module):
     ) -> tuple[Tensor, Tensor]:
         n_txt = txt.shape[1]
         txt_qkv, img_qkv = self.txt_qkv(txt), self.img_qkv(img)  # (B, S, 3 * H * D), [q | k | v]
-        # v of both streams, joined: (B, S_txt + S_img, H, D); H is whatever this rank holds (all heads without TP).
-        v = torch.cat([x.unflatten(-1, (3, -1, self.head_dim))[:, :, 2] for x in (txt_qkv, img_qkv)], dim=1)
+        # v of both streams, joined: (B, S_img + S_txt, H, D); H is whatever this rank holds (all heads without TP).
+        v = torch.cat([x.unflatten(-1, (3, -1, self.head_dim))[:, :, 2] for x in (img_qkv, txt_qkv)], dim=1)
         # QK RMSNorm weights: text q, text k, image q, image k.
         norms = tuple(n.weight for n in (self.txt_q_norm, self.txt_k_norm, self.img_q_norm, self.img_k_norm))
         w_tq, w_tk, w_iq, w_ik = norms
@@ -300,13 +302,13 @@ class JointAttention(nn.Module):
                 fp8 = fp8._replace(out_dtype=None)  # fp8 out-projections take the e4m3 output as it is
         # q and k of both streams: QK norm + RoPE (+ e4m3) in one pass, written into the joint sequence.
         q, k = qk_norm_rope(txt_qkv, img_qkv, norms, *rope, self.txt_q_norm.eps, self.head_dim, qk_scales).unbind(0)
-        out = self.core(q, k, v, n_txt, key_mask, txt_lens, fp8)  # (B, S_txt + S_img, H, D)
+        out = self.core(q, k, v, n_txt, key_mask, txt_lens, fp8)  # (B, S_img + S_txt, H, D)
         if out.dtype == torch.float8_e4m3fn:  # in units of V's scale
             # cuDNN writes O sequence-major: as (S, B, H * D), each stream's rows are one contiguous block.
-            txt_o, img_o = out.transpose(0, 1).flatten(2).split([n_txt, out.shape[1] - n_txt])
+            img_o, txt_o = out.transpose(0, 1).flatten(2).split([out.shape[1] - n_txt, n_txt])
             img_a, txt_a = self.img_out.forward_e4m3(img_o, fp8.v), self.txt_out.forward_e4m3(txt_o, fp8.v)
             return img_a.transpose(0, 1), txt_a.transpose(0, 1)  # (B, S_x, dim) views
-        txt_o, img_o = out.flatten(2).split([n_txt, out.shape[1] - n_txt], dim=1)
+        img_o, txt_o = out.flatten(2).split([out.shape[1] - n_txt, n_txt], dim=1)
         return self.img_out(img_o), self.txt_out(txt_o)
 
 
@@ -418,7 +420,7 @@ class DiTInputs:
     txt: Tensor  # (B, S_txt, dim)
     temb: Tensor | None  # (B, dim); None when the caller passes a precomputed StepModulation
     rope: Rope
-    key_mask: Tensor | None = field(default=None)  # (B, S_txt + S_img) bool, None: attend to all
+    key_mask: Tensor | None = field(default=None)  # (B, S_img + S_txt) bool, None: attend to all
 
 
 class QwenImageTransformer(nn.Module):
@@ -467,7 +469,7 @@ class QwenImageTransformer(nn.Module):
         if encoder_hidden_states_mask is not None:
             txt_mask = encoder_hidden_states_mask.to(torch.bool)
             img_mask = txt_mask.new_ones(img.shape[:2])
-            key_mask = torch.cat([txt_mask, img_mask], dim=1)
+            key_mask = torch.cat([img_mask, txt_mask], dim=1)
         return DiTInputs(img, txt, temb, rope, key_mask)
 
     @torch.no_grad()

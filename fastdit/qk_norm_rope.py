@@ -1,4 +1,4 @@
-"""QK RMSNorm + RoPE of both streams in one pass, written straight into the joint [text; image] q and k.
+"""QK RMSNorm + RoPE of both streams in one pass, written straight into the joint [image; text] q and k.
 
 Per block the DiT turns each stream's fused QKV output (B, S_stream, 3 * H * D) into attention operands:
 q and k get a per-head RMSNorm (weights per stream), then RoPE, and are joined along the sequence. Written
@@ -67,18 +67,18 @@ def qk_norm_rope(
 ) -> Tensor:
     """Joint q and k from each stream's fused QKV projection output (B, S_txt / S_img, 3 * H * D), laid out
     [q | k | v] with H heads of `head_dim`: RMSNorm per head (`norms`: the (D,) weights of text q, text k,
-    image q, image k), then RoPE with the joint tables `cos`, `sin` (S_txt + S_img, D) float32.
+    image q, image k), then RoPE with the joint tables `cos`, `sin` (S_img + S_txt, D) float32.
 
-    Returns (2, B, S_txt + S_img, H, D): q then k, in the activations' dtype, or with `scales` (q's and k's
+    Returns (2, B, S_img + S_txt, H, D): q then k, in the activations' dtype, or with `scales` (q's and k's
     (1,) float32) as e4m3 x / scale, clamped to +-448. One Triton kernel on CUDA (bf16 / fp16, head_dim a
     power of two), the torch path elsewhere or with `reference=True`."""
     if not reference and _kernel_runs(txt_qkv, head_dim):
         q_scale, k_scale = (None, None) if scales is None else scales
         return _qk_norm_rope_op(txt_qkv, img_qkv, *norms, cos, sin, eps, head_dim, q_scale, k_scale)
-    n_txt, out = txt_qkv.shape[1], []
+    n_img, out = img_qkv.shape[1], []
     for i in range(2):  # q, k
         joint = []
-        for qkv, weight, rows in ((txt_qkv, norms[i], slice(0, n_txt)), (img_qkv, norms[2 + i], slice(n_txt, None))):
+        for qkv, weight, rows in ((img_qkv, norms[2 + i], slice(0, n_img)), (txt_qkv, norms[i], slice(n_img, None))):
             x = qkv.unflatten(-1, (3, -1, head_dim))[:, :, i]  # (B, S_stream, H, D)
             joint.append(apply_rope(rms_norm(x, weight, eps), cos[rows], sin[rows]))
         x = torch.cat(joint, dim=1)
@@ -162,15 +162,16 @@ if triton is not None:
 
 
 def _launch(kernel, txt_qkv, img_qkv, norms, cos, sin, eps, head_dim, q_scale=None, k_scale=None) -> Tensor:
-    """Two launches into one joint output: the text stream's tokens, then the image stream's."""
+    """Two launches into one joint output: the image stream's tokens, then the text stream's."""
     b, n_txt, width = txt_qkv.shape
-    seq = n_txt + img_qkv.shape[1]
+    n_img = img_qkv.shape[1]
+    seq = n_img + n_txt
     heads = int(width) // (3 * head_dim)  # a kernel constant: int() specializes a width torch.compile made dynamic
     quantize = q_scale is not None
     out = torch.empty((2, b, seq, heads, head_dim), device=txt_qkv.device, dtype=FP8 if quantize else txt_qkv.dtype)
     cos, sin = cos.contiguous(), sin.contiguous()
     scales = (q_scale, k_scale) if quantize else (cos, cos)  # pointers the kernel does not read then
-    for qkv, (w_q, w_k), first in ((txt_qkv, norms[:2], 0), (img_qkv, norms[2:], n_txt)):
+    for qkv, (w_q, w_k), first in ((img_qkv, norms[2:], 0), (txt_qkv, norms[:2], n_img)):
         if qkv.stride(-1) != 1:
             qkv = qkv.contiguous()
         rows = qkv.shape[1]

@@ -57,14 +57,15 @@ def test_resolve_backend():
 
 
 def test_text_lengths_equal_the_key_mask():
-    """attention(..., txt_lens=...) (one unmasked call per sample) == the masked call, every backend here."""
+    """attention(..., txt_lens=...) (one unmasked call per sample) == the masked call, every backend here. The
+    joint sequence is [image; text]: sample b's keys [S - num_txt + lens[b], S) are padding."""
     g = torch.Generator().manual_seed(2)
-    num_txt, s = 9, 9 + 20
+    num_txt, s = 9, 20 + 9
     q, k, v = (torch.randn(3, s, 2, 16, generator=g) for _ in range(3))
     lens = (9, 4, 1)
     mask = torch.ones(3, s, dtype=torch.bool)
     for b, n in enumerate(lens):
-        mask[b, n:num_txt] = False
+        mask[b, s - num_txt + n :] = False
     ref = attention(q, k, v, mask, "math")
     for backend in available_backends("cpu"):
         out = attention(q, k, v, None, backend, txt_lens=lens, num_txt=num_txt)

@@ -87,9 +87,9 @@ def test_batch_of_one_equals_batch_of_two(pair):
 
 def test_rope_positions_centre_the_image_and_put_text_past_it():
     pos = rope_positions([(1, 3, 4)], txt_len=2)
-    # text first: (m, m, m), (m+1, ...) with m = max(3 // 2, 4 // 2) = 2
-    assert pos[:2].tolist() == [[2, 2, 2], [3, 3, 3]]
-    img = pos[2:].view(3, 4, 3)
+    # text last: (m, m, m), (m+1, ...) with m = max(3 // 2, 4 // 2) = 2
+    assert pos[-2:].tolist() == [[2, 2, 2], [3, 3, 3]]
+    img = pos[:-2].view(3, 4, 3)
     assert img[:, 0, 1].tolist() == [-2, -1, 0]  # rows -(h - h//2) .. h//2 - 1
     assert img[0, :, 2].tolist() == [-2, -1, 0, 1]
     assert (img[..., 0] == 0).all()

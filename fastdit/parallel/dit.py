@@ -177,19 +177,19 @@ class ParallelTransformer(nn.Module):
         pad = local * st.sp - s_img
         mine = slice(st.sp_rank * local, (st.sp_rank + 1) * local)
         x = _pad_tokens(hidden, pad, 1)[:, mine]  # (B, L, in_channels)
-        # RoPE rows of [text; this rank's image tokens]; padded positions get angle 0 (their keys are masked).
+        # RoPE rows of [this rank's image tokens; text]; padded positions get angle 0 (their keys are masked).
         cos_i, sin_i = (
-            _pad_tokens(rope.cos[n_txt:], pad, 0)[mine],
-            _pad_tokens(rope.sin[n_txt:], pad, 0)[mine],
+            _pad_tokens(rope.cos[:s_img], pad, 0)[mine],
+            _pad_tokens(rope.sin[:s_img], pad, 0)[mine],
         )
-        rope_local = Rope(torch.cat([rope.cos[:n_txt], cos_i]), torch.cat([rope.sin[:n_txt], sin_i]))
+        rope_local = Rope(torch.cat([cos_i, rope.cos[s_img:]]), torch.cat([sin_i, rope.sin[s_img:]]))
         inp = model.prepare(x, enc, None, timestep if modulation is None else None, rope=rope_local)
-        # The global key mask over [text; all padded image tokens]: attention sees the whole sequence.
+        # The global key mask over [all padded image tokens; text]: attention sees the whole sequence.
         key_mask = None
         if mask is not None or pad:
             txt_mask = mask.to(torch.bool) if mask is not None else enc.new_ones(b, n_txt, dtype=torch.bool)
             img_mask = (torch.arange(local * st.sp, device=hidden.device) < s_img).expand(b, -1)
-            key_mask = torch.cat([txt_mask, img_mask], dim=1)
+            key_mask = torch.cat([img_mask, txt_mask], dim=1)
         txt_lens = None if pad else txt_lens  # padded image keys need the mask
         out = model.run_blocks(inp.img, inp.txt, inp.temb, rope_local, key_mask, txt_lens, modulation)  # (B, L, out)
         out = all_gather(out.contiguous(), 1, st.sp_group)  # (B, sp * L, out_dim)

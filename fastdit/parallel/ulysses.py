@@ -1,11 +1,11 @@
-"""Ulysses sequence parallelism for the joint [text; image] attention.
+"""Ulysses sequence parallelism for the joint [image; text] attention.
 
 Each of the sp ranks holds 1/sp of the (padded) image tokens and ALL text tokens (the text stream is
 short, so every rank runs it whole rather than splitting it). Around the attention:
 
     image q/k/v  (B, S_img/sp, H, D) --all-to-all--> (B, S_img, H/sp, D)   sequence-sharded -> head-sharded
     text  q/k/v  (B, S_txt, H, D)    --local slice--> (B, S_txt, H/sp, D)   this rank's heads
-    attention over [text; image] with the global key mask, on H/sp heads
+    attention over [image; text] with the global key mask, on H/sp heads
     image out    (B, S_img, H/sp, D) --all-to-all--> (B, S_img/sp, H, D)
     text  out    (B, S_txt, H/sp, D) --all-gather--> (B, S_txt, H, D)
 
@@ -54,9 +54,9 @@ def _heads_to_seq(x: Tensor, sp: int, group: ProcessGroup) -> Tensor:
 
 
 class UlyssesAttention(Attention):
-    """Drop-in for `fastdit.model.Attention`: q, k, v (B, S_txt + S_img/sp, H, D) -> same shape.
+    """Drop-in for `fastdit.model.Attention`: q, k, v (B, S_img/sp + S_txt, H, D) -> same shape.
 
-    `key_mask` is the GLOBAL (B, S_txt + S_img) mask over [text; all padded image tokens]: after the
+    `key_mask` is the GLOBAL (B, S_img + S_txt) mask over [all padded image tokens; text]: after the
     all-to-all every rank attends over the whole sequence.
     """
 
@@ -70,14 +70,14 @@ class UlyssesAttention(Attention):
         h = q.shape[2] // self.sp
         heads = slice(self.sp_rank * h, (self.sp_rank + 1) * h)
 
-        def joint(x: Tensor) -> Tensor:  # (B, S_txt + S_img/sp, H, D) -> (B, S_txt + S_img, H/sp, D)
-            txt, img = x[:, :num_txt], x[:, num_txt:]
-            return torch.cat([txt[:, :, heads], _seq_to_heads(img, self.sp, self.group)], dim=1)
+        def joint(x: Tensor) -> Tensor:  # (B, S_img/sp + S_txt, H, D) -> (B, S_img + S_txt, H/sp, D)
+            img, txt = x[:, : x.shape[1] - num_txt], x[:, x.shape[1] - num_txt :]
+            return torch.cat([_seq_to_heads(img, self.sp, self.group), txt[:, :, heads]], dim=1)
 
-        # (B, S_txt + S_img, H/sp, D); txt_lens only when no image token is padding (ParallelTransformer).
+        # (B, S_img + S_txt, H/sp, D); txt_lens only when no image token is padding (ParallelTransformer).
         out = attention(joint(q), joint(k), joint(v), key_mask, self.backend, txt_lens, num_txt, fp8)
-        txt, img = out[:, :num_txt], out[:, num_txt:]
+        img, txt = out[:, : out.shape[1] - num_txt], out[:, out.shape[1] - num_txt :]
         # (sp * B, S_txt, H/sp, D) in rank order -> (B, S_txt, H, D), heads in rank order.
         txt = _collective(all_gather, txt.contiguous(), 0, self.group)
         txt = txt.unflatten(0, (self.sp, -1)).permute(1, 2, 0, 3, 4).flatten(2, 3)
-        return torch.cat([txt, _heads_to_seq(img, self.sp, self.group)], dim=1)
+        return torch.cat([_heads_to_seq(img, self.sp, self.group), txt], dim=1)
