@@ -108,6 +108,8 @@ def _unpadded_per_sample(
         outs.append(
             attention(q[b : b + 1], k[b : b + 1, : n_img + n], v[b : b + 1, : n_img + n], None, backend, fp8=fp8)
         )
+    if outs[0].dtype == torch.float8_e4m3fn:  # keep fp8 attention's sequence-major layout (attention_fp8.sdpa_fp8)
+        return torch.stack([o[0] for o in outs], dim=1).transpose(0, 1)  # (B, S, H, D) over (S, B, H, D) memory
     return torch.cat(outs, dim=0)
 
 

@@ -162,13 +162,19 @@ def test_dit_quantizes_with_the_norm_bound_and_stays_close(monkeypatch):
     assert 0.999 < cos < 1.0, cos
 
 
-def test_fp8_out_projections_take_the_e4m3_output(monkeypatch):
+@pytest.mark.parametrize("padded", [False, True], ids=["unpadded", "padded"])
+def test_fp8_out_projections_take_the_e4m3_output(monkeypatch, padded):
     """With fp8 (emulated) out-projections, the attention output goes into their GEMMs as e4m3 with V's scale
     (`forward_e4m3`, no requantization) as one contiguous block of rows per stream (O is sequence-major, so no
-    copy): same velocity as dequantizing it first, within fp8 rounding."""
+    copy; also when a padded CFG batch runs attention per sample): same velocity as dequantizing it first,
+    within fp8 rounding."""
     from fastdit.quant import Fp8Linear
 
     model, (x, enc, t, shapes) = _tiny_dit(fp8_linears=True)
+    mask, lens = None, None
+    if padded:  # the second sample's text is 9 of 16 tokens
+        lens = (16, 9)
+        mask = torch.arange(16)[None, :] < torch.tensor(lens)[:, None]
     calls = []
     real_gemm = Fp8Linear.forward_e4m3
 
@@ -177,14 +183,14 @@ def test_fp8_out_projections_take_the_e4m3_output(monkeypatch):
         return real_gemm(self, x8, scale)
 
     with torch.no_grad():
-        exact = model(x, enc, None, t, img_shapes=shapes)
+        exact = model(x, enc, mask, t, img_shapes=shapes)
         _use_fp8_attention(model)
         with monkeypatch.context() as m:
             m.setattr(Fp8Linear, "forward_e4m3", spy)
-            direct = model(x, enc, None, t, img_shapes=shapes)
+            direct = model(x, enc, mask, t, img_shapes=shapes, txt_lens=lens)
         # Without forward_e4m3 the model dequantizes O, and the out-projections quantize it per row.
         monkeypatch.delattr(Fp8Linear, "forward_e4m3")
-        requantized = model(x, enc, None, t, img_shapes=shapes)
+        requantized = model(x, enc, mask, t, img_shapes=shapes, txt_lens=lens)
     assert calls == [(FP8, True)] * (2 * len(model.blocks))
     assert rel(direct, requantized) < 0.02
     assert F.cosine_similarity(direct.flatten().double(), exact.flatten().double(), dim=0) > 0.999
