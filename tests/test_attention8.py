@@ -26,11 +26,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -48,8 +44,7 @@ from fastdit.attention8 import (
     reference_int8,
 )
 from fastdit.errors import FastditError
-
-REPO = Path(__file__).resolve().parents[1]
+from tests.triton_interpreter import run_interpreted
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -159,40 +154,11 @@ def test_masked_keys_get_no_weight():
 
 # ---- CPU: the Triton kernel in Triton's interpreter -----------------------------------------------------
 
-# Run as `python script.py CASES_JSON` with TRITON_INTERPRET=1 (set before triton is imported); prints JSON.
+# Run by `run_interpreted(_SCRIPT, CASES_JSON)`, after its FIXES (which import numpy, torch and triton.language and
+# set FP8_FIXED); prints JSON.
 _SCRIPT = r"""
 import json
 import sys
-
-import numpy as np
-import triton.runtime.interpreter as ti
-
-# (1) With numpy >= 2.3 the interpreter's int() of a scalar kernel argument fails: give its tensors __index__.
-if hasattr(ti, "_patch_lang_tensor"):
-    _patch_lang_tensor = ti._patch_lang_tensor
-
-    def _patched(tensor, scope):
-        _patch_lang_tensor(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-
-    ti._patch_lang_tensor = _patched
-
-import torch
-import triton.language as tl
-
-# (2) The interpreter rounds float32 -> e4m3 wrongly when the mantissa rounds up into the exponent (31.1 -> 16,
-# not 32): use torch's conversion (round to nearest even, as the GPU's cvt.rn) for the kernel's P.
-FP8_FIXED = hasattr(ti, "_convert_float")
-if FP8_FIXED:
-    _convert_float = ti._convert_float
-
-    def _convert(input, input_dtype, output_dtype, rounding_mode):
-        if input_dtype == tl.float32 and output_dtype == tl.float8e4nv:
-            x = torch.from_numpy(np.ascontiguousarray(input).view(np.float32))
-            return x.to(torch.float8_e4m3fn).view(torch.uint8).numpy().reshape(input.shape)
-        return _convert_float(input, input_dtype, output_dtype, rounding_mode)
-
-    ti._convert_float = _convert
 
 from fastdit import attention8 as A
 from fastdit.attention import math_attention
@@ -273,22 +239,11 @@ INTERPRETER_CASES = {
 
 
 @pytest.fixture(scope="module")
-def interpreted(tmp_path_factory):
+def interpreted():
     """All INTERPRETER_CASES run once in one interpreter process (about 15 s on 2 cores)."""
     pytest.importorskip("triton", reason="the kernel tests need Triton (its interpreter runs on CPU)")
-    script = tmp_path_factory.mktemp("interpreter") / "run_kernel.py"
-    script.write_text(_SCRIPT)
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     t0 = time.perf_counter()
-    proc = subprocess.run(
-        [sys.executable, str(script), json.dumps(INTERPRETER_CASES)],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=REPO,
-        timeout=300,
-    )
+    proc = run_interpreted(_SCRIPT, json.dumps(INTERPRETER_CASES))
     assert proc.returncode == 0, proc.stderr[-4000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     result["seconds"] = time.perf_counter() - t0

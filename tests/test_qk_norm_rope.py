@@ -11,9 +11,6 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -21,6 +18,7 @@ import torch
 
 from fastdit.model import rope_tables
 from fastdit.qk_norm_rope import qk_norm_rope
+from tests.triton_interpreter import run_interpreted
 
 triton = pytest.importorskip("triton")
 
@@ -57,12 +55,7 @@ print("ok", err)
 
 
 def test_kernel_under_the_interpreter_matches_the_torch_path():
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    run = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(INTERPRETED)], env=env, cwd=root, capture_output=True, text=True
-    )
+    run = run_interpreted(textwrap.dedent(INTERPRETED))
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.startswith("ok")
 
