@@ -28,7 +28,7 @@ import torch
 import triton.language as tl
 
 # (2) The interpreter rounds float32 -> e4m3 wrongly when the mantissa rounds up into the exponent (31.1 -> 16,
-# not 32): use torch's conversion (round to nearest even, as the GPU's cvt.rn) for the kernel's P.
+# not 32): use torch's conversion (round to nearest even, as the GPU's cvt.rn) for a kernel's e4m3 values.
 FP8_FIXED = hasattr(ti, "_convert_float")
 if FP8_FIXED:
     _convert_float = ti._convert_float
