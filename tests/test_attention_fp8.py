@@ -244,11 +244,27 @@ def test_op_compiles_fullgraph_and_matches_eager():
 
 
 def test_op_schema_and_fake():
-    q8, k8, v8 = (quantize_tensor(x)[0] for x in qkv(1, 40, 2, 16, seed=6, s_kv=24))
+    q8, k8, v8 = (quantize_tensor(x)[0] for x in qkv(2, 40, 2, 16, seed=6, s_kv=24))
     one = torch.ones(1)
     out = sdpa_fp8(q8, k8, v8, one, one, one)
     assert out.shape == q8.transpose(0, 1).shape and out.is_contiguous() and out.dtype == FP8
     torch.library.opcheck(sdpa_fp8, (q8, k8, v8, one, one, one), test_utils=("test_faketensor",))
+    torch.library.opcheck(sdpa_fp8, (q8, k8, v8, one, one, one, [24, 17]), test_utils=("test_faketensor",))
+
+
+def test_key_counts_per_sample_equal_separate_calls():
+    """`kv_lens`: each sample attends to a prefix of the keys, written into its column of one sequence-major
+    output: bit for bit the per-sample calls on the sliced keys, and different from attending to all keys."""
+    q, k, v = qkv(2, 50, 2, 16, seed=9)
+    q8, k8, v8, sc = quantize_qkv(q, k, v)
+    out = sdpa_fp8(q8, k8, v8, sc.q, sc.k, sc.v, [50, 31])
+    assert out.shape == (50, 2, 2, 16) and out.is_contiguous()
+    for b, n in enumerate((50, 31)):
+        one = sdpa_fp8(q8[b : b + 1], k8[b : b + 1, :n], v8[b : b + 1, :n], sc.q, sc.k, sc.v)
+        assert torch.equal(out[:, b].view(torch.uint8), one[:, 0].view(torch.uint8))
+    full = sdpa_fp8(q8, k8, v8, sc.q, sc.k, sc.v)
+    assert torch.equal(out[:, 0].view(torch.uint8), full[:, 0].view(torch.uint8))
+    assert not torch.equal(out[:, 1].view(torch.uint8), full[:, 1].view(torch.uint8))
 
 
 def test_bad_shapes_are_refused():
@@ -323,6 +339,20 @@ def test_gpu_cudnn_matches_reference_and_exact(s_kv):
         exact = math_attention(qs.float(), ks.float(), vs.float(), None)
         assert rel(out[b : b + 1], ref) < 0.05, rel(out[b : b + 1], ref)
         assert rel(out[b : b + 1], exact) < 0.09, rel(out[b : b + 1], exact)
+
+
+@pytest.mark.gpu
+def test_gpu_key_counts_per_sample_equal_separate_calls():
+    """A padded CFG batch at the DiT's shape (the second sample's text 9 of 128 tokens) through one op call with
+    `kv_lens`: each sample's output, written in place, is bit for bit its own unmasked cuDNN call's."""
+    _require_fp8_gpu()
+    q, k, v = qkv(2, 4224, 24, 128, seed=3, dtype=torch.bfloat16, device="cuda")
+    q8, k8, v8, sc = quantize_qkv(q, k, v)
+    lens = [4224, 4096 + 9]
+    out = sdpa_fp8(q8, k8, v8, sc.q, sc.k, sc.v, lens)
+    for b, n in enumerate(lens):
+        one = sdpa_fp8(q8[b : b + 1], k8[b : b + 1, :n], v8[b : b + 1, :n], sc.q, sc.k, sc.v)
+        assert torch.equal(out[:, b].view(torch.uint8), one[:, 0].view(torch.uint8)), b
 
 
 @pytest.mark.gpu
