@@ -189,18 +189,6 @@ def _build(cudnn, handle, q_shape: tuple[int, ...], kv_len: int, strides: tuple[
 _SCALARS = ("descale_q", "descale_k", "descale_v", "descale_s", "scale_s", "scale_o")
 
 
-def _sdpa_fp8_cuda(q8: Tensor, k8: Tensor, v8: Tensor, scales: dict[str, Tensor], kv_lens: list[int] | None) -> Tensor:
-    cudnn = _frontend()
-    q8, k8, v8 = (x if x.stride(-1) == 1 else x.contiguous() for x in (q8, k8, v8))
-    out = _empty_sequence_major(q8)
-    if kv_lens is None:
-        _execute(cudnn, q8, k8, v8, out, scales)
-    else:  # one graph per key count; each sample writes its column of the sequence-major output in place
-        for b, n in enumerate(kv_lens):
-            _execute(cudnn, q8[b : b + 1], k8[b : b + 1, :n], v8[b : b + 1, :n], out[:, b : b + 1], scales)
-    return out
-
-
 def _execute(cudnn, q8: Tensor, k8: Tensor, v8: Tensor, out: Tensor, scales: dict[str, Tensor]) -> None:
     """Run cuDNN's fp8 SDPA on (B, S, H, D) views q8, k8, v8 into `out`, an (S, B, H, D) view."""
     device = q8.device
@@ -262,16 +250,24 @@ def sdpa_fp8(
 
     On CUDA: cuDNN. On CPU: `reference_sdpa_fp8` (tests only; the backend itself is refused off CUDA)."""
     o_scale = v_scale
-    if q8.is_cuda:
-        scales = dict(descale_q=q_scale, descale_k=k_scale, descale_v=v_scale, scale_o=1.0 / o_scale)
-        return _sdpa_fp8_cuda(q8, k8, v8, scales, kv_lens)
-    if kv_lens is None:
-        return reference_sdpa_fp8(q8, k8, v8, q_scale, k_scale, v_scale, o_scale).transpose(0, 1).contiguous()
     out = _empty_sequence_major(q8)
-    for b, n in enumerate(kv_lens):
-        out[:, b] = reference_sdpa_fp8(
-            q8[b : b + 1], k8[b : b + 1, :n], v8[b : b + 1, :n], q_scale, k_scale, v_scale, o_scale
-        )[0]
+    if q8.is_cuda:
+        cudnn = _frontend()
+        scales = dict(descale_q=q_scale, descale_k=k_scale, descale_v=v_scale, scale_o=1.0 / o_scale)
+        q8, k8, v8 = (x if x.stride(-1) == 1 else x.contiguous() for x in (q8, k8, v8))
+
+        def run(q, k, v, o):
+            _execute(cudnn, q, k, v, o, scales)
+    else:
+
+        def run(q, k, v, o):
+            o.copy_(reference_sdpa_fp8(q, k, v, q_scale, k_scale, v_scale, o_scale).transpose(0, 1))
+
+    if kv_lens is None:
+        run(q8, k8, v8, out)
+    else:  # each sample writes its column of the sequence-major output in place (cuDNN: one graph per key count)
+        for b, n in enumerate(kv_lens):
+            run(q8[b : b + 1], k8[b : b + 1, :n], v8[b : b + 1, :n], out[:, b : b + 1])
     return out
 
 
