@@ -46,12 +46,17 @@ if [[ $what == profile || $what == all ]]; then
     done
 fi
 if [[ $what == multigpu ]]; then
-    b=(bench --iters 8 --warmup 2 --compile)
+    b=(bench --iters 8 --warmup 2 --compile --profile)
     run "${b[@]}" --compare diffusers-eager --json "$out/multi-1gpu.json"
     run "${b[@]}" --tp 2 --json "$out/multi-tp2.json"
     run "${b[@]}" --sp 2 --json "$out/multi-sp2.json"
     run "${b[@]}" --cfg-parallel --json "$out/multi-cfg2.json"
+    run "${b[@]}" --quantize fp8 --attention fp8 --cuda-graph --json "$out/multi-1gpu-fp8.json"
+    run "${b[@]}" --cfg-parallel --quantize fp8 --attention fp8 --cuda-graph --json "$out/multi-cfg2-fp8.json"
     run "${b[@]}" --tp 2 --quantize fp8 --cuda-graph --json "$out/multi-tp2-fp8.json"
-    run "${b[@]}" --cfg-parallel --quantize fp8 --json "$out/multi-cfg2-fp8.json"
-    run "${b[@]}" --cfg-parallel --quantize fp8 --attention fp8 --cuda-graph --json "$out/multi-cfg2-fp8-fp8attn.json"
+    run "${b[@]}" --height 1328 --width 1328 --json "$out/multi-1gpu-1328.json"
+    run "${b[@]}" --height 1328 --width 1328 --cfg-parallel --json "$out/multi-cfg2-1328.json"
+    run "${b[@]}" --height 1328 --width 1328 --sp 2 --json "$out/multi-sp2-1328.json"
+    echo "+ python -m pytest -m gpu tests/test_parallel_gpu.py" >&2
+    python -m pytest -q -s -m gpu "$here/../tests/test_parallel_gpu.py" | tee "$out/multi-numerics.txt"
 fi

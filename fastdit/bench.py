@@ -94,6 +94,21 @@ def measure(
     return out, first, times, peak
 
 
+def kernel_time_split(fn: Callable[[], object], device: torch.device) -> dict:
+    """GPU kernel time per call of fn and the share of it spent in NCCL kernels (the collectives of a
+    multi-GPU step, including any wait for the other ranks inside them), from two profiled calls."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(2):
+            fn()
+        sync(device)
+    events = [e for e in prof.key_averages() if e.device_time_total > 0]
+    total = sum(e.device_time_total for e in events)  # microseconds, both calls
+    nccl = sum(e.device_time_total for e in events if "nccl" in e.key.lower())
+    return {"gpu_kernel_s": total / 2e6, "nccl_share": nccl / total if total else 0.0}
+
+
 def summarize(times: list[float], flops: float | None = None) -> dict:
     out = {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times), "n": len(times)}
     if flops:
@@ -279,6 +294,8 @@ def bench_dit(args, device: torch.device, dtype: torch.dtype, state=None) -> dic
         r["first_call_s"] = first
         if peak is not None:
             r["peak_mem_gib"] = peak
+        if args.profile:
+            r.update(kernel_time_split(fn, device))
         runs[name] = r
         say(
             f"[{name}] {r['median_s']:.4f} s/step (min {r['min_s']:.4f}, max {r['max_s']:.4f}), "
@@ -432,6 +449,11 @@ def print_table(res: dict):
             f"{'-' if tf is None else round(tf):>8} {pct:>6s} {ratio:>8s} "
             f"{r.get('first_call_s', float('nan')):9.1f} {r.get('peak_mem_gib', float('nan')):8.1f}"
         )
+    for name, r in runs.items():
+        if "nccl_share" in r:
+            print(
+                f"{name}: GPU kernel time {r['gpu_kernel_s'] * 1e3:.1f} ms/step, {100 * r['nccl_share']:.1f} % in NCCL"
+            )
     if res.get("modulation_table_50_steps_s") is not None:
         print(f"modulation table for 50 steps, built once per image: {res['modulation_table_50_steps_s']:.4f} s")
     if "rel_l2_vs_diffusers" in res:
@@ -503,6 +525,11 @@ def add_parser(subparsers):
     p.add_argument(
         "--quantize", choices=["fp8"], default=None, help="fp8 (e4m3) block linears (fastdit.quant; CUDA >= 8.9)"
     )
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="also profile two steps of each run: GPU kernel time per step and the share in NCCL collectives",
+    )
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
@@ -549,6 +576,8 @@ def bench_main(args) -> int:
         raise FastditError("--height, --width, --text-len, --batch and --iters must be >= 1")
     if args.cuda_graph and (device.type != "cuda" or args.stage != "dit"):
         raise FastditError("--cuda-graph times the DiT step on a CUDA GPU (--stage dit, --device cuda)")
+    if args.profile and (device.type != "cuda" or args.stage != "dit"):
+        raise FastditError("--profile reads the GPU's kernel times of the DiT step (--stage dit, --device cuda)")
     dtype = DTYPES[args.dtype]
     if parallel_requested(args):
         res = _bench_parallel(args, device, dtype)

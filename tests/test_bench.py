@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from fastdit.bench import dit_flops
 from fastdit.cli import main
@@ -50,8 +51,10 @@ def test_bench_cuda_graph_and_int8_attention_need_a_gpu(capsys):
     assert main(["bench", "--preset", "tiny", "--device", "cpu", "--cuda-graph"]) == 2
     assert main(["bench", "--preset", "tiny", "--device", "cpu", "--attention", "int8"]) == 2
     assert main(["bench", "--preset", "tiny", "--device", "cpu", "--attention", "fp8"]) == 2
+    assert main(["bench", "--preset", "tiny", "--device", "cpu", "--profile"]) == 2
     err = capsys.readouterr().err
     assert "--cuda-graph times the DiT step on a CUDA GPU" in err and "8-bit attention runs on CUDA" in err
+    assert "--profile reads the GPU's kernel times" in err
     assert "fp8 attention runs on CUDA GPUs through cuDNN, not on cpu" in err
     assert "Traceback" not in err
 
@@ -90,3 +93,15 @@ def test_bench_on_ranks_refuses_what_it_does_not_time(capsys):
     err = capsys.readouterr().err
     assert err.count("cannot be combined with --tp / --sp / --cfg-parallel") == 3
     assert "not divisible by tp x sp" in err and "Traceback" not in err
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_bench_profile_on_gpu(tmp_path, capsys):
+    """--profile adds each run's GPU kernel time per step and its NCCL share (none on one GPU)."""
+    out = tmp_path / "p.json"
+    args = ["bench", "--preset", "tiny", "--iters", "2", "--warmup", "1", "--profile", "--json", str(out)]
+    assert main(args) == 0
+    runs = json.loads(out.read_text())["runs"]
+    assert runs and all(r["gpu_kernel_s"] > 0 and r["nccl_share"] == 0 for r in runs.values())
+    assert "% in NCCL" in capsys.readouterr().out
