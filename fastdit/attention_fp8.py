@@ -253,7 +253,8 @@ def sdpa_fp8(
     out = _empty_sequence_major(q8)
     if q8.is_cuda:
         cudnn = _frontend()
-        scales = dict(descale_q=q_scale, descale_k=k_scale, descale_v=v_scale, scale_o=1.0 / o_scale)
+        # torch.reciprocal: one kernel (1.0 / o_scale launches a reciprocal and a multiply)
+        scales = dict(descale_q=q_scale, descale_k=k_scale, descale_v=v_scale, scale_o=torch.reciprocal(o_scale))
         q8, k8, v8 = (x if x.stride(-1) == 1 else x.contiguous() for x in (q8, k8, v8))
 
         def run(q, k, v, o):
