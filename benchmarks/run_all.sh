@@ -51,6 +51,8 @@ if [[ $what == multigpu ]]; then
     run "${b[@]}" --tp 2 --json "$out/multi-tp2.json"
     run "${b[@]}" --sp 2 --json "$out/multi-sp2.json"
     run "${b[@]}" --cfg-parallel --json "$out/multi-cfg2.json"
+    run "${b[@]}" --sp 2 --cuda-graph --json "$out/multi-sp2-graph.json"
+    run "${b[@]}" --tp 2 --cuda-graph --json "$out/multi-tp2-graph.json"
     run "${b[@]}" --quantize fp8 --attention fp8 --cuda-graph --json "$out/multi-1gpu-fp8.json"
     run "${b[@]}" --cfg-parallel --quantize fp8 --attention fp8 --cuda-graph --json "$out/multi-cfg2-fp8.json"
     run "${b[@]}" --tp 2 --quantize fp8 --cuda-graph --json "$out/multi-tp2-fp8.json"
