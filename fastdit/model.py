@@ -265,6 +265,12 @@ class Attention(nn.Module):
     ) -> Tensor:
         return attention(q, k, v, key_mask, self.backend, txt_lens, num_txt, fp8)
 
+    def amax(self, x: Tensor) -> Tensor:
+        """max |x| (0-d float32) over every process whose part of x this core's attention mixes: here x itself;
+        a sequence-parallel core reduces over its group (e4m3 scales must agree across ranks that exchange
+        e4m3 values)."""
+        return x.abs().amax().float()
+
 
 class JointAttention(nn.Module):
     """QKV projections, per-head QK RMSNorm and RoPE for both streams, one attention over [image; text]."""
@@ -296,7 +302,7 @@ class JointAttention(nn.Module):
         if self.core.backend == "fp8" and (key_mask is None or txt_lens is not None):
             # |q|, |k| after RMSNorm + RoPE are bounded by the norm weights: scales without a reduction.
             qk_scales = (fp8_scale(rms_norm_bound(w_tq, w_iq)), fp8_scale(rms_norm_bound(w_tk, w_ik)))
-            v, v_scale = quantize_tensor(v)
+            v, v_scale = quantize_tensor(v, self.core.amax(v))
             fp8 = Fp8Scales(*qk_scales, v_scale, txt.dtype)
             if all(hasattr(layer, "forward_e4m3") for layer in (self.img_out, self.txt_out)):
                 fp8 = fp8._replace(out_dtype=None)  # fp8 out-projections take the e4m3 output as it is

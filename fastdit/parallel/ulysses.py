@@ -64,6 +64,11 @@ class UlyssesAttention(Attention):
         super().__init__(backend)
         self.sp, self.sp_rank, self.group = sp, sp_rank, group
 
+    def amax(self, x: Tensor) -> Tensor:
+        """max |x| over the sp group: fp8 attention's v is quantized before the all-to-all, so every rank must use
+        the same scale (each receives the e4m3 values of all the others)."""
+        return funcol.all_reduce(super().amax(x).reshape(1), "max", self.group).reshape(())
+
     def forward(
         self, q: Tensor, k: Tensor, v: Tensor, num_txt: int, key_mask: Tensor | None, txt_lens=None, fp8=None
     ) -> Tensor:
