@@ -5,7 +5,7 @@ This one checks what a 2-GPU user gets: the full-width DiT (random weights scale
 fastdit.bench.fill_random_, saved as a diffusers checkpoint and loaded sharded by each rank), a 1024^2 CFG
 batch, bf16 with NCCL's reductions: relative L2 error of each layout's output against the same checkpoint
 on one GPU <= 1e-2. FASTDIT_PARITY_LAYERS sets the depth (default 60, the real model: a 41 GB checkpoint
-written to a temporary folder; the test needs ~2 x 41 GB of GPU memory on the first GPU at its peak).
+written to a temporary folder; each GPU holds at most one full bf16 copy, ~45 GB with the activations).
 And the pipeline's CUDA graph (`--cuda-graph`) with NCCL collectives inside, for each layout.
 """
 
