@@ -11,7 +11,6 @@ And the pipeline's CUDA graph (`--cuda-graph`) with NCCL collectives inside, for
 
 from __future__ import annotations
 
-import json
 import os
 
 import pytest
@@ -29,24 +28,14 @@ TOL = 1e-2
 
 
 def _save_checkpoint(model, folder) -> None:
-    """Our model as a diffusers-format transformer folder (config.json + one safetensors file)."""
+    """Our model as a diffusers-format transformer folder: diffusers' own config.json (of the twin that
+    fastdit.bench builds on our weights) and one safetensors file of our weights under diffusers' names."""
     from safetensors.torch import save_file
 
+    from fastdit.bench import diffusers_twin
     from fastdit.loader import diffusers_state_dict
 
-    cfg = model.cfg
-    config = {
-        "_class_name": "QwenImageTransformer2DModel",
-        "num_layers": cfg.num_layers,
-        "num_attention_heads": cfg.num_heads,
-        "attention_head_dim": cfg.head_dim,
-        "joint_attention_dim": cfg.joint_dim,
-        "in_channels": cfg.in_channels,
-        "out_channels": cfg.out_channels,
-        "patch_size": cfg.patch_size,
-        "axes_dims_rope": list(cfg.axes_dims_rope),
-    }
-    (folder / "config.json").write_text(json.dumps(config))
+    diffusers_twin(model).save_config(folder)
     tensors = {k: v.detach().contiguous().cpu().clone() for k, v in diffusers_state_dict(model).items()}
     save_file(tensors, folder / "diffusion_pytorch_model.safetensors")
 
