@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Reproduces the tables in benchmarks/RESULTS.md on one GPU (needs diffusers installed for --compare):
 #   bash benchmarks/run_all.sh [OUTDIR] [dit|shapes|padding|stages|fp8|attention|profile|multigpu|all]
-# (multigpu needs 2 GPUs and is not part of all)
+# (multigpu needs 2 GPUs, runs its 4-GPU rows where there are 4, and is not part of all)
 # Set FASTDIT="python -m fastdit" if the `fastdit` command is not on PATH.
 set -euo pipefail
 out=${1:-bench-results}
@@ -46,19 +46,32 @@ if [[ $what == profile || $what == all ]]; then
     done
 fi
 if [[ $what == multigpu ]]; then
-    b=(bench --iters 8 --warmup 2 --compile --profile)
+    gpus=$(python -c "import torch; print(torch.cuda.device_count())")
+    b=(bench --iters 8 --warmup 2 --compile --profile --cuda-graph)
+    f8=(--quantize fp8 --attention fp8)
+    big=(--height 1328 --width 1328)
     run "${b[@]}" --compare diffusers-eager --json "$out/multi-1gpu.json"
-    run "${b[@]}" --tp 2 --json "$out/multi-tp2.json"
-    run "${b[@]}" --sp 2 --json "$out/multi-sp2.json"
+    run "${b[@]}" "${f8[@]}" --json "$out/multi-1gpu-fp8.json"
+    run "${b[@]}" "${big[@]}" --json "$out/multi-1gpu-1328.json"
+    run "${b[@]}" "${f8[@]}" "${big[@]}" --json "$out/multi-1gpu-fp8-1328.json"
+    # 2 GPUs
     run "${b[@]}" --cfg-parallel --json "$out/multi-cfg2.json"
-    run "${b[@]}" --sp 2 --cuda-graph --json "$out/multi-sp2-graph.json"
-    run "${b[@]}" --tp 2 --cuda-graph --json "$out/multi-tp2-graph.json"
-    run "${b[@]}" --quantize fp8 --attention fp8 --cuda-graph --json "$out/multi-1gpu-fp8.json"
-    run "${b[@]}" --cfg-parallel --quantize fp8 --attention fp8 --cuda-graph --json "$out/multi-cfg2-fp8.json"
-    run "${b[@]}" --tp 2 --quantize fp8 --cuda-graph --json "$out/multi-tp2-fp8.json"
-    run "${b[@]}" --height 1328 --width 1328 --json "$out/multi-1gpu-1328.json"
-    run "${b[@]}" --height 1328 --width 1328 --cfg-parallel --json "$out/multi-cfg2-1328.json"
-    run "${b[@]}" --height 1328 --width 1328 --sp 2 --json "$out/multi-sp2-1328.json"
+    run "${b[@]}" --sp 2 --json "$out/multi-sp2.json"
+    run "${b[@]}" --tp 2 --json "$out/multi-tp2.json"
+    run "${b[@]}" --cfg-parallel "${f8[@]}" --json "$out/multi-cfg2-fp8.json"
+    run "${b[@]}" --sp 2 "${f8[@]}" --json "$out/multi-sp2-fp8.json"
+    run "${b[@]}" --cfg-parallel "${big[@]}" --json "$out/multi-cfg2-1328.json"
+    if ((gpus >= 4)); then
+        for layout in "--sp 4" "--tp 4" "--tp 2 --sp 2" "--cfg-parallel --sp 2" "--cfg-parallel --tp 2"; do
+            name=$(echo "$layout" | tr -d ' -')
+            # shellcheck disable=SC2086
+            run "${b[@]}" $layout --json "$out/multi-$name.json"
+            # shellcheck disable=SC2086
+            run "${b[@]}" $layout "${f8[@]}" --json "$out/multi-$name-fp8.json"
+            # shellcheck disable=SC2086
+            run "${b[@]}" $layout "${big[@]}" --json "$out/multi-$name-1328.json"
+        done
+    fi
     echo "+ python -m pytest -m gpu tests/test_parallel_gpu.py" >&2
     python -m pytest -q -s -m gpu "$here/../tests/test_parallel_gpu.py" | tee "$out/multi-numerics.txt"
 fi

@@ -6,7 +6,9 @@
 - one rank and no torchrun: runs in this process, no torch.distributed at all;
 - torchrun (RANK / WORLD_SIZE set): this process is one rank; joins the env:// rendezvous;
 - otherwise: spawns the ranks (torch.multiprocessing, start method "spawn") on 127.0.0.1 and a free
-  port (or `master_port`). NCCL on CUDA (rank r on cuda:r), gloo on CPU.
+  port (or `master_port`). NCCL on CUDA (rank r on cuda:r), gloo on CPU. This process hosts the ranks'
+  rendezvous store (as torchrun's agent does), so it outlives every rank: rank 0 hosting it would take
+  it down while the others' NCCL watchdogs still poll it at exit.
 
 Everything that can be checked before work starts is (world size against the devices, port in use);
 those errors are `FastditError`s. When a rank fails, the others are terminated (never left hanging in a
@@ -100,7 +102,8 @@ def check_world(tp: int, sp: int, cfg: int, dev_type: str) -> int:
     return world
 
 
-def _init_rank(rank: int, world: int, local_rank: int, dev_type: str, init_method: str) -> torch.device:
+def _init_rank(rank: int, world: int, local_rank: int, dev_type: str, port: int | None) -> torch.device:
+    """Join the process group: through the launcher's store on 127.0.0.1:`port`, or torchrun's env://."""
     if dev_type == "cuda":
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
@@ -111,9 +114,12 @@ def _init_rank(rank: int, world: int, local_rank: int, dev_type: str, init_metho
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
         backend = "gloo"
-    dist.init_process_group(
-        backend, init_method=init_method, rank=rank, world_size=world, timeout=timedelta(minutes=10)
-    )
+    timeout = timedelta(minutes=10)
+    if port is None:
+        dist.init_process_group(backend, init_method="env://", rank=rank, world_size=world, timeout=timeout)
+    else:
+        store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=timeout)
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
     return device
 
 
@@ -127,7 +133,7 @@ def _picklable(e: BaseException) -> BaseException | None:
 
 def _worker(rank, world, port, tp, sp, cfg, dev_type, fn, args, queue) -> None:
     try:
-        device = _init_rank(rank, world, rank, dev_type, f"tcp://127.0.0.1:{port}")
+        device = _init_rank(rank, world, rank, dev_type, port)
         state = make_parallel_state(tp, sp, cfg, device)
         result = fn(state, *args)
         if rank == 0:
@@ -174,7 +180,7 @@ def launch(
     world = check_world(tp, sp, cfg, dev_type)
     if under_torchrun():
         rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0))
-        dev = _init_rank(rank, world, local_rank, dev_type, "env://")
+        dev = _init_rank(rank, world, local_rank, dev_type, None)
         try:
             return fn(make_parallel_state(tp, sp, cfg, dev), *args)
         finally:
@@ -185,6 +191,7 @@ def launch(
         master_port = free_port()
     else:
         check_port(master_port)
+    store = dist.TCPStore("127.0.0.1", master_port, is_master=True, wait_for_workers=False)
 
     queue = mp.get_context("spawn").SimpleQueue()
     ctx = mp.start_processes(
@@ -221,6 +228,7 @@ def launch(
             if p.is_alive():
                 p.kill()
                 p.join()
+        del store  # closes the port once no rank is left to poll it
     results = [m for m in messages if m[0] == "result"]
     return pickle.loads(results[0][2]) if results else None
 
