@@ -425,12 +425,17 @@ def environment(device: torch.device) -> dict:
     return env
 
 
+def _tflops(x: float) -> str:
+    """A GPU's hundreds as integers; a CPU's fractions of a TFLOP/s with three significant digits."""
+    return f"{x:.0f}" if x >= 100 else f"{x:.3g}"
+
+
 def print_table(res: dict):
     runs = res.get("runs", {})
     base = runs.get("diffusers compiled") or runs.get("diffusers eager")
     print(f"\n{res['stage']} {json.dumps(res.get('shapes', {}))}")
     if "matmul_tflops" in res:
-        print(f"bf16 matmul ceiling this run: {res['matmul_tflops']:.0f} TFLOP/s")
+        print(f"{res.get('matmul_dtype', 'bf16')} matmul ceiling this run: {_tflops(res['matmul_tflops'])} TFLOP/s")
     width = max([32, *map(len, runs)])
     ranks = res.get("ranks")
     world = 1 if not ranks else ranks["tp"] * ranks["sp"] * ranks["cfg"]
@@ -446,7 +451,7 @@ def print_table(res: dict):
         ratio = f"{base['median_s'] / r['median_s']:.2f}x" if base else "-"
         print(
             f"{name:{width}s} {r['median_s']:8.4f} {r['min_s']:8.4f} {r['max_s']:8.4f} "
-            f"{'-' if tf is None else round(tf):>8} {pct:>6s} {ratio:>8s} "
+            f"{'-' if tf is None else _tflops(tf):>8} {pct:>6s} {ratio:>8s} "
             f"{r.get('first_call_s', float('nan')):9.1f} {r.get('peak_mem_gib', float('nan')):8.1f}"
         )
     for name, r in runs.items():
@@ -589,6 +594,7 @@ def bench_main(args) -> int:
             res = stage(args, device, dtype)
     if args.stage == "dit":
         res["matmul_tflops"] = matmul_ceiling(device, dtype)
+        res["matmul_dtype"] = args.dtype
     res["environment"] = environment(device)
     res["command"] = "fastdit " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("fastdit") else None
     print_table(res)

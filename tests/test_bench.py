@@ -29,6 +29,7 @@ def test_bench_dit_compiled_and_diffusers(tmp_path, capsys):
     assert res["matmul_tflops"] > 0 and res["environment"]["torch"]
     table = capsys.readouterr().out
     assert "fastdit compiled (regional)" in table and "vs base" in table
+    assert "fp32 matmul ceiling this run" in table  # the ceiling of the run's own dtype
 
 
 @pytest.mark.parametrize("stage", ["vae", "text-encoder"])
