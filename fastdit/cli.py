@@ -71,6 +71,23 @@ def check_cuda_graph_device(device) -> None:
         raise FastditError(f"--cuda-graph needs a CUDA device, but the pipeline would run on {device or 'cpu'}")
 
 
+def cuda_graph_hint(args: argparse.Namespace) -> str | None:
+    """A one-line note when tp or sp runs on CUDA without --cuda-graph: those steps launch their collectives
+    from Python and wait on the host (1.7-3x slower per step than replayed; benchmarks/RESULTS.md)."""
+    import torch
+
+    tp, sp, _ = parallel_degrees(args)
+    if args.cuda_graph or tp * sp == 1:
+        return None
+    try:
+        on_cuda = torch.device(args.device).type == "cuda" if args.device else torch.cuda.is_available()
+    except RuntimeError:
+        return None  # a malformed --device is reported by the device checks
+    if not on_cuda:
+        return None
+    return "note: --tp/--sp steps are host-bound without --cuda-graph; add it to replay each step from a CUDA graph"
+
+
 def add_parallel_arguments(parser, title: str) -> None:
     """--tp / --sp / --cfg-parallel / --master-port (fastdit.parallel), shared by generate, serve and bench."""
     par = parser.add_argument_group(title)
@@ -288,6 +305,8 @@ def generate_main(args: argparse.Namespace, parallel=None) -> int:
     if args.cuda_graph:
         check_cuda_graph_device(args.device)
     if parallel is None and parallel_requested(args):
+        if hint := cuda_graph_hint(args):
+            print(hint, file=sys.stderr)
         return _generate_parallel(args, first)
     main = parallel is None or parallel.is_main  # only rank 0 prints, shows progress and writes
 

@@ -216,3 +216,17 @@ def test_help_says_long_prompts_are_refused():
 def test_no_command_prints_help(capsys):
     assert main([]) == 2
     assert "generate" in capsys.readouterr().err
+
+
+def test_cuda_graph_hint_for_tp_and_sp_on_cuda():
+    """tp / sp on CUDA without --cuda-graph get a one-line note (their steps are host-bound without it)."""
+    from argparse import Namespace
+
+    from fastdit.cli import cuda_graph_hint
+
+    base = dict(tp=1, sp=2, cfg_parallel=False, cuda_graph=False, device="cuda")
+    assert "--cuda-graph" in cuda_graph_hint(Namespace(**base))
+    assert "--cuda-graph" in cuda_graph_hint(Namespace(**{**base, "sp": 1, "tp": 2, "cfg_parallel": True}))
+    assert cuda_graph_hint(Namespace(**{**base, "cuda_graph": True})) is None
+    assert cuda_graph_hint(Namespace(**{**base, "sp": 1, "cfg_parallel": True})) is None  # no collective per block
+    assert cuda_graph_hint(Namespace(**{**base, "device": "cpu"})) is None

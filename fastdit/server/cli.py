@@ -25,6 +25,7 @@ from fastdit.cli import (
     add_cuda_graph_argument,
     add_parallel_arguments,
     check_cuda_graph_device,
+    cuda_graph_hint,
     parallel_requested,
 )
 from fastdit.errors import FastditError
@@ -152,6 +153,8 @@ def _check_device_options(args: argparse.Namespace) -> None:
     error before anything binds or loads."""
     if args.cuda_graph:
         check_cuda_graph_device(args.device)
+    if hint := cuda_graph_hint(args):
+        print(hint, file=sys.stderr)
     if args.quantize is None and args.attention == "auto":
         return
     from fastdit.attention import resolve_backend
