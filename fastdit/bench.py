@@ -435,7 +435,7 @@ def print_table(res: dict):
     base = runs.get("diffusers compiled") or runs.get("diffusers eager")
     print(f"\n{res['stage']} {json.dumps(res.get('shapes', {}))}")
     if "matmul_tflops" in res:
-        print(f"{res.get('matmul_dtype', 'bf16')} matmul ceiling this run: {_tflops(res['matmul_tflops'])} TFLOP/s")
+        print(f"{res.get('dtype', 'bf16')} matmul ceiling this run: {_tflops(res['matmul_tflops'])} TFLOP/s")
     width = max([32, *map(len, runs)])
     ranks = res.get("ranks")
     world = 1 if not ranks else ranks["tp"] * ranks["sp"] * ranks["cfg"]
@@ -594,7 +594,7 @@ def bench_main(args) -> int:
             res = stage(args, device, dtype)
     if args.stage == "dit":
         res["matmul_tflops"] = matmul_ceiling(device, dtype)
-        res["matmul_dtype"] = args.dtype
+    res["dtype"] = args.dtype
     res["environment"] = environment(device)
     res["command"] = "fastdit " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("fastdit") else None
     print_table(res)

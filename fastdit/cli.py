@@ -58,33 +58,33 @@ def add_cuda_graph_argument(parser) -> None:
     )
 
 
-def check_cuda_graph_device(device) -> None:
-    """--cuda-graph on a device that is not CUDA: a one-line error before anything loads."""
+def _on_cuda(device) -> bool:
+    """Whether the pipeline runs on CUDA: `--device`, or CUDA when there is one; FastditError if malformed."""
     import torch
 
     try:
-        device = torch.device(device) if device is not None else None
+        return torch.device(device).type == "cuda" if device is not None else torch.cuda.is_available()
     except RuntimeError as e:
         raise FastditError(f"--device {device}: {e}") from None
-    on_cuda = device.type == "cuda" if device is not None else torch.cuda.is_available()
-    if not on_cuda:
+
+
+def check_cuda_graph_device(device) -> None:
+    """--cuda-graph on a device that is not CUDA: a one-line error before anything loads."""
+    if not _on_cuda(device):
         raise FastditError(f"--cuda-graph needs a CUDA device, but the pipeline would run on {device or 'cpu'}")
 
 
 def cuda_graph_hint(args: argparse.Namespace) -> str | None:
     """A one-line note when tp or sp runs on CUDA without --cuda-graph: those steps launch their collectives
-    from Python and wait on the host (1.7-3x slower per step than replayed; benchmarks/RESULTS.md)."""
-    import torch
-
+    from Python and wait on the host (1.7-3.2x slower per step than replayed; benchmarks/RESULTS.md)."""
     tp, sp, _ = parallel_degrees(args)
     if args.cuda_graph or tp * sp == 1:
         return None
     try:
-        on_cuda = torch.device(args.device).type == "cuda" if args.device else torch.cuda.is_available()
-    except RuntimeError:
+        if not _on_cuda(args.device):
+            return None
+    except FastditError:
         return None  # a malformed --device is reported by the device checks
-    if not on_cuda:
-        return None
     return "note: --tp/--sp steps are host-bound without --cuda-graph; add it to replay each step from a CUDA graph"
 
 
