@@ -20,6 +20,10 @@ from fastdit.attention import BACKENDS
 from fastdit.errors import FastditError
 
 TINY_RANDOM = "tiny-random"
+MODEL_HELP = (  # --model of generate, serve and quantize: all three go through resolve_model
+    "diffusers-format Qwen-Image folder, a Hugging Face repo id (e.g. Qwen/Qwen-Image; downloaded with "
+    f"huggingface_hub), or {TINY_RANDOM!r}: a tiny random-weight pipeline that draws noise (tests)"
+)
 DTYPES = {"auto": None, "bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16", "fp16": "float16"}
 DTYPES |= {"float32": "float32", "fp32": "float32"}
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
@@ -151,8 +155,7 @@ def add_generate_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument(
         "--model",
         required=True,
-        help=f"diffusers-format Qwen-Image folder, a Hugging Face repo id (e.g. Qwen/Qwen-Image; downloaded "
-        f"with huggingface_hub), or {TINY_RANDOM!r}: a tiny random-weight pipeline that draws noise (tests)",
+        help=MODEL_HELP,
     )
     p.add_argument("--prompt", required=True, help="what to draw")
     p.add_argument(

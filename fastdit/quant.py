@@ -351,6 +351,12 @@ def _tensor_bytes(shape: list[int], dtype: torch.dtype) -> int:
     return n * dtype.itemsize
 
 
+def check_new_output(out_root: Path) -> None:
+    """`fastdit quantize` writes a new folder: an existing non-empty one is refused, never overwritten."""
+    if out_root.exists() and any(out_root.iterdir()):
+        raise FastditError(f"--output {out_root} exists and is not empty; give a new folder")
+
+
 def quantize_checkpoint(
     src: str | os.PathLike,
     dst: str | os.PathLike,
@@ -374,8 +380,7 @@ def quantize_checkpoint(
     folder = resolve_transformer_dir(src_root)
     is_pipeline = folder != src_root
     out = out_root / "transformer" if is_pipeline else out_root
-    if out_root.exists() and any(out_root.iterdir()):
-        raise FastditError(f"--output {out_root} exists and is not empty; give a new folder")
+    check_new_output(out_root)
     if folder_quantization(folder) is not None:
         raise FastditError(f"{folder} is already quantized")
     cfg = read_config(folder)
@@ -464,7 +469,11 @@ def add_parser(subparsers):
             "other parts are symlinks to the originals."
         ),
     )
-    p.add_argument("--model", required=True, help="diffusers-format transformer folder or pipeline root")
+    p.add_argument(
+        "--model",
+        required=True,
+        help="diffusers-format transformer folder or pipeline root, or a Hugging Face repo id (downloaded first)",
+    )
     p.add_argument("--output", required=True, help="new folder to write")
     p.add_argument("--dtype", choices=["bf16"], default="bf16", help="dtype of the tensors that stay unquantized")
     p.add_argument(
@@ -477,6 +486,8 @@ def add_parser(subparsers):
 
 
 def quantize_main(args: argparse.Namespace) -> int:
+    from fastdit.cli import resolve_model  # the CLI module imports this one's parser
+
     if args.shard_size_gb <= 0:
         raise FastditError(f"--shard-size-gb must be positive, got {args.shard_size_gb}")
     modules = BLOCK_LINEARS + (MODULATION if args.include_modulation else ())
@@ -484,8 +495,9 @@ def quantize_main(args: argparse.Namespace) -> int:
         device = torch.device(args.device)
     except RuntimeError as e:
         raise FastditError(f"--device {args.device}: {e}") from None
+    check_new_output(Path(args.output))  # before a download that may take an hour
     out = quantize_checkpoint(
-        args.model,
+        resolve_model(args.model),
         args.output,
         dtype=torch.bfloat16,
         modules=modules,

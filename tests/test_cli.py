@@ -198,6 +198,12 @@ def test_hub_download_failure_is_one_line(monkeypatch, tmp_path, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("fastdit: error: --model someone/no-such-model: could not download")
+
+    # `fastdit serve` takes the same model names (one resolver): the same one line, no traceback.
+    assert main(["serve", "--model", "someone/no-such-model", "--port", "0", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and "fetching it from the Hugging Face Hub" in err[0], err
+    assert err[1].startswith("fastdit: error: --model someone/no-such-model: could not download"), err
     assert not any("Traceback" in line for line in err)
 
 

@@ -167,6 +167,31 @@ def test_quantize_cli_round_trip_and_size(ckpt, tmp_path, capsys):
     assert "not empty" in capsys.readouterr().err
 
 
+def test_quantize_cli_takes_a_hub_repo_id(ckpt, tmp_path, monkeypatch, capsys):
+    """`fastdit quantize --model owner/name` downloads first (faked here) and quantizes the download; an output
+    folder that is not empty is refused before anything is downloaded."""
+    import huggingface_hub
+
+    fetched = []
+
+    def snapshot(repo_id, **kw):
+        fetched.append(repo_id)
+        return str(ckpt)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot)
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "keep.txt").write_text("mine")
+    assert main(["quantize", "--model", "someone/tiny-qwen", "--output", str(taken)]) == 2
+    assert "not empty" in capsys.readouterr().err and fetched == []
+
+    out = tmp_path / "fp8"
+    assert main(["quantize", "--model", "someone/tiny-qwen", "--output", str(out)]) == 0
+    assert fetched == ["someone/tiny-qwen"] and "wrote" in capsys.readouterr().out
+    saved = load_transformer(out, dtype=torch.bfloat16, device="cpu", quantize="fp8-emulated")
+    assert saved.blocks[0].attn.img_qkv.weight.dtype == FP8
+
+
 def test_saved_fp8_checkpoint_loads_sharded_under_tensor_parallelism(ckpt, tmp_path):
     """A `fastdit quantize` folder under tp=2: each rank holds exactly its slices of the saved e4m3 weights
     and scales (column-parallel: rows and their scales; row-parallel: columns, scales of whole rows), and the

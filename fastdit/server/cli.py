@@ -21,20 +21,21 @@ from collections.abc import Callable
 import uvicorn
 
 from fastdit.cli import (
+    MODEL_HELP,
+    TINY_RANDOM,
     add_attention_argument,
     add_cuda_graph_argument,
     add_parallel_arguments,
     check_cuda_graph_device,
     cuda_graph_hint,
     parallel_requested,
+    resolve_model,
 )
 from fastdit.errors import FastditError
 from fastdit.server.app import create_app
 from fastdit.server.engine import Engine, Generator, Warmup
 
 log = logging.getLogger("fastdit.server")
-
-TINY_RANDOM = "tiny-random"
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -56,9 +57,7 @@ def _positive(text: str) -> int:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     model = parser.add_argument_group("model")
-    model.add_argument(
-        "--model", required=True, help=f"diffusers-format Qwen-Image folder, or {TINY_RANDOM!r} for tests"
-    )
+    model.add_argument("--model", required=True, help=MODEL_HELP)
     model.add_argument(
         "--dtype",
         choices=["auto", "bfloat16", "float16", "float32"],
@@ -170,17 +169,6 @@ def _check_device_options(args: argparse.Namespace) -> None:
         raise FastditError(f"--device {args.device}: {e}") from None
 
 
-def resolve_model_path(model: str) -> str:
-    """The model folder; for 'tiny-random', the cached tiny random-weight pipeline (built once)."""
-    if model == TINY_RANDOM:
-        from fastdit.tiny import tiny_pipeline_dir
-
-        return str(tiny_pipeline_dir())
-    if not os.path.isdir(model):
-        raise FastditError(f"--model {model}: no such folder (expected a diffusers-format Qwen-Image folder)")
-    return model
-
-
 def bind_socket(host: str, port: int) -> socket.socket:
     """Bind here rather than in uvicorn, so that a port in use is a clear error before anything loads."""
     if not 0 <= port <= 65535:
@@ -232,7 +220,7 @@ def serve_main(args: argparse.Namespace) -> int:
     # First: a port in use fails before any model work. Under torchrun only rank 0 serves HTTP.
     sock = bind_socket(args.host, args.port) if ranks.serves_http() else None
     try:
-        path = resolve_model_path(args.model)
+        path = str(resolve_model(args.model))  # a Hub download happens here, once, before any rank starts
         if parallel_requested(args):
             ranks.check(args, path)  # degrees against the devices and the model's heads, before loading
     except BaseException:
