@@ -235,16 +235,18 @@ def output_paths(output: str, count: int, seeds: list[int]) -> list[Path]:
     return [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(count)]
 
 
+def note(message: str) -> None:
+    """One line for the user on stderr; under torchrun only rank 0 says it (every rank runs the same checks)."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"fastdit: {message}", file=sys.stderr)
+
+
 def resolve_model(model: str) -> Path:
     """A local pipeline folder for --model: the folder itself, the cached tiny pipeline, or a Hub download."""
     if model == TINY_RANDOM:
         from fastdit.tiny import tiny_pipeline_dir
 
-        if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 alone speaks
-            print(
-                "fastdit: tiny-random is a tiny random-weight pipeline: it draws noise, not pictures",
-                file=sys.stderr,
-            )
+        note("tiny-random is a tiny random-weight pipeline: it draws noise, not pictures")
         return tiny_pipeline_dir()
     path = Path(model).expanduser()
     if path.is_dir():
@@ -258,7 +260,7 @@ def resolve_model(model: str) -> Path:
         )
     from huggingface_hub import snapshot_download
 
-    print(f"fastdit: {model} is not a local folder; fetching it from the Hugging Face Hub", file=sys.stderr)
+    note(f"{model} is not a local folder; fetching it from the Hugging Face Hub")
     try:
         return Path(snapshot_download(model))
     except Exception as e:  # network, auth, missing repo: all mean "could not fetch it"
@@ -309,7 +311,7 @@ def generate_main(args: argparse.Namespace, parallel=None) -> int:
         check_cuda_graph_device(args.device)
     if parallel is None and parallel_requested(args):
         if hint := cuda_graph_hint(args):
-            print(hint, file=sys.stderr)
+            note(hint)
         return _generate_parallel(args, first)
     main = parallel is None or parallel.is_main  # only rank 0 prints, shows progress and writes
 

@@ -236,3 +236,16 @@ def test_cuda_graph_hint_for_tp_and_sp_on_cuda():
     assert cuda_graph_hint(Namespace(**{**base, "cuda_graph": True})) is None
     assert cuda_graph_hint(Namespace(**{**base, "sp": 1, "cfg_parallel": True})) is None  # no collective per block
     assert cuda_graph_hint(Namespace(**{**base, "device": "cpu"})) is None
+
+
+def test_notes_come_from_rank_0_alone(monkeypatch, capsys):
+    """Under torchrun every rank runs the same checks; a note (tiny-random, a Hub fetch, the --cuda-graph hint) is
+    printed by rank 0 only."""
+    from fastdit.cli import note
+
+    monkeypatch.setenv("RANK", "1")
+    note("from rank 1")
+    assert capsys.readouterr().err == ""
+    monkeypatch.setenv("RANK", "0")
+    note("from rank 0")
+    assert capsys.readouterr().err == "fastdit: from rank 0\n"

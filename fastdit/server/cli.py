@@ -28,6 +28,7 @@ from fastdit.cli import (
     add_parallel_arguments,
     check_cuda_graph_device,
     cuda_graph_hint,
+    note,
     parallel_requested,
     resolve_model,
 )
@@ -153,7 +154,7 @@ def _check_device_options(args: argparse.Namespace) -> None:
     if args.cuda_graph:
         check_cuda_graph_device(args.device)
     if hint := cuda_graph_hint(args):
-        print(hint, file=sys.stderr)
+        note(hint)
     if args.quantize is None and args.attention == "auto":
         return
     from fastdit.attention import resolve_backend
