@@ -10,8 +10,8 @@ import statistics
 
 import torch
 
-from fastdit.attention import attention, available_backends
-from fastdit.bench import time_steps
+from fastdit.bench.timing import time_steps
+from fastdit.kernels.attention import attention, available_backends
 
 
 def main():

@@ -3,8 +3,8 @@
     python benchmarks/fp8_check.py            # about 3 minutes on one H100
     python benchmarks/fp8_check.py --no-modulation --iters 5
 
-The full-size Qwen-Image DiT with random bf16 weights (fastdit.bench.random_dit) at 1024x1024, CFG batch 2,
-128 text tokens; every variant runs with regional compile (fastdit.model.compile_blocks). The model is
+The full-size Qwen-Image DiT with random bf16 weights (fastdit.bench.weights.random_dit) at 1024x1024, CFG batch 2,
+128 text tokens; every variant runs with regional compile (fastdit.models.qwenimage.compile_blocks). The model is
 quantized IN PLACE between variants (bf16 -> fp8 block linears -> fp8 + modulation -> the same with
 fastdit's int8 attention kernel, then with cuDNN's fp8 attention), so at no point do a bf16 and an fp8 copy share the GPU. Each variant is also timed
 captured in a CUDA graph (column "CUDA graph"). Also checks the real `torch._scaled_mm` layer against the float
@@ -25,11 +25,14 @@ import torch
 import torch._dynamo
 import torch.nn.functional as F
 
-from fastdit.attention8 import int8_attention_available
-from fastdit.attention_fp8 import missing_fp8_attention
-from fastdit.bench import cuda_graph, dit_inputs, measure, random_dit, time_steps
-from fastdit.model import PRESETS, compile_blocks, set_attention_backend
-from fastdit.quant import BLOCK_LINEARS, MODULATION, Fp8Linear, check_fp8_device, quantize_model
+from fastdit.bench.timing import cuda_graph, measure, time_steps
+from fastdit.bench.weights import dit_inputs, random_dit
+from fastdit.kernels.attention_fp8 import missing_fp8_attention
+from fastdit.kernels.attention_int8 import int8_attention_available
+from fastdit.models.layers import set_attention_backend
+from fastdit.models.qwenimage import PRESETS
+from fastdit.quant.fp8 import BLOCK_LINEARS, MODULATION, Fp8Linear, check_fp8_device, quantize_model
+from fastdit.runtime.compile import compile_blocks
 
 
 def log(msg: str) -> None:

@@ -3,7 +3,7 @@
     python benchmarks/profile_step.py                                  # bf16
     python benchmarks/profile_step.py --quantize fp8 --attention fp8   # fp8 linears + cuDNN's fp8 attention
 
-The full-size Qwen-Image DiT with random weights (fastdit.bench.random_dit), 1024x1024, CFG batch 2,
+The full-size Qwen-Image DiT with random weights (fastdit.bench.weights.random_dit), 1024x1024, CFG batch 2,
 128 text tokens, regional compile, modulation from the table (as the pipeline runs a step). Prints the
 step time (CUDA events, and replayed from a CUDA graph), then torch.profiler's per-kernel GPU time.
 """
@@ -17,8 +17,11 @@ import statistics
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from fastdit.bench import cuda_graph, dit_inputs, random_dit, time_steps
-from fastdit.model import PRESETS, compile_blocks, set_attention_backend
+from fastdit.bench.timing import cuda_graph, time_steps
+from fastdit.bench.weights import dit_inputs, random_dit
+from fastdit.models.layers import set_attention_backend
+from fastdit.models.qwenimage import PRESETS
+from fastdit.runtime.compile import compile_blocks
 
 
 def _option(text: str) -> tuple[str, object]:
@@ -48,7 +51,7 @@ def main() -> None:
     x, enc, t, shapes = dit_inputs(cfg, 2, 1024, 1024, 128, torch.bfloat16, device)
     model = random_dit(cfg, torch.bfloat16, device)
     if args.quantize:
-        from fastdit.quant import quantize_model
+        from fastdit.quant.fp8 import quantize_model
 
         quantize_model(model)
         torch.cuda.empty_cache()

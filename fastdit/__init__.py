@@ -1,26 +1,30 @@
-"""fastdit: a fast inference engine for the Qwen-Image family of diffusion transformers."""
+"""fastdit: a fast inference engine for the Qwen-Image family of diffusion transformers.
+
+The public names below are imported on first use, so `import fastdit` (and `fastdit --help`) stay light:
+torch, transformers, diffusers, inductor and Triton load only when a model does.
+"""
+
+from __future__ import annotations
+
+import importlib
 
 from fastdit.errors import CheckpointError, ConfigError, FastditError
-from fastdit.loader import load_transformer
-from fastdit.model import PRESETS, DiTConfig, QwenImageTransformer, compile_blocks
 
-__all__ = [
-    "PRESETS",
-    "CheckpointError",
-    "ConfigError",
-    "DiTConfig",
-    "FastditError",
-    "QwenImagePipeline",
-    "QwenImageTransformer",
-    "compile_blocks",
-    "load_transformer",
-]
+# name -> the module that defines it
+_LAZY = {
+    "load_pipeline": "fastdit.pipelines",
+    "QwenImagePipeline": "fastdit.pipelines.qwenimage",
+    "load_transformer": "fastdit.load",
+    "QwenImageTransformer": "fastdit.models.qwenimage",
+    "DiTConfig": "fastdit.models.qwenimage",
+    "PRESETS": "fastdit.models.qwenimage",
+    "compile_blocks": "fastdit.runtime.compile",
+}
+
+__all__ = ["CheckpointError", "ConfigError", "FastditError", *_LAZY]
 
 
-def __getattr__(name):
-    # The pipeline pulls in transformers and diffusers: import it only when asked for.
-    if name == "QwenImagePipeline":
-        from fastdit.pipeline import QwenImagePipeline
-
-        return QwenImagePipeline
-    raise AttributeError(name)
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'fastdit' has no attribute {name!r}")

@@ -2,6 +2,6 @@
 
 import sys
 
-from fastdit.cli import main
+from fastdit.cli.main import main
 
 sys.exit(main())

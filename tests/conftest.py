@@ -28,6 +28,6 @@ def tiny_pipe(tiny_dir):
     """fastdit's pipeline on the tiny folder, float32 on CPU."""
     import torch
 
-    from fastdit.pipeline import QwenImagePipeline
+    from fastdit.pipelines.qwenimage import QwenImagePipeline
 
     return QwenImagePipeline.from_pretrained(tiny_dir, dtype=torch.float32, device="cpu")

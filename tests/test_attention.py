@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from fastdit.attention import attention, available_backends, resolve_backend
+from fastdit.kernels.attention import attention, available_backends, resolve_backend
 
 DEVICES = [
     "cpu",

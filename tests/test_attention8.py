@@ -1,4 +1,4 @@
-"""fastdit.attention8, the 8-bit attention (INT8 Q.K^T with smoothed K, FP8 e4m3 P.V), against exact attention.
+"""fastdit.kernels.attention_int8, the 8-bit attention (INT8 Q.K^T with smoothed K, FP8 e4m3 P.V), against exact attention.
 
 Three levels:
 - CPU, torch only: `quantize_qkv`'s layout and `reference_int8` (the kernel's arithmetic in float32 torch)
@@ -32,8 +32,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fastdit.attention import available_backends, math_attention, resolve_backend
-from fastdit.attention8 import (
+from fastdit.errors import FastditError
+from fastdit.kernels.attention import available_backends, math_attention, resolve_backend
+from fastdit.kernels.attention_int8 import (
     FP8,
     LOG2E,
     QUANT_BLOCK,
@@ -43,7 +44,6 @@ from fastdit.attention8 import (
     quantize_qkv,
     reference_int8,
 )
-from fastdit.errors import FastditError
 from tests.triton_interpreter import run_interpreted
 
 
@@ -160,8 +160,8 @@ _SCRIPT = r"""
 import json
 import sys
 
-from fastdit import attention8 as A
-from fastdit.attention import math_attention
+from fastdit.kernels import attention_int8 as A
+from fastdit.kernels.attention import math_attention
 
 
 def rel(a, b):
@@ -289,7 +289,7 @@ def _require_int8_gpu() -> None:
 def test_gpu_kernel_matches_exact_attention(masked):
     """B = 2, S = 4224 (4096 image + 128 text tokens), 24 heads of 128: rel < 0.06 against float32 attention
     and < 0.04 against `reference_int8`; `attention(..., "int8")` is this same call."""
-    from fastdit.attention import attention
+    from fastdit.kernels.attention import attention
 
     _require_int8_gpu()
     q, k, v = qkv(2, 4224, 24, 128, seed=0, dtype=torch.bfloat16, device="cuda")

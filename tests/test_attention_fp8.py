@@ -1,4 +1,4 @@
-"""fastdit.attention_fp8: cuDNN's fp8 attention (per-tensor e4m3 Q, K, V, P and O), against exact attention.
+"""fastdit.kernels.attention_fp8: cuDNN's fp8 attention (per-tensor e4m3 Q, K, V, P and O), against exact attention.
 
 - CPU: the quantization and `reference_sdpa_fp8` (cuDNN's arithmetic in float32 torch; the op's CPU
   implementation) against `math_attention`; the custom op under torch.compile(fullgraph=True); the backend
@@ -17,9 +17,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import fastdit.attention_fp8 as afp8
-from fastdit.attention import attention, available_backends, math_attention, resolve_backend
-from fastdit.attention_fp8 import (
+import fastdit.kernels.attention_fp8 as afp8
+from fastdit.errors import FastditError
+from fastdit.kernels.attention import attention, available_backends, math_attention, resolve_backend
+from fastdit.kernels.attention_fp8 import (
     FP8,
     attention_fp8,
     check_fp8_attention_device,
@@ -30,7 +31,6 @@ from fastdit.attention_fp8 import (
     rms_norm_bound,
     sdpa_fp8,
 )
-from fastdit.errors import FastditError
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -92,8 +92,9 @@ def test_output_cannot_overflow():
 def test_rms_norm_bound_holds_and_is_tight():
     """RoPE(RMSNorm(h) * w) never exceeds `rms_norm_bound(w)`; a head with all its energy in one pair of
     channels (the worst case) comes within 2 % of it."""
-    from fastdit.model import RMSNorm, rope_tables
-    from fastdit.qk_norm_rope import apply_rope
+    from fastdit.kernels.qk_norm_rope import apply_rope
+    from fastdit.models.layers import RMSNorm
+    from fastdit.models.qwenimage import rope_tables
 
     d = 32
     norm = RMSNorm(d, 1e-6)
@@ -113,9 +114,9 @@ def test_rms_norm_bound_holds_and_is_tight():
 
 def _tiny_dit(fp8_linears: bool = False):
     """The tiny DiT (float32, CPU; block linears fp8-emulated if asked) and a CFG-like batch of 2 inputs."""
-    from fastdit.bench import dit_inputs, random_dit
-    from fastdit.model import PRESETS
-    from fastdit.quant import quantize_model
+    from fastdit.bench.weights import dit_inputs, random_dit
+    from fastdit.models.qwenimage import PRESETS
+    from fastdit.quant.fp8 import quantize_model
 
     cfg = PRESETS["tiny"]
     model = random_dit(cfg, torch.float32, torch.device("cpu"))
@@ -127,7 +128,7 @@ def _tiny_dit(fp8_linears: bool = False):
 def _use_fp8_attention(model) -> None:
     """Every attention core on fp8, set directly (resolve_backend refuses fp8 off CUDA): on CPU the op's
     reference implementation stands in for cuDNN."""
-    from fastdit.model import Attention
+    from fastdit.models.layers import Attention
 
     for m in model.modules():
         if isinstance(m, Attention):
@@ -137,11 +138,11 @@ def _use_fp8_attention(model) -> None:
 def test_dit_quantizes_with_the_norm_bound_and_stays_close(monkeypatch):
     """The tiny DiT with fp8 attention: each block quantizes q and k (both streams) with the RMSNorm bound
     (>= their absmax, so nothing saturates), and the velocity stays within cosine 0.999 of exact attention."""
-    import fastdit.model
+    import fastdit.models.qwenimage
 
     model, (x, enc, t, shapes) = _tiny_dit()
     seen = []
-    real = fastdit.model.qk_norm_rope
+    real = fastdit.models.qwenimage.qk_norm_rope
 
     def spy(*args):
         *float_args, scales = args
@@ -152,7 +153,7 @@ def test_dit_quantizes_with_the_norm_bound_and_stays_close(monkeypatch):
     with torch.no_grad():
         exact = model(x, enc, None, t, img_shapes=shapes)
         _use_fp8_attention(model)
-        monkeypatch.setattr(fastdit.model, "qk_norm_rope", spy)
+        monkeypatch.setattr(fastdit.models.qwenimage, "qk_norm_rope", spy)
         out = model(x, enc, None, t, img_shapes=shapes)
     assert len(seen) == len(model.blocks)
     for (q_scale, k_scale), q_max, k_max in seen:
@@ -168,7 +169,7 @@ def test_fp8_out_projections_take_the_e4m3_output(monkeypatch, padded):
     (`forward_e4m3`, no requantization) as one contiguous block of rows per stream (O is sequence-major, so no
     copy; also when a padded CFG batch runs attention per sample): same velocity as dequantizing it first,
     within fp8 rounding."""
-    from fastdit.quant import Fp8Linear
+    from fastdit.quant.fp8 import Fp8Linear
 
     model, (x, enc, t, shapes) = _tiny_dit(fp8_linears=True)
     mask, lens = None, None
@@ -188,8 +189,8 @@ def test_fp8_out_projections_take_the_e4m3_output(monkeypatch, padded):
         with monkeypatch.context() as m:
             m.setattr(Fp8Linear, "forward_e4m3", spy)
             direct = model(x, enc, mask, t, img_shapes=shapes, txt_lens=lens)
-        # Without forward_e4m3 the model dequantizes O, and the out-projections quantize it per row.
-        monkeypatch.delattr(Fp8Linear, "forward_e4m3")
+        # Out-projections that do not take e4m3: the attention dequantizes O, and they quantize it per row.
+        monkeypatch.setattr(Fp8Linear, "takes_e4m3", False)
         requantized = model(x, enc, mask, t, img_shapes=shapes, txt_lens=lens)
     assert calls == [(FP8, True)] * (2 * len(model.blocks))
     assert rel(direct, requantized) < 0.02
@@ -197,7 +198,7 @@ def test_fp8_out_projections_take_the_e4m3_output(monkeypatch, padded):
 
 
 def test_forward_e4m3_is_the_linear_of_the_dequantized_input():
-    from fastdit.quant import Fp8Linear
+    from fastdit.quant.fp8 import Fp8Linear
 
     layer = Fp8Linear(64, 48, emulate=True, dtype=torch.float32)
     layer.load_float(torch.randn(48, 64) / 8, torch.randn(48))

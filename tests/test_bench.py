@@ -5,9 +5,9 @@ import json
 import pytest
 import torch
 
-from fastdit.bench import dit_flops
-from fastdit.cli import main
-from fastdit.model import PRESETS
+from fastdit.bench.timing import dit_flops
+from fastdit.cli.main import main
+from fastdit.models.qwenimage import PRESETS
 
 
 def test_flop_count_matches_the_known_qwen_image_step():

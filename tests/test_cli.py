@@ -10,7 +10,7 @@ import sys
 import pytest
 from PIL import Image
 
-from fastdit.cli import build_parser, main
+from fastdit.cli.main import build_parser, main
 
 
 def _run(args, cache, **kw):
@@ -211,7 +211,7 @@ def test_bad_input_in_a_real_process(tiny_cache):
     """The installed entry point, not just main(): exit 2, one stderr line, no traceback."""
     proc = _run(["generate", "--model", "tiny-random", "--prompt", "a cat", "--steps", "0"], tiny_cache)
     assert proc.returncode == 2
-    assert proc.stderr.strip() == "fastdit: error: --steps must be >= 1, got 0"
+    assert proc.stderr.strip() == "fastdit: error: --steps must be an integer between 1 and 1000, got 0"
 
 
 def test_help_says_long_prompts_are_refused():
@@ -224,24 +224,28 @@ def test_no_command_prints_help(capsys):
     assert "generate" in capsys.readouterr().err
 
 
-def test_cuda_graph_hint_for_tp_and_sp_on_cuda():
+def test_cuda_graph_hint_for_tp_and_sp_on_cuda(monkeypatch, capsys):
     """tp / sp on CUDA without --cuda-graph get a one-line note (their steps are host-bound without it)."""
-    from argparse import Namespace
+    from fastdit.cli import common
+    from fastdit.cli.common import ModelOptions, check_model_options
 
-    from fastdit.cli import cuda_graph_hint
-
-    base = dict(tp=1, sp=2, cfg_parallel=False, cuda_graph=False, device="cuda")
-    assert "--cuda-graph" in cuda_graph_hint(Namespace(**base))
-    assert "--cuda-graph" in cuda_graph_hint(Namespace(**{**base, "sp": 1, "tp": 2, "cfg_parallel": True}))
-    assert cuda_graph_hint(Namespace(**{**base, "cuda_graph": True})) is None
-    assert cuda_graph_hint(Namespace(**{**base, "sp": 1, "cfg_parallel": True})) is None  # no collective per block
-    assert cuda_graph_hint(Namespace(**{**base, "device": "cpu"})) is None
+    monkeypatch.setattr(common, "on_cuda", lambda device: device != "cpu")
+    cuda = ModelOptions(device="cuda")
+    for options, tp, sp, says in [
+        (cuda, 1, 2, True),
+        (cuda, 2, 1, True),
+        (ModelOptions(device="cuda", cuda_graph=True), 1, 2, False),
+        (cuda, 1, 1, False),  # CFG parallel alone: no collective per block
+        (ModelOptions(device="cpu"), 2, 2, False),
+    ]:
+        check_model_options(options, tp, sp)
+        assert ("--cuda-graph" in capsys.readouterr().err) == says, (options, tp, sp)
 
 
 def test_notes_come_from_rank_0_alone(monkeypatch, capsys):
     """Under torchrun every rank runs the same checks; a note (tiny-random, a Hub fetch, the --cuda-graph hint) is
     printed by rank 0 only."""
-    from fastdit.cli import note
+    from fastdit.cli.common import note
 
     monkeypatch.setenv("RANK", "1")
     note("from rank 1")

@@ -109,7 +109,7 @@ def test_modulation_table_gives_the_same_output(model):
 
 
 def test_regional_compile_with_the_modulation_table_reuses_one_graph_across_steps(tmp_path):
-    """fastdit's default compile backend (fastdit.inductor) on every block; the steps of a denoising loop,
+    """fastdit's default compile backend (fastdit.runtime.compile) on every block; the steps of a denoising loop,
     each with its own table entry, hit the graph compiled for the first block of the first step."""
     save_tiny(tmp_path, seed=3)
     model = load_transformer(tmp_path, dtype=torch.float32, device="cpu")

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from fastdit import load_transformer
-from fastdit.model import rope_positions
+from fastdit.models.qwenimage import rope_positions
 from tests.dit_utils import rel_err, save_tiny
 
 TOL = 1e-5

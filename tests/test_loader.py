@@ -8,8 +8,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from fastdit import CheckpointError, FastditError, load_transformer
-from fastdit.loader import checkpoint_keys
-from fastdit.model import PRESETS, QwenImageTransformer
+from fastdit.models.qwenimage import PRESETS, QwenImageTransformer
+from fastdit.models.qwenimage_keys import checkpoint_keys
 from tests.dit_utils import save_tiny
 
 SINGLE = "diffusion_pytorch_model.safetensors"

@@ -21,16 +21,16 @@ from PIL import Image
 
 from fastdit import load_transformer
 from fastdit.errors import ConfigError, FastditError
-from fastdit.model import DiTConfig, compile_blocks
+from fastdit.models.qwenimage import DiTConfig
 from fastdit.parallel import (
     ParallelState,
     RankError,
     check_parallel_config,
     launch,
-    load_transformer_parallel,
     make_parallel_state,
 )
 from fastdit.parallel.layers import ColumnParallelLinear, RowParallelLinear
+from fastdit.runtime.compile import compile_blocks
 from tests.dit_utils import rel_err, save_tiny
 
 pytestmark = pytest.mark.dist
@@ -112,7 +112,7 @@ def _layout_worker(state: ParallelState, path: str, layouts, cases, compile_layo
     results = {}
     for layout in layouts:
         st = state if layout == (state.tp, state.sp, state.cfg) else make_parallel_state(*layout, state.device)
-        model = load_transformer_parallel(path, st, dtype=torch.float32, device="cpu")
+        model = load_transformer(path, parallel=st, dtype=torch.float32, device="cpu", shard_modulation=False)
         cores = [type(b.attn.core).__name__ for b in model.model.blocks]
         assert cores == ["UlyssesAttention" if st.sp > 1 else "Attention"] * len(cores), cores
         outs = run_cases(model, cases)
@@ -146,12 +146,12 @@ def _world2_worker(state: ParallelState, path: str, cases, pipe_folder: str, fp8
     layouts = [(2, 1, 1), (1, 2, 1), (1, 1, 2)]
     results = _layout_worker(state, path, layouts, cases, compile_layouts=[(2, 1, 1), (1, 2, 1)])
     # Modulation sharded too (column-parallel + all-gather) instead of replicated.
-    model = load_transformer_parallel(path, state, dtype=torch.float32, device="cpu", shard_modulation=True)
+    model = load_transformer(path, parallel=state, dtype=torch.float32, device="cpu", shard_modulation=True)
     outs = run_cases(model, cases)
     agree = all(_same_on_every_rank(o) for o in outs.values())
     results["tp2_shard_mod"] = {"outs": outs, "agree": agree, "bytes": _param_bytes(model.model)}
     # A checkpoint saved by `fastdit quantize`, loaded sharded (fp8 emulated on CPU).
-    model = load_transformer_parallel(fp8_path, state, dtype=torch.float32, device="cpu", quantize="fp8-emulated")
+    model = load_transformer(fp8_path, parallel=state, dtype=torch.float32, device="cpu", quantize="fp8-emulated")
     outs = run_cases(model, cases)
     results["tp2_saved_fp8"] = {"outs": outs, "agree": all(_same_on_every_rank(o) for o in outs.values())}
     results["fp8_attention"] = _fp8_attention_worker(state, fp8_path, cases)
@@ -167,23 +167,23 @@ def _unmasked_case(cases) -> dict:
 def _with_fp8_attention(model, case) -> tuple[dict, list]:
     """Run `case` with every attention core on fp8 (set directly: on CPU the op's reference implementation stands
     in for cuDNN); returns the outputs and the dtypes of q in each fp8 attention call."""
-    import fastdit.attention
-    from fastdit.model import Attention
+    import fastdit.kernels.attention
+    from fastdit.models.layers import Attention
 
     for m in model.modules():
         if isinstance(m, Attention):
             m.backend = "fp8"
-    seen, real = [], fastdit.attention.attention_fp8
+    seen, real = [], fastdit.kernels.attention.attention_fp8
 
     def spy(q, k, v, scales=None):
         seen.append(str(q.dtype))
         return real(q, k, v, scales)
 
-    fastdit.attention.attention_fp8 = spy
+    fastdit.kernels.attention.attention_fp8 = spy
     try:
         return run_cases(model, case), seen
     finally:
-        fastdit.attention.attention_fp8 = real
+        fastdit.kernels.attention.attention_fp8 = real
 
 
 def _fp8_attention_worker(state: ParallelState, fp8_path: str, cases) -> dict:
@@ -192,7 +192,7 @@ def _fp8_attention_worker(state: ParallelState, fp8_path: str, cases) -> dict:
     out = {}
     for layout in [(2, 1, 1), (1, 2, 1)]:
         st = state if layout == (state.tp, state.sp, state.cfg) else make_parallel_state(*layout, state.device)
-        model = load_transformer_parallel(fp8_path, st, dtype=torch.float32, device="cpu", quantize="fp8-emulated")
+        model = load_transformer(fp8_path, parallel=st, dtype=torch.float32, device="cpu", quantize="fp8-emulated")
         outs, seen = _with_fp8_attention(model, _unmasked_case(cases))
         out[layout] = {"outs": outs, "seen": seen, "agree": all(_same_on_every_rank(o) for o in outs.values())}
     return out
@@ -200,7 +200,7 @@ def _fp8_attention_worker(state: ParallelState, fp8_path: str, cases) -> dict:
 
 @pytest.fixture(scope="module")
 def fp8_ckpt(ckpt, tmp_path_factory):
-    from fastdit.cli import main
+    from fastdit.cli.main import main
 
     out = tmp_path_factory.mktemp("fp8") / "transformer"
     assert main(["quantize", "--model", str(ckpt), "--output", str(out)]) == 0
@@ -332,9 +332,9 @@ def test_heads_not_divisible_is_a_config_error(ckpt):
         check_parallel_config(DiTConfig(num_heads=6, head_dim=16, axes_dims_rope=(4, 6, 6)), 4, 1)
     # Before any tensor is read, without process groups.
     with pytest.raises(ConfigError, match="4 attention heads"):
-        load_transformer_parallel(ckpt, ParallelState(tp=8, sp=1, cfg=1), dtype=torch.float32, device="cpu")
+        load_transformer(ckpt, parallel=ParallelState(tp=8, sp=1, cfg=1), dtype=torch.float32, device="cpu")
     with pytest.raises(ConfigError, match="tp x sp = 2 x 4"):
-        load_transformer_parallel(ckpt, ParallelState(tp=2, sp=4, cfg=1), dtype=torch.float32, device="cpu")
+        load_transformer(ckpt, parallel=ParallelState(tp=2, sp=4, cfg=1), dtype=torch.float32, device="cpu")
 
 
 def test_too_many_ranks_for_the_machine():
@@ -389,7 +389,7 @@ def _pixels(image) -> torch.Tensor:
 
 
 def _pipeline_worker(state: ParallelState, folder: str, layouts) -> dict:
-    from fastdit.pipeline import QwenImagePipeline
+    from fastdit.pipelines.qwenimage import QwenImagePipeline
 
     images = {}
     for layout in layouts:

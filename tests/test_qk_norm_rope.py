@@ -1,4 +1,4 @@
-"""fastdit.qk_norm_rope: the one-pass QK RMSNorm + RoPE (+ e4m3) kernel against its torch path.
+"""fastdit.kernels.qk_norm_rope: the one-pass QK RMSNorm + RoPE (+ e4m3) kernel against its torch path.
 
 - CPU: the Triton kernel under Triton's interpreter (TRITON_INTERPRET=1, in a subprocess: it must be set
   before Triton is imported) in float32, where every rounding step of the kernel is exact: it must match
@@ -16,8 +16,8 @@ import textwrap
 import pytest
 import torch
 
-from fastdit.model import rope_tables
-from fastdit.qk_norm_rope import qk_norm_rope
+from fastdit.kernels.qk_norm_rope import qk_norm_rope
+from fastdit.models.qwenimage import rope_tables
 from tests.triton_interpreter import run_interpreted
 
 triton = pytest.importorskip("triton")
@@ -37,7 +37,7 @@ def inputs(b, n_txt, n_img, heads, d, dtype, device, seed=0):
 
 INTERPRETED = """
 import torch
-from fastdit.qk_norm_rope import _launch, _qk_norm_rope_kernel, qk_norm_rope
+from fastdit.kernels.qk_norm_rope import _launch, _qk_norm_rope_kernel, qk_norm_rope
 from tests.test_qk_norm_rope import inputs
 
 txt, img, norms, cos, sin = inputs(2, 5, 12, 3, 32, torch.float32, "cpu")

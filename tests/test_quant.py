@@ -1,4 +1,4 @@
-"""FP8 (e4m3) W8A8 layers and checkpoints (fastdit.quant), on CPU in float32 with the fp8 rounding emulated.
+"""FP8 (e4m3) W8A8 layers and checkpoints (fastdit.quant.fp8), on CPU in float32 with the fp8 rounding emulated.
 
 Emulation does exactly the GPU's rounding (weights per output channel, activations per token, e4m3) and
 multiplies in float32, so these tests pin the numerics of the scheme; the real `torch._scaled_mm` path is
@@ -19,20 +19,21 @@ from safetensors import safe_open
 from torch import nn
 
 from fastdit import compile_blocks, load_transformer
-from fastdit.cli import main
+from fastdit.checkpoint import load_state_dict_into, weight_map
+from fastdit.cli.main import main
 from fastdit.errors import FastditError
-from fastdit.loader import load_state_dict_into, read_config, weight_map
-from fastdit.model import MLP, QwenImageTransformer
+from fastdit.kernels.fp8_rows import gelu_quantize_rows, gelu_quantize_rows_torch
+from fastdit.load import read_config
+from fastdit.models.qwenimage import MLP, QwenImageTransformer
+from fastdit.models.qwenimage_keys import checkpoint_keys
 from fastdit.parallel import ParallelState, parallelize, shard_plan
-from fastdit.quant import (
+from fastdit.quant.fp8 import (
     BLOCK_LINEARS,
     FP8,
     Fp8Linear,
-    Fp8RowParallelLinear,
     quantize_model,
     quantize_rows,
 )
-from fastdit.rowquant import gelu_quantize_rows, gelu_quantize_rows_torch
 from tests.dit_utils import rel_err, save_tiny
 from tests.triton_interpreter import run_interpreted
 
@@ -148,11 +149,10 @@ def test_quantize_cli_round_trip_and_size(ckpt, tmp_path, capsys):
 
     with pytest.raises(FastditError, match="compute capability"):
         load_transformer(out, dtype=torch.bfloat16, device="cpu")  # fp8 folder, real fp8: needs a GPU
-    from fastdit.parallel import load_transformer_parallel
     from fastdit.parallel.state import single_device
 
     with pytest.raises(FastditError, match="compute capability"):  # the parallel loader checks the same way
-        load_transformer_parallel(out, single_device("cpu"), dtype=torch.bfloat16, device="cpu")
+        load_transformer(out, parallel=single_device("cpu"), dtype=torch.bfloat16, device="cpu")
     saved = load_transformer(out, dtype=torch.bfloat16, device="cpu", quantize="fp8-emulated")
     at_load = load_transformer(ckpt, dtype=torch.bfloat16, device="cpu", quantize="fp8-emulated")
     assert saved.blocks[0].attn.img_qkv.weight.dtype == FP8
@@ -196,7 +196,7 @@ def test_saved_fp8_checkpoint_loads_sharded_under_tensor_parallelism(ckpt, tmp_p
     """A `fastdit quantize` folder under tp=2: each rank holds exactly its slices of the saved e4m3 weights
     and scales (column-parallel: rows and their scales; row-parallel: columns, scales of whole rows), and the
     two ranks' MLP partial sums add up to the one-process fp8 MLP (within the per-rank activation scaling)."""
-    from fastdit.parallel import load_transformer_parallel
+    from fastdit import load_transformer
 
     out = tmp_path / "fp8"
     assert main(["quantize", "--model", str(ckpt), "--output", str(out)]) == 0
@@ -206,12 +206,12 @@ def test_saved_fp8_checkpoint_loads_sharded_under_tensor_parallelism(ckpt, tmp_p
     for rank in range(2):
         # A stand-in group: loading needs none, and the all-reduce below is done by hand.
         state = ParallelState(tp=2, sp=1, cfg=1, tp_rank=rank, tp_group="stand-in")
-        par = load_transformer_parallel(out, state, dtype=torch.float32, device="cpu", quantize="fp8-emulated")
+        par = load_transformer(out, parallel=state, dtype=torch.float32, device="cpu", quantize="fp8-emulated")
         for path in BLOCK_LINEARS:
             mine, full = par.model.blocks[1].get_submodule(path), one.blocks[1].get_submodule(path)
             assert isinstance(mine, Fp8Linear) and mine.weight.dtype == FP8, path
             n, k = mine.weight.shape
-            if isinstance(mine, Fp8RowParallelLinear):  # columns [rank * k, (rank + 1) * k), whole-row scales
+            if mine.world > 1:  # columns [rank * k, (rank + 1) * k), whole-row scales
                 want_w, want_s = full.weight[:, rank * k : (rank + 1) * k], full.weight_scale
             elif path.endswith("qkv"):  # fused q, k, v: this rank's half of the rows of each, stacked
                 want_w = torch.cat([p.chunk(2)[rank] for p in full.weight.float().chunk(3)])
@@ -222,7 +222,7 @@ def test_saved_fp8_checkpoint_loads_sharded_under_tensor_parallelism(ckpt, tmp_p
             assert torch.equal(mine.weight_scale, want_s), path
         mlp = par.model.blocks[0].img_mlp
         with torch.no_grad():
-            partials.append(mlp.fc2._gemm(mlp.fc1(x), None, gelu_input=True))
+            partials.append(mlp.fc2._gemm(mlp.fc1(x), gelu_input=True))
         bias = mlp.fc2.bias
     with torch.no_grad():
         tp_out = partials[0] + partials[1] + bias
@@ -267,15 +267,20 @@ def test_quantize_after_tensor_parallel_sharding(ckpt):
             model = QwenImageTransformer(full.cfg)
         parallelize(model, state)
         load_state_dict_into(
-            model, ckpt, dtype=torch.float32, device=torch.device("cpu"), shard_plan=shard_plan(model, state)
+            model,
+            ckpt,
+            dtype=torch.float32,
+            device=torch.device("cpu"),
+            shard_plan=shard_plan(model, state),
+            key_map=checkpoint_keys,
         )
         quantize_model(model, emulate=True)
         mlp = model.blocks[0].img_mlp
-        assert type(mlp.fc1) is Fp8Linear and isinstance(mlp.fc2, Fp8RowParallelLinear)
-        assert isinstance(model.blocks[0].attn.img_out, Fp8RowParallelLinear)
+        assert type(mlp.fc1) is Fp8Linear and mlp.fc1.world == 1 and mlp.fc2.world == 2
+        assert model.blocks[0].attn.img_out.world == 2
         assert mlp.fc1.weight.shape == (full.cfg.mlp_ratio * full.cfg.dim // 2, full.cfg.dim)
         with torch.no_grad():
-            partials.append(mlp.fc2._gemm(mlp.fc1.forward_gelu(x), None))
+            partials.append(mlp.fc2._gemm(mlp.fc1.forward_gelu(x)))
         bias = mlp.fc2.bias
     with torch.no_grad():
         tp_out = partials[0] + partials[1] + bias
@@ -287,7 +292,7 @@ def test_quantize_after_tensor_parallel_sharding(ckpt):
 
 def test_tiny_pipeline_image_psnr(tiny_dir, tiny_pipe):
     """The tiny pipeline with fp8 (emulated) DiT draws the float32 image within PSNR >= 40 dB."""
-    from fastdit.pipeline import QwenImagePipeline
+    from fastdit.pipelines.qwenimage import QwenImagePipeline
 
     fp8 = QwenImagePipeline.from_pretrained(tiny_dir, dtype=torch.float32, device="cpu", quantize="fp8-emulated")
     assert isinstance(fp8.transformer.blocks[0].img_mlp.fc1, Fp8Linear)
@@ -300,7 +305,7 @@ def test_tiny_pipeline_image_psnr(tiny_dir, tiny_pipe):
 
 
 def test_gelu_quantize_rows_matches_gelu_then_quantize():
-    """fastdit.rowquant's torch path (CPU) is GELU(tanh) in float32 followed by the per-row quantization."""
+    """fastdit.kernels.fp8_rows's torch path (CPU) is GELU(tanh) in float32 followed by the per-row quantization."""
     h = torch.randn(6, 200, generator=torch.Generator().manual_seed(1)) * 3
     v, s = gelu_quantize_rows(h)
     rv, rs = quantize_rows(F.gelu(h, approximate="tanh"))
@@ -317,7 +322,7 @@ def test_gelu_quantize_rows_matches_gelu_then_quantize():
 
 
 GELU_INTERPRETED = """
-from fastdit.rowquant import _gelu_quantize_rows_kernel, _launch, gelu_quantize_rows_torch
+from fastdit.kernels.fp8_rows import _gelu_quantize_rows_kernel, _launch, gelu_quantize_rows_torch
 
 assert FP8_FIXED  # the interpreter's float32 -> e4m3 conversion replaced by torch's (tests/triton_interpreter.py)
 for width in (12288, 10000, 16384, 200, 96, 16):  # 3 whole chunks, 3 with a partial last, 4, small, 1 chunk

@@ -1,7 +1,7 @@
 """`fastdit serve`: the OpenAI-compatible image server, tested through a real uvicorn on 127.0.0.1.
 
 Servers run in a thread of the test process (so a test can inject a fake generator), on a free port,
-except the signal tests, which run `python -m fastdit.server.cli serve` as a subprocess. The
+except the signal tests, which run `python -m fastdit serve` as a subprocess. The
 OpenAI-client, batching and web-page tests use the real tiny random-weight pipeline at 64x64; the
 queue, 429, 500, disconnect and schema-fuzzing tests use `FakeGenerator`, whose timing is controlled.
 """
@@ -29,10 +29,11 @@ import pytest
 import uvicorn
 from PIL import Image
 
+from fastdit.cli.main import main
 from fastdit.errors import FastditError
 from fastdit.server.app import create_app
-from fastdit.server.cli import bind_socket, main
 from fastdit.server.engine import Engine, Warmup
+from fastdit.server.run import bind_socket
 
 CHROMIUM = "/usr/bin/chromium"
 REPO = Path(__file__).resolve().parents[1]
@@ -116,7 +117,7 @@ def tiny_server(tiny_dir):
     """The real tiny pipeline (fp32, CPU), warmed up at 64x64, shared by the tests of this module."""
     import torch
 
-    from fastdit.pipeline import QwenImagePipeline
+    from fastdit.pipelines.qwenimage import QwenImagePipeline
 
     engine = Engine(
         lambda: QwenImagePipeline.from_pretrained(tiny_dir, dtype=torch.float32, device="cpu"),
@@ -602,7 +603,7 @@ def test_cli_rejects_bad_arguments(tmp_path, capsys):
         main(["serve", "--model", "x", "--max-batch", "0"])
     # A folder that does not load: the engine thread fails, the server stops, the error is one line.
     assert main(["serve", "--model", str(tmp_path), "--port", "0", "--log-level", "error"]) == 2
-    assert "not a complete Qwen-Image pipeline folder" in capsys.readouterr().err
+    assert "model_index.json is missing" in capsys.readouterr().err
 
 
 def test_cli_refuses_int8_attention_on_cpu_before_binding(tmp_path, capsys):

@@ -22,7 +22,7 @@ import psutil
 import pytest
 from PIL import Image
 
-from fastdit.server.cli import bind_socket
+from fastdit.server.run import bind_socket
 
 REPO = Path(__file__).resolve().parents[1]
 REQUEST = {"prompt": "a red lighthouse", "negative_prompt": "fog", "true_cfg_scale": 4.0, "seed": 1234}

@@ -33,6 +33,7 @@ import torch.multiprocessing as mp
 
 from fastdit.errors import FastditError
 from fastdit.parallel.state import ParallelState, check_degrees, make_parallel_state, single_device
+from fastdit.runtime.env import under_torchrun
 
 # On CPU (gloo) any count works, but each rank is a full process with its own copy of the replicated
 # weights: more than this is a typo, not a plan.
@@ -45,10 +46,6 @@ class RankError(RuntimeError):
     def __init__(self, rank: int, message: str, tb: str = ""):
         super().__init__(f"rank {rank} failed: {message}" + (f"\n{tb}" if tb else ""))
         self.rank = rank
-
-
-def under_torchrun() -> bool:
-    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
 def free_port() -> int:

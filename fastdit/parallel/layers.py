@@ -7,18 +7,18 @@ added once, after the reduction. Collectives are functional (`torch.distributed.
 so torch.compile(fullgraph=True) traces them into the graph; with one rank there is no collective at all.
 
 Parameters are named `weight` and `bias` like nn.Linear's, so checkpoint names and the loader's key table
-stay the same; the loader reads only this rank's slice (see `fastdit.parallel.dit.shard_plan`).
+stay the same; the loader reads only this rank's slice (see `fastdit.parallel.transformer.shard_plan`).
 """
 
 from __future__ import annotations
 
-import torch
 import torch.distributed._functional_collectives as funcol
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 from torch.distributed import ProcessGroup
 
 from fastdit.errors import ConfigError
+from fastdit.models.layers import Linear
 
 # all_gather_tensor was renamed all_gather_single (the old name warns on torch 2.13); same op underneath.
 all_gather = getattr(funcol, "all_gather_single", None) or funcol.all_gather_tensor
@@ -30,20 +30,11 @@ def _split(n: int, world: int, what: str) -> int:
     return n // world
 
 
-class ReplicatedLinear(nn.Module):
+class ReplicatedLinear(Linear):
     """The full weight on every rank; no collective."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True):
-        super().__init__()
-        self.in_features, self.out_features = in_features, out_features
-        self.weight = nn.Parameter(torch.empty(out_features, in_features))
-        self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
 
-    def forward(self, x: Tensor) -> Tensor:
-        return F.linear(x, self.weight, self.bias)
-
-
-class ColumnParallelLinear(nn.Module):
+class ColumnParallelLinear(Linear):
     """Rows [rank * out / world, (rank + 1) * out / world) of the weight and bias: (..., in) -> (..., out / world).
 
     By default the output stays sharded by feature (no collective): the next layer is row-parallel or works
@@ -60,36 +51,39 @@ class ColumnParallelLinear(nn.Module):
         group: ProcessGroup | None = None,
         gather_output: bool = False,
     ):
-        super().__init__()
         if gather_output and world > 1 and group is None:
             raise ConfigError(f"ColumnParallelLinear gathering over {world} ranks needs a process group")
-        self.in_features, self.out_features, self.world = in_features, out_features, world
-        self.group, self.gather_output = group, gather_output
-        local = _split(out_features, world, "output features")
-        self.weight = nn.Parameter(torch.empty(local, in_features))
-        self.bias = nn.Parameter(torch.empty(local)) if bias else None
+        super().__init__(in_features, _split(out_features, world, "output features"), bias)
+        self.world, self.group = world, group
+        self.gathers_output = gather_output and world > 1
 
     def forward(self, x: Tensor) -> Tensor:
         y = F.linear(x, self.weight, self.bias)
-        if self.gather_output and self.world > 1:
+        if self.gathers_output:
             y = all_gather(y.contiguous(), y.dim() - 1, self.group)
         return y
 
+    def forward_gelu(self, x: Tensor) -> Tensor:
+        if self.gathers_output:
+            return F.gelu(self(x), approximate="tanh")
+        return super().forward_gelu(x)
 
-class RowParallelLinear(nn.Module):
+
+class RowParallelLinear(Linear):
     """Columns [rank * in / world, ...) of the weight: (..., in / world) -> (..., out), summed over the group."""
 
     def __init__(self, in_features: int, out_features: int, world: int, group: ProcessGroup | None, bias: bool = True):
-        super().__init__()
         if world > 1 and group is None:
             raise ConfigError(f"RowParallelLinear over {world} ranks needs a process group")
-        self.in_features, self.out_features, self.world = in_features, out_features, world
-        self.group = group
-        self.weight = nn.Parameter(torch.empty(out_features, _split(in_features, world, "input features")))
-        self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
+        super().__init__(_split(in_features, world, "input features"), out_features, bias)
+        self.world = world
+        self.partial_sum_group = group if world > 1 else None
 
     def forward(self, x: Tensor) -> Tensor:
         y = F.linear(x, self.weight)
-        if self.world > 1:
-            y = funcol.all_reduce(y, "sum", self.group)
+        if self.partial_sum_group is not None:
+            y = funcol.all_reduce(y, "sum", self.partial_sum_group)
         return y if self.bias is None else y + self.bias
+
+    def forward_gelu(self, x: Tensor) -> Tensor:
+        return F.gelu(self(x), approximate="tanh")

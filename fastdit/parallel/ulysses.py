@@ -19,8 +19,8 @@ import torch.distributed._functional_collectives as funcol
 from torch import Tensor
 from torch.distributed import ProcessGroup
 
-from fastdit.attention import attention
-from fastdit.model import Attention
+from fastdit.kernels.attention import attention
+from fastdit.models.qwenimage import Attention
 from fastdit.parallel.layers import all_gather
 
 
@@ -54,7 +54,7 @@ def _heads_to_seq(x: Tensor, sp: int, group: ProcessGroup) -> Tensor:
 
 
 class UlyssesAttention(Attention):
-    """Drop-in for `fastdit.model.Attention`: q, k, v (B, S_img/sp + S_txt, H, D) -> same shape.
+    """Drop-in for `fastdit.models.qwenimage.Attention`: q, k, v (B, S_img/sp + S_txt, H, D) -> same shape.
 
     `key_mask` is the GLOBAL (B, S_img + S_txt) mask over [all padded image tokens; text]: after the
     all-to-all every rank attends over the whole sequence.

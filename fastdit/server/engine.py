@@ -129,7 +129,7 @@ class Job:
         return BatchKey(self.width, self.height, self.steps, self.cfg_scale, self.negative_prompt is not None)
 
 
-@dataclass
+@dataclass(frozen=True)
 class Warmup:
     """One short generation run before /health turns 200 (allocator, kernels, compile caches)."""
 

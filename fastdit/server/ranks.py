@@ -27,7 +27,6 @@ then stops the followers; the command then exits as the single-process server wo
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import secrets
@@ -35,13 +34,15 @@ import signal
 import socket
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import timedelta
 
 from PIL import Image
 
-from fastdit.cli import parallel_degrees
+from fastdit.cli.common import ModelOptions
 from fastdit.errors import FastditError
 from fastdit.server.engine import GeneratorBroken
+from fastdit.server.run import ServerOptions, load_generator, run_server
 
 log = logging.getLogger("fastdit.server")
 
@@ -51,34 +52,39 @@ CONTROL_TIMEOUT = timedelta(days=365)
 _GO, _STOP = 0, 1  # the per-step flag
 
 
-def serves_http() -> bool:
-    """Whether this process binds the port: always, except on torchrun's ranks other than 0."""
-    from fastdit.parallel.launch import under_torchrun
+@dataclass(frozen=True)
+class RankSetup:
+    """What every rank of a multi-GPU server needs: the model folder, how to run it, the server's settings."""
 
-    return not under_torchrun() or os.environ["RANK"] == "0"
+    path: str
+    model: ModelOptions
+    server: ServerOptions
+    tp: int
+    sp: int
+    cfg: int
+    master_port: int | None = None
 
 
-def check(args: argparse.Namespace, path: str) -> None:
+def check(path: str, model: ModelOptions, tp: int, sp: int, cfg: int) -> None:
     """Everything that can be checked before the ranks start: degrees, devices, the model's heads."""
-    from fastdit.loader import read_config, resolve_transformer_dir
+    from fastdit.load import read_config
     from fastdit.parallel import check_parallel_config
     from fastdit.parallel.launch import check_world, device_type
 
-    check_world(*parallel_degrees(args), device_type(args.device))
-    check_parallel_config(read_config(resolve_transformer_dir(path)), args.tp, args.sp)
+    check_world(tp, sp, cfg, device_type(model.device))
+    check_parallel_config(read_config(path), tp, sp)
 
 
 # ---- the command's process: start the ranks, forward signals ---------------------------------------
 
 
-def serve(args: argparse.Namespace, sock: socket.socket | None, path: str) -> int:
+def serve(setup: RankSetup, sock: socket.socket | None) -> int:
     """Run the ranks until rank 0's server stops; returns its exit status."""
     import torch.multiprocessing as mp
 
     from fastdit.parallel import RankError, launch
-    from fastdit.parallel.launch import under_torchrun
+    from fastdit.runtime.env import under_torchrun
 
-    tp, sp, cfg = parallel_degrees(args)
     spawned = not under_torchrun()
     leader_pid = mp.get_context("spawn").RawValue("q", 0) if spawned else None  # rank 0 writes its pid
     received: list[int] = []
@@ -95,15 +101,14 @@ def serve(args: argparse.Namespace, sock: socket.socket | None, path: str) -> in
     try:
         code = launch(
             _rank_main,
-            args,
-            path,
+            setup,
             sock,
             leader_pid,
-            tp=tp,
-            sp=sp,
-            cfg=cfg,
-            device=args.device,
-            master_port=args.master_port,
+            tp=setup.tp,
+            sp=setup.sp,
+            cfg=setup.cfg,
+            device=setup.model.device,
+            master_port=setup.master_port,
         )
     except RankError as e:  # a rank died or raised: the launcher ended the others
         lines = str(e).strip().splitlines()
@@ -125,7 +130,7 @@ def serve(args: argparse.Namespace, sock: socket.socket | None, path: str) -> in
 # ---- every rank -------------------------------------------------------------------------------------
 
 
-def _rank_main(state, args: argparse.Namespace, path: str, sock: socket.socket | None, leader_pid) -> int:
+def _rank_main(state, setup: RankSetup, sock: socket.socket | None, leader_pid) -> int:
     import torch.distributed as dist
 
     if leader_pid is not None:  # spawned by `serve`: signals come through it, and die with it
@@ -138,18 +143,14 @@ def _rank_main(state, args: argparse.Namespace, path: str, sock: socket.socket |
     if state.rank == 0:
         if leader_pid is not None:
             leader_pid.value = os.getpid()
-        return _lead(state, args, path, sock, control)
+        return _lead(state, setup, sock, control)
     if sock is not None:
         sock.close()  # only rank 0 accepts connections
-    from fastdit.server.cli import load_generator
-
-    follow(load_generator(args, path, state), control)
+    follow(load_generator(setup.path, setup.model, state), control)
     return 0
 
 
-def _lead(state, args: argparse.Namespace, path: str, sock: socket.socket, control) -> int:
-    from fastdit.server.cli import load_generator, run_server
-
+def _lead(state, setup: RankSetup, sock: socket.socket, control) -> int:
     # uvicorn handles SIGTERM while it serves and re-raises it afterwards; here the re-raise must not kill
     # the process before the followers are stopped (the command exits by the signal instead).
     signal.signal(signal.SIGTERM, lambda sig, frame: None)
@@ -157,11 +158,11 @@ def _lead(state, args: argparse.Namespace, path: str, sock: socket.socket, contr
     leader = Leader(control)
 
     def load() -> Leader:
-        leader.pipe = load_generator(args, path, state)
+        leader.pipe = load_generator(setup.path, setup.model, state)
         return leader
 
     try:
-        code = run_server(args, sock, load)
+        code = run_server(sock, load, setup.server)
     except GeneratorBroken as e:  # the launcher terminates the followers, stuck mid-call or not
         raise FastditError(str(e)) from None
     leader.stop()
@@ -259,8 +260,8 @@ class Leader:
 
     def _validate(self, call: dict) -> None:
         """The pipeline's checks that a request can fail, run before anything is broadcast."""
-        from fastdit.pipeline import check_size
-        from fastdit.text import check_lengths
+        from fastdit.pipelines.text import check_lengths
+        from fastdit.validation import check_size
 
         check_size(call["height"], call["width"])
         prompts = [call["prompt"]] if isinstance(call["prompt"], str) else list(call["prompt"])

@@ -1,13 +1,11 @@
-"""Load diffusers-format Qwen-Image transformer checkpoints into `QwenImageTransformer`.
+"""Reading diffusers-format checkpoints into a model built on the meta device: the machinery every DiT shares.
 
-The model is built on the meta device; each tensor is streamed from safetensors straight to the target
-device (one tensor at a time, mmap-backed, so host memory never holds a second copy of the model) and
-assigned in place. Every key and shape is checked before anything is read; bad input raises
-`CheckpointError` naming the file and the key, and no half-loaded model is ever returned.
-
-diffusers' parameter names (with container indices such as `img_mod.1` or `to_out.0`) are mapped to
-ours in ONE table, `checkpoint_keys`, and only there. Fusions (Q/K/V into one weight) happen here.
-Tensor parallelism passes a `ShardSpec` per parameter so each rank reads only its slice.
+Each tensor is streamed from safetensors straight to the target device (one tensor at a time, mmap-backed, so
+host memory never holds a second copy of the model) and assigned in place. Every key and shape is checked
+before anything is read; bad input raises `CheckpointError` naming the file and the key, and no half-loaded
+model is ever returned. Which checkpoint keys make each parameter is the model's own table (`key_map`);
+tensor parallelism passes a `ShardSpec` per parameter so each rank reads only its slice. A module that lists
+parameter names in `keep_dtype` keeps them in the dtype it declared (fp8 weights and their scales).
 """
 
 from __future__ import annotations
@@ -15,59 +13,22 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from fastdit.errors import CheckpointError, ConfigError
-from fastdit.model import DiTConfig, QwenImageTransformer
 
 INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
 SINGLE_NAME = "diffusion_pytorch_model.safetensors"
 
-# Our parameter (without .weight/.bias) -> diffusers module(s) concatenated along dim 0.
-_TOP = {
-    "img_in": ["img_in"],
-    "txt_norm": ["txt_norm"],
-    "txt_in": ["txt_in"],
-    "time_embed.fc1": ["time_text_embed.timestep_embedder.linear_1"],
-    "time_embed.fc2": ["time_text_embed.timestep_embedder.linear_2"],
-    "final.mod": ["norm_out.linear"],
-    "final.proj": ["proj_out"],
-}
-_BLOCK = {
-    "img_mod.lin": ["img_mod.1"],
-    "txt_mod.lin": ["txt_mod.1"],
-    "attn.img_qkv": ["attn.to_q", "attn.to_k", "attn.to_v"],
-    "attn.txt_qkv": ["attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"],
-    "attn.img_q_norm": ["attn.norm_q"],
-    "attn.img_k_norm": ["attn.norm_k"],
-    "attn.txt_q_norm": ["attn.norm_added_q"],
-    "attn.txt_k_norm": ["attn.norm_added_k"],
-    "attn.img_out": ["attn.to_out.0"],
-    "attn.txt_out": ["attn.to_add_out"],
-    "img_mlp.fc1": ["img_mlp.net.0.proj"],
-    "img_mlp.fc2": ["img_mlp.net.2"],
-    "txt_mlp.fc1": ["txt_mlp.net.0.proj"],
-    "txt_mlp.fc2": ["txt_mlp.net.2"],
-}
 
-
-def checkpoint_keys(name: str) -> list[str]:
-    """Our parameter name -> the diffusers checkpoint keys it is made of (concatenated along dim 0)."""
-    module, _, leaf = name.rpartition(".")
-    if module.startswith("blocks."):
-        _, idx, rest = module.split(".", 2)
-        return [f"transformer_blocks.{idx}.{src}.{leaf}" for src in _BLOCK[rest]]
-    return [f"{src}.{leaf}" for src in _TOP[module]]
-
-
-@dataclass(frozen=True)
-class ShardSpec:
-    """Take slice `rank` of `world` along `dim` of each source tensor (before fusing them)."""
+class ShardSpec(NamedTuple):
+    """Take slice `rank` of `world` along `dim` of each source tensor (before fusing them). Any (dim, rank, world)
+    tuple serves (fastdit.parallel.transformer.shard_plan returns plain tuples)."""
 
     dim: int
     rank: int
@@ -91,18 +52,15 @@ def resolve_transformer_dir(path: str | os.PathLike) -> Path:
     return p
 
 
-def read_config(folder: Path) -> DiTConfig:
-    cfg_file = folder / "config.json"
+def read_json(path: Path) -> dict:
+    """A JSON object from `path`; CheckpointError naming the file if it is missing, malformed or not an object."""
     try:
-        raw = json.loads(cfg_file.read_text())
+        raw = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"cannot read {cfg_file}: {e}") from None
+        raise CheckpointError(f"cannot read {path}: {e}") from None
     if not isinstance(raw, dict):
-        raise CheckpointError(f"{cfg_file} is not a JSON object")
-    try:
-        return DiTConfig.from_diffusers(raw)
-    except ConfigError as e:
-        raise CheckpointError(f"{cfg_file}: {e}") from None
+        raise CheckpointError(f"{path} is not a JSON object")
+    return raw
 
 
 def weight_map(folder: Path) -> dict[str, Path]:
@@ -146,6 +104,7 @@ def _keys_of(f: Path) -> list[str]:
 def _sliced_shape(shape: list[int], spec: ShardSpec | None) -> list[int]:
     if spec is None:
         return list(shape)
+    spec = ShardSpec(*spec)
     out = list(shape)
     if out[spec.dim] % spec.world:
         raise ConfigError(f"dimension {spec.dim} of size {out[spec.dim]} is not divisible by {spec.world} ranks")
@@ -159,8 +118,8 @@ def load_state_dict_into(
     *,
     dtype: torch.dtype,
     device: torch.device,
-    shard_plan: Callable[[str], ShardSpec | None] = lambda name: None,
-    key_map: Callable[[str], list[str]] = checkpoint_keys,
+    shard_plan: Callable[[str], tuple[int, int, int] | None] = lambda name: None,
+    key_map: Callable[[str], list[str]],
 ) -> None:
     """Fill every parameter of `model` (built on meta) from the checkpoint in `folder`, checked first."""
     where = weight_map(folder)
@@ -207,6 +166,7 @@ def load_state_dict_into(
     # Pass 2: stream tensors to the device and assign them.
     for name in params:
         spec = shard_plan(name)
+        spec = None if spec is None else ShardSpec(*spec)
         tensors = []
         for key in wanted[name]:
             sl = handle(where[key]).get_slice(key)
@@ -228,48 +188,10 @@ def load_state_dict_into(
 
 
 def _target_dtype(model: nn.Module, name: str, p: nn.Parameter, dtype: torch.dtype) -> torch.dtype:
-    """`dtype`, unless the parameter's module lists it in `keep_dtype` (fastdit.quant: fp8 weights, scales)."""
+    """`dtype`, unless the parameter's module lists it in `keep_dtype` (fastdit.quant.fp8: fp8 weights, scales)."""
     module_name, _, leaf = name.rpartition(".")
     return p.dtype if leaf in getattr(model.get_submodule(module_name), "keep_dtype", ()) else dtype
 
 
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def load_transformer(
-    path: str | os.PathLike,
-    *,
-    dtype: torch.dtype = torch.bfloat16,
-    device: str | torch.device | None = None,
-    quantize: str | None = None,
-) -> QwenImageTransformer:
-    """Load a diffusers-format Qwen-Image transformer folder (or a pipeline root holding `transformer/`).
-
-    `quantize="fp8"` quantizes the block linears at load (see fastdit.quant); a folder written by
-    `fastdit quantize` (config.json has a `quantization` entry) loads as fp8 without being asked.
-    """
-    from fastdit import quant  # imported here: quant builds on this module
-
-    folder = resolve_transformer_dir(path)
-    device = torch.device(device) if device is not None else default_device()
-    if quantize is not None or quant.folder_quantization(folder) is not None:
-        return quant.load_quantized(folder, quantize, dtype=dtype, device=device)
-    cfg = read_config(folder)
-    with torch.device("meta"):
-        model = QwenImageTransformer(cfg)
-    load_state_dict_into(model, folder, dtype=dtype, device=device)
-    return model.eval().requires_grad_(False)
-
-
-def diffusers_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Our parameters under diffusers' names, as views (fused Q/K/V split along dim 0): no copy.
-
-    Used to run diffusers' model on exactly our weights (benchmarks and tests).
-    """
-    out = {}
-    for name, p in model.named_parameters():
-        keys = checkpoint_keys(name)
-        for key, part in zip(keys, p.detach().chunk(len(keys), dim=0), strict=True):
-            out[key] = part
-    return out

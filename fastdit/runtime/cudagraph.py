@@ -1,13 +1,13 @@
 """One function of fixed-shape tensors, replayed from a CUDA graph.
 
 A DiT step launches about 2000 kernels; from Python that takes longer than the GPU needs for the small ones,
-so the GPU waits between them (fp8 at 1024^2 on an H100: 0.159 s/step launched, 0.155 replayed). A CUDA graph
+so the GPU waits between them (measured in benchmarks/RESULTS.md). A CUDA graph
 records the launches once and replays them with one call.
 
 `CudaGraphStep(fn)` wraps fn(*tensors) -> tensor. Its first call runs fn on a side stream (compiling, building
 cuDNN plans, returning the real output) and then records fn into a graph over private copies of the
 arguments; each later call copies its arguments into those copies and replays. Later arguments must have the
-first call's shapes and dtypes; whoever holds one `CudaGraphStep` keys it by them (fastdit.pipeline). The
+first call's shapes and dtypes; whoever holds one `CudaGraphStep` keys it by them (fastdit.pipelines.qwenimage). The
 returned tensor is the graph's memory: the next call overwrites it.
 """
 

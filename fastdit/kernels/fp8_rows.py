@@ -4,8 +4,8 @@
 
 `gelu_quantize_rows(h)` is the input side of an fp8 MLP's second GEMM. fc1's GEMM (`torch._scaled_mm`) has
 no GELU epilogue, so between the two GEMMs sits h (M, 4 * dim) bf16 -> GELU -> per-row amax -> e4m3 values +
-float32 scales. Compiled, inductor emits a looped reduction that reads h twice and evaluates GELU twice:
-0.35 ms per block at 1024^2 with CFG on an H100 (21 ms per step). This kernel holds a whole row in registers
+float32 scales. Compiled, inductor emits a looped reduction that reads h twice and evaluates GELU twice
+(benchmarks/RESULTS.md has the cost). This kernel holds a whole row in registers
 (12288 values over 8 warps, as three chunks of 4096), so h is read once and GELU evaluated once.
 
 `gelu_quantize_rows(h)` takes any float h (..., N) and returns (values (..., N) e4m3, scales (..., 1)
@@ -66,8 +66,8 @@ def _launch(kernel, h: Tensor) -> tuple[Tensor, Tensor]:
     values = torch.empty(x.shape, device=h.device, dtype=FP8)
     scales = torch.empty((x.shape[0], 1), device=h.device, dtype=torch.float32)
     # The row is up to four chunks of a power-of-two width (Triton's block sizes are powers of two): 12288 is
-    # 3 x 4096, where one 16384-wide block would leave a quarter of its registers masked off (8192 rows on an
-    # H100: 0.126 ms that way, 0.104 in chunks). int(): under torch.compile a width that became dynamic (one
+    # 3 x 4096, where one 16384-wide block would leave a quarter of its registers masked off (slower; measured in
+    # benchmarks/HISTORY.md). int(): under torch.compile a width that became dynamic (one
     # function compiled for several widths) is specialized here.
     width = max(16, triton.next_power_of_2(int(n)) // 4)
     chunks = triton.cdiv(int(n), width)

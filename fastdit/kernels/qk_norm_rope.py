@@ -3,11 +3,10 @@
 Per block the DiT turns each stream's fused QKV output (B, S_stream, 3 * H * D) into attention operands:
 q and k get a per-head RMSNorm (weights per stream), then RoPE, and are joined along the sequence. Written
 in torch, inductor makes that one norm + RoPE kernel per stream, and when the result is also quantized to
-e4m3 (fp8 attention) it joins the streams with an extra copy: on an H100 at 1024^2 with CFG, 7.0 ms of a
-step in bf16 and 13.4 ms with the fp8 quantization. `qk_norm_rope` is one Triton kernel launch per stream
-for its q and k: each program reads one token's q or k row from the stream's QKV output, and writes the
-normalised, rotated row (bf16, or e4m3 with a given scale) at its place in the joint (2, B, S, H, D) output:
-5.4 ms per step in bf16, 6.0 ms in e4m3.
+e4m3 (fp8 attention) it joins the streams with an extra copy. `qk_norm_rope` is one Triton kernel launch per
+stream for its q and k: each program reads one token's q or k row from the stream's QKV output, and writes the
+normalised, rotated row (bf16, or e4m3 with a given scale) at its place in the joint (2, B, S, H, D) output
+(the time saved is in benchmarks/RESULTS.md).
 
 The arithmetic is the torch path's, rounding for rounding: the normalised row is rounded to the
 activation dtype before the weight multiply, the product again, the rotation is done in float32 and
@@ -20,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from fastdit.rowquant import FP8, to_e4m3
+from fastdit.kernels.fp8_rows import FP8, to_e4m3
 
 try:
     import triton
@@ -38,7 +37,7 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """Rotate interleaved channel pairs (x[2i], x[2i+1]) of x (B, S, H, D) by tables cos, sin (S, D) (angles
-    repeated per pair, the rotation's sign folded into sin; fastdit.model.Rope): (x0, x1) -> (x0 c - x1 s,
+    repeated per pair, the rotation's sign folded into sin; fastdit.models.qwenimage.Rope): (x0, x1) -> (x0 c - x1 s,
     x1 c + x0 s). Computed in float32, returned in x's dtype.
 
     Written as x * cos + pairswap(x) * sin so that inductor emits one pointwise pass."""

@@ -2,8 +2,7 @@
 
 cuDNN runs both GEMMs of flash attention on fp8 tensor cores: S = Q.K^T from e4m3 Q and K, softmax in
 float32, the unnormalised probabilities P in [0, 1] stored as P * 448 in e4m3, O = P.V accumulated in
-float32 and written as e4m3. On an H100 at the DiT's shape (B=2, S=4224, 24 heads x 128) that is about
-1.2x cuDNN's bf16 kernel: 0.60 vs 0.735 ms per call inside the DiT (benchmarks/RESULTS.md).
+float32 and written as e4m3: faster than cuDNN's bf16 kernel at the DiT's shapes (benchmarks/RESULTS.md).
 
 Scales are per tensor and computed on the GPU inside the (compiled) graph, never on the host. e4m3 is a
 float format: every value within 2^14 of the scale's largest keeps its 3-bit mantissa, so one scale per
@@ -11,14 +10,14 @@ tensor is enough, and a bound on |x| serves as well as the exact absmax:
 - Q and K: the DiT passes a bound from its QK RMSNorm weights w (`rms_norm_bound`): after RMSNorm each
   head's vector has rms 1, so no element exceeds sqrt(D) max|w|, and RoPE rotates pairs without growing
   them. Then no reduction is needed, and the DiT's QK-norm + RoPE kernel writes e4m3 directly
-  (fastdit.qk_norm_rope, half the bytes of bf16). Without a bound: absmax / 448, one reduction.
+  (fastdit.kernels.qk_norm_rope, half the bytes of bf16). Without a bound: absmax / 448, one reduction.
 - V: absmax / 448 (one reduction; nothing bounds a linear layer's output).
 - O: a convex combination of V's rows, so |O| <= max |V|: O is written in V's units (scale_o = 1 / V's
   scale), which cannot overflow. When the out-projections are fp8 too, O goes into their GEMMs as it is
   (`Fp8Linear.forward_e4m3`, V's scale as the row scale): no dequantize / requantize pass in between.
   Otherwise it is dequantized to bf16 right after the call.
 
-`attention_fp8(q, k, v)` takes and returns (B, S, H, D) float tensors like fastdit.attention (or e4m3
+`attention_fp8(q, k, v)` takes and returns (B, S, H, D) float tensors like fastdit.kernels.attention (or e4m3
 ones with their `Fp8Scales`). The cuDNN call is the custom op `fastdit::sdpa_fp8`, opaque to
 torch.compile (no graph break). Its CPU
 implementation is `reference_sdpa_fp8`, the same arithmetic in float32 torch, for tests and error
@@ -37,7 +36,7 @@ import torch
 from torch import Tensor
 
 from fastdit.errors import FastditError
-from fastdit.rowquant import FP8, FP8_MAX, MIN_AMAX, to_e4m3
+from fastdit.kernels.fp8_rows import FP8, FP8_MAX, MIN_AMAX, to_e4m3
 
 P_SCALE = FP8_MAX  # P in [0, 1] is stored as P * 448 (cuDNN's scale_s)
 INSTALL_HINT = 'pip install "fastdit[fp8-attention]" (NVIDIA\'s cuDNN frontend, nvidia-cudnn-frontend)'
@@ -242,11 +241,11 @@ def sdpa_fp8(
     """e4m3 q8 (B, S_q, H, D), k8 and v8 (B, S_kv, H, D) with (1,) float32 scales -> e4m3 O in units of v_scale,
     sequence-major: (S_q, B, H, D). Then the text and the image rows of the joint sequence are two contiguous
     (S_x * B, H * D) blocks that go into their out-projection GEMMs as they are (the image rows in batch-major
-    order would need a copy: 1 ms of a 1024^2 CFG step on an H100).
+    order would need a copy).
 
     `kv_lens`: sample b attends to its first kv_lens[b] keys only (a padded CFG batch: the [image; text]
     sequence's padding is at its end). One cuDNN call per sample, each writing its part of the one output (no
-    stacking copy afterwards: ~1 ms of a padded 1024^2 CFG step on an H100).
+    stacking copy afterwards).
 
     On CUDA: cuDNN. On CPU: `reference_sdpa_fp8` (tests only; the backend itself is refused off CUDA)."""
     o_scale = v_scale

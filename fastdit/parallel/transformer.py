@@ -8,7 +8,7 @@
     attn.core                                              UlyssesAttention when sp > 1
 
 `JointAttention` derives the head count from tensor shapes, so a rank holding num_heads / tp heads needs
-no change in model.py. `shard_plan` tells the loader which slice of each checkpoint tensor this rank
+no change in the model file. `shard_plan` tells the loader which slice of each checkpoint tensor this rank
 reads; the fused Q/K/V weight of rank r is exactly [q_r; k_r; v_r] because each source is sliced before
 fusing.
 
@@ -27,8 +27,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastdit.errors import ConfigError
-from fastdit.loader import ShardSpec, load_state_dict_into, read_config, resolve_transformer_dir
-from fastdit.model import DiTConfig, QwenImageTransformer, Rope, StepModulation
+from fastdit.models.layers import Rope
+from fastdit.models.qwenimage import DiTConfig, QwenImageTransformer, StepModulation
 from fastdit.parallel.layers import ColumnParallelLinear, ReplicatedLinear, RowParallelLinear, all_gather
 from fastdit.parallel.state import ParallelState
 from fastdit.parallel.ulysses import UlyssesAttention
@@ -78,16 +78,17 @@ def parallelize(model: QwenImageTransformer, state: ParallelState, shard_modulat
     return model
 
 
-def shard_plan(model: nn.Module, state: ParallelState) -> Callable[[str], ShardSpec | None]:
-    """Parameter name -> the slice this rank reads (None: the whole tensor), from the swapped layer types."""
-    specs: dict[str, ShardSpec] = {}
+def shard_plan(model: nn.Module, state: ParallelState) -> Callable[[str], tuple[int, int, int] | None]:
+    """Parameter name -> the slice this rank reads, (dim, rank, world) (None: the whole tensor), from the swapped
+    layer types; the loader's `fastdit.checkpoint.ShardSpec`."""
+    specs: dict[str, tuple[int, int, int]] = {}
     for name, module in model.named_modules():
         if isinstance(module, ColumnParallelLinear) and module.world > 1:
-            # weight_scale: the per-row fp8 scales of a saved fp8 checkpoint (fastdit.quant) go with their rows.
-            spec = ShardSpec(0, state.tp_rank, state.tp)
+            # weight_scale: the per-row fp8 scales of a saved fp8 checkpoint (fastdit.quant.fp8) go with their rows.
+            spec = (0, state.tp_rank, state.tp)
             specs[f"{name}.weight"] = specs[f"{name}.bias"] = specs[f"{name}.weight_scale"] = spec
         elif isinstance(module, RowParallelLinear) and module.world > 1:
-            specs[f"{name}.weight"] = ShardSpec(1, state.tp_rank, state.tp)  # bias: whole, added once
+            specs[f"{name}.weight"] = (1, state.tp_rank, state.tp)  # bias: whole, added once
     return specs.get
 
 
@@ -111,6 +112,10 @@ class ParallelTransformer(nn.Module):
         self.model = model
         self.cfg = model.cfg
         self.state = state
+
+    @property
+    def base(self) -> QwenImageTransformer:
+        return self.model
 
     def make_rope(self, img_shapes, txt_len: int, device=None) -> Rope:
         return self.model.make_rope(img_shapes, txt_len, device)
@@ -194,40 +199,3 @@ class ParallelTransformer(nn.Module):
         out = model.run_blocks(inp.img, inp.txt, inp.temb, rope_local, key_mask, txt_lens, modulation)  # (B, L, out)
         out = all_gather(out.contiguous(), 1, st.sp_group)  # (B, sp * L, out_dim)
         return out[:, :s_img]
-
-
-def load_transformer_parallel(
-    path,
-    state: ParallelState,
-    *,
-    dtype: torch.dtype = torch.bfloat16,
-    device: str | torch.device | None = None,
-    shard_modulation: bool = False,
-    quantize: str | None = None,
-) -> ParallelTransformer:
-    """Like `fastdit.load_transformer`, but each rank builds its parallel layers and reads only its slices.
-
-    fp8 (fastdit.quant): a folder written by `fastdit quantize` loads its e4m3 weights and scales sliced like
-    the float ones (a column-parallel layer's scales with its rows; a row-parallel layer keeps the scales of
-    whole rows, which stay exact for its columns); `quantize` ("fp8", or "fp8-emulated" for CPU tests)
-    quantizes a float folder's block linears after sharding. A folder whose modulation is fp8 keeps
-    modulation replicated (an all-gathered sharded layer cannot be fp8).
-    """
-    from fastdit.quant import folder_quantization, fp8_before_load, quantize_model
-
-    folder = resolve_transformer_dir(path)
-    device = torch.device(device) if device is not None else state.device
-    cfg = read_config(folder)
-    check_parallel_config(cfg, state.tp, state.sp)
-    saved = folder_quantization(folder)
-    if saved is not None and any(m.endswith("_mod.lin") for m in saved["modules"]):
-        shard_modulation = False
-    with torch.device("meta"):
-        model = QwenImageTransformer(cfg)
-    parallelize(model, state, shard_modulation=shard_modulation)
-    plan = shard_plan(model, state)  # from the parallel layer types, before fp8 layers replace them
-    emulate = fp8_before_load(model, folder, quantize, dtype=dtype, device=device)
-    load_state_dict_into(model, folder, dtype=dtype, device=device, shard_plan=plan)
-    if emulate is not None:
-        quantize_model(model, emulate=emulate)  # a float folder's block linears, on this rank's shards
-    return ParallelTransformer(model.eval().requires_grad_(False), state)

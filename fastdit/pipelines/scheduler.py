@@ -57,10 +57,16 @@ def dynamic_shift_mu(image_seq_len: int, config: dict) -> float:
     return image_seq_len * slope + (base_shift - slope * base_len)
 
 
-def flow_match_sigmas(num_steps: int, image_seq_len: int, config: dict) -> torch.Tensor:
-    """The (num_steps + 1,) float32 sigma schedule, descending from about 1 to a terminal 0."""
+def flow_match_sigmas(
+    num_steps: int, image_seq_len: int, config: dict, sigmas: list[float] | None = None
+) -> torch.Tensor:
+    """The (num_steps + 1,) float32 sigma schedule, descending from about 1 to a terminal 0. `sigmas`: the
+    unshifted schedule to start from instead of the even one (diffusers' `sigmas=`; then num_steps is its length)."""
     check_scheduler_config(config)
-    sigmas = np.linspace(1.0, 1.0 / num_steps, num_steps).astype(np.float32)
+    if sigmas is None:
+        sigmas = np.linspace(1.0, 1.0 / num_steps, num_steps).astype(np.float32)
+    else:
+        sigmas = np.array(sigmas, dtype=np.float32)
     if config.get("use_dynamic_shifting", False):
         mu = dynamic_shift_mu(image_seq_len, config)
         if config.get("time_shift_type", "exponential") == "exponential":

@@ -20,7 +20,6 @@ which swaps Linear layers and the attention core for parallel ones.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field, fields
 from typing import NamedTuple
 
@@ -28,11 +27,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fastdit.attention import attention, resolve_backend
-from fastdit.attention_fp8 import Fp8Scales, fp8_scale, quantize_tensor, rms_norm_bound
 from fastdit.errors import ConfigError
-from fastdit.inductor import backend as inductor_backend
-from fastdit.qk_norm_rope import qk_norm_rope, rms_norm
+from fastdit.kernels.qk_norm_rope import qk_norm_rope
+from fastdit.models.layers import Attention, Linear, RMSNorm, Rope, rope_from_positions, timestep_embedding
 
 # ---------------------------------------------------------------------------------------------------------
 # Config
@@ -114,22 +111,6 @@ PRESETS: dict[str, DiTConfig] = {
 # RoPE: pure functions of the image grid and the text length.
 
 
-class Rope(NamedTuple):
-    """RoPE tables over the joint sequence [image; text], each (S_img + S_txt, head_dim), float32.
-
-    Full width with each pair's angle repeated (c0, c0, c1, c1, ...), and the rotation's sign folded into
-    sin (-s0, s0, -s1, s1, ...), so applying it is two fused multiply-adds per element (fastdit.qk_norm_rope).
-    """
-
-    cos: Tensor
-    sin: Tensor
-
-
-def _axis_freqs(dim: int, theta: float, device) -> Tensor:
-    # (dim // 2,) inverse frequencies; float32 like the reference checkpoints were trained with.
-    return 1.0 / torch.pow(theta, torch.arange(0, dim, 2, device=device, dtype=torch.float32).div(dim))
-
-
 def normalize_img_shapes(img_shapes) -> list[tuple[int, int, int]]:
     """Accepts one sample's shapes as (f, h, w) or [(f, h, w), ...]; returns the list of (f, h, w)."""
     if isinstance(img_shapes, tuple) and len(img_shapes) == 3 and all(isinstance(v, int) for v in img_shapes):
@@ -160,36 +141,11 @@ def rope_positions(img_shapes: list[tuple[int, int, int]], txt_len: int, device=
 
 def rope_tables(img_shapes, txt_len: int, axes_dims: tuple[int, int, int], theta: float = 10000.0, device=None) -> Rope:
     """Real RoPE tables for the joint sequence of one (shared) image layout; see `rope_positions`."""
-    pos = rope_positions(normalize_img_shapes(img_shapes), txt_len, device).to(torch.float32)
-    # Angle of pair i on axis a is pos[:, a] * freq_a[i]; the three axes are concatenated along pairs.
-    angles = torch.cat(
-        [pos[:, a : a + 1] * _axis_freqs(d, theta, device)[None, :] for a, d in enumerate(axes_dims)], dim=1
-    )
-    cos, sin = torch.cos(angles), torch.sin(angles)  # (S, head_dim // 2)
-    sign = torch.tensor([-1.0, 1.0], device=device).repeat(cos.shape[1])
-    return Rope(cos.repeat_interleave(2, dim=1), sin.repeat_interleave(2, dim=1) * sign)
-
-
-def timestep_embedding(t: Tensor, dim: int = 256, max_period: float = 10000.0) -> Tensor:
-    """Sinusoidal embedding of sigma in [0, 1] (scaled by 1000): (B,) -> (B, dim) float32, [cos | sin]."""
-    half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
-    args = t.float()[:, None] * freqs[None, :] * 1000.0  # this rounding order matches the checkpoints' code
-    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    return rope_from_positions(rope_positions(normalize_img_shapes(img_shapes), txt_len, device), axes_dims, theta)
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Layers
-
-
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: Tensor) -> Tensor:
-        return rms_norm(x, self.weight, self.eps)
 
 
 class ModulationOut(NamedTuple):
@@ -203,7 +159,7 @@ class Modulation(nn.Module):
 
     def __init__(self, dim: int):
         super().__init__()
-        self.lin = nn.Linear(dim, 6 * dim)
+        self.lin = Linear(dim, 6 * dim)
 
     def forward(self, temb: Tensor) -> tuple[ModulationOut, ModulationOut]:
         return self.split(self.lin(F.silu(temb)))
@@ -220,56 +176,17 @@ def modulate(x: Tensor, mod: ModulationOut, eps: float) -> Tensor:
     return F.layer_norm(x, x.shape[-1:], eps=eps) * (1 + mod.scale) + mod.shift
 
 
-def linear_gelu(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
-    """GELU(tanh)(x @ weight.T + bias). On CUDA the GELU runs in the GEMM's epilogue (cuBLASLt), which
-    saves a write and a read of the 4x-wide hidden activations (about 8 ms of a 1024^2 CFG step on H100)."""
-    if x.is_cuda:
-        out = torch._addmm_activation(bias, x.flatten(0, -2), weight.t(), use_gelu=True)
-        return out.unflatten(0, x.shape[:-1])
-    return F.gelu(F.linear(x, weight, bias), approximate="tanh")
-
-
 class MLP(nn.Module):
     def __init__(self, dim: int, hidden: int):
         super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.fc2 = nn.Linear(hidden, dim)
+        self.fc1 = Linear(dim, hidden)
+        self.fc2 = Linear(hidden, dim)
 
     def forward(self, x: Tensor) -> Tensor:
-        # fp8 layers (fastdit.quant) have no GELU epilogue: an fp8 fc2 applies GELU while quantizing its input,
-        # an fp8 fc1 next to a float fc2 applies it after its GEMM.
-        fc1, fc2 = self.fc1, self.fc2
-        if hasattr(fc2, "forward_gelu_input"):
-            return fc2.forward_gelu_input(fc1(x))
-        h = fc1.forward_gelu(x) if hasattr(fc1, "forward_gelu") else linear_gelu(x, fc1.weight, fc1.bias)
-        return fc2(h)
-
-
-class Attention(nn.Module):
-    """Attention core over already-projected heads: q, k, v (B, S, H, D) -> (B, S, H, D).
-
-    `key_mask` (B, S) bool marks keys that may be attended to (None: all). `num_txt` is the number of
-    text tokens at the end of the sequence; the single-device core uses it only with `txt_lens`, the sequence-parallel
-    core (fastdit.parallel) needs it to split text from image tokens. `txt_lens` (host ints, optional)
-    says the mask is text padding only, so attention can run unmasked per sample (fastdit.attention).
-    `backend` is one of fastdit.attention.BACKENDS, resolved for the device (see `set_attention_backend`).
-    `fp8`: q, k, v are e4m3 with these scales (fastdit.attention_fp8; backend "fp8").
-    """
-
-    def __init__(self, backend: str = "sdpa"):
-        super().__init__()
-        self.backend = backend
-
-    def forward(
-        self, q: Tensor, k: Tensor, v: Tensor, num_txt: int, key_mask: Tensor | None, txt_lens=None, fp8=None
-    ) -> Tensor:
-        return attention(q, k, v, key_mask, self.backend, txt_lens, num_txt, fp8)
-
-    def amax(self, x: Tensor) -> Tensor:
-        """max |x| (0-d float32) over every process whose part of x this core's attention mixes: here x itself;
-        a sequence-parallel core reduces over its group (e4m3 scales must agree across ranks that exchange
-        e4m3 values)."""
-        return x.abs().amax().float()
+        # GELU sits between the GEMMs: in fc1's epilogue, unless fc2 folds it into its own input pass (fp8).
+        if self.fc2.fuses_gelu_input:
+            return self.fc2.forward_gelu_input(self.fc1(x))
+        return self.fc2(self.fc1.forward_gelu(x))
 
 
 class JointAttention(nn.Module):
@@ -278,15 +195,15 @@ class JointAttention(nn.Module):
     def __init__(self, dim: int, head_dim: int, eps: float):
         super().__init__()
         self.head_dim = head_dim
-        self.img_qkv = nn.Linear(dim, 3 * dim)
-        self.txt_qkv = nn.Linear(dim, 3 * dim)
+        self.img_qkv = Linear(dim, 3 * dim)
+        self.txt_qkv = Linear(dim, 3 * dim)
         self.img_q_norm = RMSNorm(head_dim, eps)
         self.img_k_norm = RMSNorm(head_dim, eps)
         self.txt_q_norm = RMSNorm(head_dim, eps)
         self.txt_k_norm = RMSNorm(head_dim, eps)
         self.core = Attention()
-        self.img_out = nn.Linear(dim, dim)
-        self.txt_out = nn.Linear(dim, dim)
+        self.img_out = Linear(dim, dim)
+        self.txt_out = Linear(dim, dim)
 
     def forward(
         self, img: Tensor, txt: Tensor, rope: Rope, key_mask: Tensor | None, txt_lens=None
@@ -298,14 +215,10 @@ class JointAttention(nn.Module):
         # QK RMSNorm weights: text q, text k, image q, image k.
         norms = tuple(n.weight for n in (self.txt_q_norm, self.txt_k_norm, self.img_q_norm, self.img_k_norm))
         w_tq, w_tk, w_iq, w_ik = norms
-        qk_scales, fp8 = None, None
-        if self.core.backend == "fp8" and (key_mask is None or txt_lens is not None):
-            # |q|, |k| after RMSNorm + RoPE are bounded by the norm weights: scales without a reduction.
-            qk_scales = (fp8_scale(rms_norm_bound(w_tq, w_iq)), fp8_scale(rms_norm_bound(w_tk, w_ik)))
-            v, v_scale = quantize_tensor(v, self.core.amax(v))
-            fp8 = Fp8Scales(*qk_scales, v_scale, txt.dtype)
-            if all(hasattr(layer, "forward_e4m3") for layer in (self.img_out, self.txt_out)):
-                fp8 = fp8._replace(out_dtype=None)  # fp8 out-projections take the e4m3 output as it is
+        unmasked = key_mask is None or txt_lens is not None
+        v, qk_scales, fp8 = self.core.fp8_operands(v, (w_tq, w_iq), (w_tk, w_ik), unmasked)
+        if fp8 is not None and self.img_out.takes_e4m3 and self.txt_out.takes_e4m3:
+            fp8 = fp8._replace(out_dtype=None)  # the out-projections take the e4m3 output as it is
         # q and k of both streams: QK norm + RoPE (+ e4m3) in one pass, written into the joint sequence.
         q, k = qk_norm_rope(txt_qkv, img_qkv, norms, *rope, self.txt_q_norm.eps, self.head_dim, qk_scales).unbind(0)
         out = self.core(q, k, v, n_txt, key_mask, txt_lens, fp8)  # (B, S_img + S_txt, H, D)
@@ -322,7 +235,7 @@ class Residual(NamedTuple):
     """A residual stream x + gate * update whose last update is not added yet: x, update (B, S, dim), gate
     (B, 1, dim). A block hands its MLP update to the next block (or the final layer) this way, which adds it
     in its first kernel, the LayerNorm + modulation pass that reads x anyway: at each block boundary the
-    stream is read and written once instead of twice (about 2 ms of a 1024^2 CFG step on an H100, fp8)."""
+    stream is read and written once instead of twice."""
 
     x: Tensor
     gate: Tensor
@@ -380,8 +293,8 @@ class TimestepEmbedder(nn.Module):
     def __init__(self, dim: int, freq_dim: int = 256):
         super().__init__()
         self.freq_dim = freq_dim
-        self.fc1 = nn.Linear(freq_dim, dim)
-        self.fc2 = nn.Linear(dim, dim)
+        self.fc1 = Linear(freq_dim, dim)
+        self.fc2 = Linear(dim, dim)
 
     def forward(self, t: Tensor, dtype: torch.dtype) -> Tensor:
         return self.fc2(F.silu(self.fc1(timestep_embedding(t, self.freq_dim).to(dtype))))
@@ -393,8 +306,8 @@ class FinalLayer(nn.Module):
     def __init__(self, dim: int, out_dim: int, eps: float):
         super().__init__()
         self.eps = eps
-        self.mod = nn.Linear(dim, 2 * dim)
-        self.proj = nn.Linear(dim, out_dim)
+        self.mod = Linear(dim, 2 * dim)
+        self.proj = Linear(dim, out_dim)
 
     def forward(self, x: Residual, temb: Tensor | None, mod: Tensor | None = None) -> Tensor:
         # mod: this step's (1, 2 * dim) vector, precomputed (StepModulation); else computed from temb.
@@ -410,7 +323,7 @@ class FinalLayer(nn.Module):
 class StepModulation(NamedTuple):
     """One denoising step's AdaLN vectors for every block, computed ahead for all steps at once by
     `QwenImageTransformer.modulation_table` (they depend on the timestep only): per step the model then skips
-    2 x num_layers weight-bound GEMVs (2 x 113 MB of weights per block in bf16: 5.4 ms of a 1024^2 step on an H100).
+    2 x num_layers weight-bound GEMVs (2 x 113 MB of weights per block in bf16).
     """
 
     img: Tensor  # (num_layers, 1, 6 * dim)
@@ -430,18 +343,24 @@ class DiTInputs:
 
 
 class QwenImageTransformer(nn.Module):
+    """The Qwen-Image DiT. fastdit.parallel wraps it behind the same call; `base` is the model under any wrapper."""
+
     def __init__(self, cfg: DiTConfig):
         super().__init__()
         self.cfg = cfg
         dim = cfg.dim
-        self.img_in = nn.Linear(cfg.in_channels, dim)
+        self.img_in = Linear(cfg.in_channels, dim)
         self.txt_norm = RMSNorm(cfg.joint_dim, cfg.eps)
-        self.txt_in = nn.Linear(cfg.joint_dim, dim)
+        self.txt_in = Linear(cfg.joint_dim, dim)
         self.time_embed = TimestepEmbedder(dim)
         self.blocks = nn.ModuleList(
             [Block(dim, cfg.head_dim, cfg.mlp_ratio * dim, cfg.eps) for _ in range(cfg.num_layers)]
         )
         self.final = FinalLayer(dim, cfg.out_dim, cfg.eps)
+
+    @property
+    def base(self) -> QwenImageTransformer:
+        return self
 
     def make_rope(self, img_shapes, txt_len: int, device=None) -> Rope:
         """RoPE tables for a batch whose samples all share `img_shapes` (one sample's (f, h, w) list)."""
@@ -530,28 +449,3 @@ class QwenImageTransformer(nn.Module):
             mods = (None, None) if modulation is None else (modulation.img[i], modulation.txt[i])
             img, txt = block(img, txt, temb, rope, key_mask, txt_lens, *mods)
         return self.final(img, temb, None if modulation is None else modulation.final)
-
-
-def compile_blocks(model: QwenImageTransformer, **compile_kwargs) -> QwenImageTransformer:
-    """Regional compilation: compile one block's code, reused by every block (warm-up of one, not 60).
-
-    `compile_kwargs` go to torch.compile; the default backend is fastdit.inductor's (inductor with whole-row
-    reductions), to which `options` (inductor config patches) are passed.
-    """
-    compile_kwargs.setdefault("fullgraph", True)
-    if "backend" not in compile_kwargs:
-        compile_kwargs["backend"] = inductor_backend(compile_kwargs.pop("options", None))
-    for block in model.blocks:
-        block.compile(**compile_kwargs)
-    model.final.compile(**compile_kwargs)
-    return model
-
-
-def set_attention_backend(model: QwenImageTransformer, backend: str = "auto") -> str:
-    """Point every block's attention core at `backend` (resolved for the model's device); returns it."""
-    device = next(model.parameters()).device
-    resolved = resolve_backend(backend, device)
-    for module in model.modules():
-        if isinstance(module, Attention):
-            module.backend = resolved
-    return resolved

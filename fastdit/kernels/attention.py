@@ -2,13 +2,13 @@
 
 Backends:
 - "sdpa":  torch's scaled_dot_product_attention with its own kernel choice (works everywhere).
-- "cudnn": cuDNN's fused attention through its aten op (Hopper: ~660 TFLOP/s in bf16, the fastest here).
+- "cudnn": cuDNN's fused attention through its aten op (the fastest bf16 kernel on Hopper).
 - "flash": torch's bundled FlashAttention-2 kernel (no mask support).
 - "flash_attn": the `flash_attn` package (FA3's `flash_attn_interface` when installed, else FA2).
 - "math":  the reference composition, float32 softmax; the oracle in tests.
-- "int8":  fastdit's 8-bit kernel (INT8 Q.K^T with smoothed K, FP8 P.V; fastdit.attention8): Triton and
+- "int8":  fastdit's 8-bit kernel (INT8 Q.K^T with smoothed K, FP8 P.V; fastdit.kernels.attention_int8): Triton and
            compute capability >= 8.9. Approximate (a few percent of relative error per call): opt-in only.
-- "fp8":   cuDNN's fp8 attention (e4m3 Q, K, V, P and O with per-tensor scales; fastdit.attention_fp8):
+- "fp8":   cuDNN's fp8 attention (e4m3 Q, K, V, P and O with per-tensor scales; fastdit.kernels.attention_fp8):
            Hopper or newer and the cuDNN frontend package. Approximate like int8, faster than bf16: opt-in only.
 
 "auto" picks cudnn on CUDA when no mask is given, sdpa otherwise (never an 8-bit one). Keys that must not be attended to are
@@ -24,15 +24,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fastdit.attention8 import attention_int8, check_int8_attention_device, int8_attention_available
-from fastdit.attention_fp8 import (
+from fastdit.errors import FastditError
+from fastdit.kernels.attention_fp8 import (
     Fp8Scales,
     attention_fp8,
     check_fp8_attention_device,
     dequantize,
     missing_fp8_attention,
 )
-from fastdit.errors import FastditError
+from fastdit.kernels.attention_int8 import attention_int8, check_int8_attention_device, int8_attention_available
 
 BACKENDS = ("auto", "sdpa", "cudnn", "flash", "flash_attn", "math", "int8", "fp8")
 # The opt-in 8-bit backends: each check raises FastditError with what the device lacks.
@@ -100,8 +100,8 @@ def _unpadded_per_sample(
 ) -> Tensor:
     """Key padding without a mask: sample b attends over all image keys and its L_b valid text keys, one
     unmasked call each. The text is last in the joint sequence and padded at its end, so those keys are a
-    prefix: views, no copies. Exact (masked keys get zero weight either way) and, on H100 at the DiT's shape,
-    553 TFLOP/s against 367 for one masked call (benchmarks/RESULTS.md)."""
+    prefix: views, no copies. Exact (masked keys get zero weight either way) and faster than one masked call
+    (benchmarks/RESULTS.md)."""
     n_img = k.shape[1] - num_txt
     if backend == "fp8":  # one op: each sample writes its part of the sequence-major output (no stacking copy)
         return attention_fp8(q, k, v, fp8, kv_lens=[n_img + n for n in txt_lens])
@@ -126,7 +126,7 @@ def attention(
     `txt_lens` (host ints, one per sample) says that the only masked keys are text padding: sample b's
     keys [S - num_txt + txt_lens[b], S) of the [image; text] sequence. Then `key_mask` is not needed and each
     sample runs unmasked (see `_unpadded_per_sample`). `fp8`: q, k, v are already e4m3 with these scales
-    (backend "fp8" only; fastdit.attention_fp8.quantize_qkv).
+    (backend "fp8" only; fastdit.kernels.attention_fp8.quantize_qkv).
     """
     if txt_lens is not None:
         return _unpadded_per_sample(q, k, v, backend, txt_lens, num_txt, fp8)

@@ -14,7 +14,7 @@ So the kernel runs both GEMMs at Hopper's 8-bit tensor-core rate. The quantizati
 (`quantize_qkv`) is plain torch so that, inside a compiled block, inductor fuses it with the QK-norm /
 RoPE that produces q and k (and with the [image; text] concatenation).
 
-`attention_int8(q, k, v, key_mask)` takes and returns (B, S, H, D) like fastdit.attention. Needs Triton
+`attention_int8(q, k, v, key_mask)` takes and returns (B, S, H, D) like fastdit.kernels.attention. Needs Triton
 and a GPU with fp8 tensor cores (compute capability >= 8.9). `reference_int8` is the same arithmetic in
 torch (float32 matmuls on the quantized values) for tests and for error estimates on any device.
 """
@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fastdit.errors import FastditError
-from fastdit.rowquant import FP8, FP8_MAX, MIN_AMAX, missing_fp8_tensor_cores
+from fastdit.kernels.fp8_rows import FP8, FP8_MAX, MIN_AMAX, missing_fp8_tensor_cores
 
 QUANT_BLOCK = 128  # tokens per Q / K scale; the kernel's BLOCK_M and BLOCK_N divide it
 P_SCALE = FP8_MAX  # P in [0, 1] is stored as P * 448 in e4m3 (largest finite e4m3), far from subnormals

@@ -1,0 +1,237 @@
+"""`fastdit bench`: time one denoising step of the full-size DiT with random weights (no download), or the
+pipeline's other stages. The parser is here; the measurements are in fastdit.bench.dit / stages, imported when
+the command runs (this module imports no torch)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+from contextlib import nullcontext, suppress
+
+from fastdit.bench.config import BenchConfig
+from fastdit.cli.common import ATTENTION_CHOICES, add_parallel_arguments, parallel_degrees, parallel_requested
+from fastdit.errors import FastditError
+
+DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+PRESET_NAMES = ["qwen-image", "tiny"]
+DESCRIPTION = """Time one denoising step of the full-size DiT with random weights (no download).
+
+One step = one DiT forward over the CFG batch (cond + uncond batched). Times come from CUDA events (host clock
+on CPU) around each step after warm-up; the median is reported with min/max, the achieved TFLOP/s, and that as a
+share of the matmul ceiling measured in the same run. `--compare diffusers` runs diffusers'
+QwenImageTransformer2DModel on the very same weights (views of ours: no extra memory), eager and compiled, and
+prints the ratios. `--stage vae|text-encoder` times those stages instead. `--tp / --sp / --cfg-parallel` time the
+DiT step on that many ranks (one process per GPU, each with its shard of the random weights; rank 0 reports).
+"""
+
+
+def environment(device) -> dict:
+    import torch
+
+    env = {"torch": torch.__version__, "python": platform.python_version(), "device": str(device)}
+    if device.type == "cuda":
+        env["gpu"] = torch.cuda.get_device_name(device)
+        env["cuda"] = torch.version.cuda
+        env["cudnn"] = torch.backends.cudnn.version()
+        try:
+            import triton
+
+            env["triton"] = triton.__version__
+        except ImportError:
+            pass
+    for name in ("diffusers", "transformers"):
+        with suppress(ImportError):
+            env[name] = __import__(name).__version__
+    return env
+
+
+def _tflops(x: float) -> str:
+    """A GPU's hundreds as integers; a CPU's fractions of a TFLOP/s with three significant digits."""
+    return f"{x:.0f}" if x >= 100 else f"{x:.3g}"
+
+
+def print_table(res: dict):
+    runs = res.get("runs", {})
+    base = runs.get("diffusers compiled") or runs.get("diffusers eager")
+    print(f"\n{res['stage']} {json.dumps(res.get('shapes', {}))}")
+    if "matmul_tflops" in res:
+        print(f"{res.get('dtype', 'bf16')} matmul ceiling this run: {_tflops(res['matmul_tflops'])} TFLOP/s")
+    width = max([32, *map(len, runs)])
+    ranks = res.get("ranks")
+    world = 1 if not ranks else ranks["tp"] * ranks["sp"] * ranks["cfg"]
+    if ranks:
+        print(f"ranks: tp={ranks['tp']} sp={ranks['sp']} cfg={ranks['cfg']} (%ceil: of {world} x the ceiling)")
+    print(
+        f"{'run':{width}s} {'s/step':>8s} {'min':>8s} {'max':>8s} {'TFLOP/s':>8s} {'%ceil':>6s} {'vs base':>8s} "
+        f"{'warm-up s':>9s} {'peak GiB':>8s}"
+    )
+    for name, r in runs.items():
+        tf = r.get("tflops")
+        pct = f"{100 * tf / (world * res['matmul_tflops']):.0f}" if tf and res.get("matmul_tflops") else "-"
+        ratio = f"{base['median_s'] / r['median_s']:.2f}x" if base else "-"
+        print(
+            f"{name:{width}s} {r['median_s']:8.4f} {r['min_s']:8.4f} {r['max_s']:8.4f} "
+            f"{'-' if tf is None else _tflops(tf):>8} {pct:>6s} {ratio:>8s} "
+            f"{r.get('first_call_s', float('nan')):9.1f} {r.get('peak_mem_gib', float('nan')):8.1f}"
+        )
+    for name, r in runs.items():
+        if "nccl_share" in r:
+            print(
+                f"{name}: GPU kernel time {r['gpu_kernel_s'] * 1e3:.1f} ms/step, {100 * r['nccl_share']:.1f} % in NCCL"
+            )
+    if res.get("modulation_table_50_steps_s") is not None:
+        print(f"modulation table for 50 steps, built once per image: {res['modulation_table_50_steps_s']:.4f} s")
+    if "rel_l2_vs_diffusers" in res:
+        print(f"relative L2 error vs diffusers: {res['rel_l2_vs_diffusers']:.3e}")
+    if base:
+        print("vs base = diffusers compiled (or eager without --compile) median / this run's median")
+
+
+def add_parser(subparsers):
+    p = subparsers.add_parser(
+        "bench",
+        help="time one denoising step of the full-size DiT (random weights, no download)",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--stage", choices=["dit", "vae", "text-encoder"], default="dit")
+    p.add_argument("--preset", choices=PRESET_NAMES, default="qwen-image", help="model size (tiny: for tests)")
+    p.add_argument("--height", type=int, default=1024)
+    p.add_argument("--width", type=int, default=1024)
+    p.add_argument("--text-len", type=int, default=128, help="text tokens per prompt")
+    p.add_argument("--batch", type=int, default=1, help="prompts per step (CFG doubles the DiT batch)")
+    p.add_argument("--no-cfg", action="store_true", help="time a batch without the uncond half")
+    p.add_argument(
+        "--uncond-text-len",
+        type=int,
+        default=None,
+        help="valid text tokens of the uncond half (padded to --text-len), as with a short negative prompt",
+    )
+    p.add_argument(
+        "--padding",
+        choices=["lengths", "mask"],
+        default="lengths",
+        help="with --uncond-text-len: pass the text lengths (unmasked attention per sample, as the pipeline "
+        "does) or only the key mask",
+    )
+    p.add_argument(
+        "--compile",
+        nargs="?",
+        const="regional",
+        choices=["regional", "full"],
+        default=None,
+        help="also time torch.compile: regional (each block, fast warm-up) or full graph",
+    )
+    p.add_argument(
+        "--modulation",
+        choices=["table", "per-step"],
+        default="table",
+        help="fastdit's AdaLN vectors: from a table built once for all steps (as the pipeline runs; the time to "
+        "build a 50-step table is reported) or computed in every step (as diffusers does)",
+    )
+    p.add_argument(
+        "--cuda-graph",
+        action="store_true",
+        help="also time the step captured in a CUDA graph and replayed (CUDA only)",
+    )
+    p.add_argument(
+        "--compare",
+        choices=["diffusers", "diffusers-eager"],
+        default=None,
+        help="also time diffusers' model on the same weights: eager and (with --compile) compiled; "
+        "diffusers-eager skips compiling it (its compile takes minutes)",
+    )
+    p.add_argument(
+        "--attention",
+        choices=(*ATTENTION_CHOICES, "math"),
+        default="auto",
+        help="attention backend (int8: fastdit's 8-bit kernel; fp8: cuDNN's)",
+    )
+    p.add_argument(
+        "--quantize", choices=["fp8"], default=None, help="fp8 (e4m3) block linears (fastdit.quant.fp8; CUDA >= 8.9)"
+    )
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="also profile two steps of each run: GPU kernel time per step and the share in NCCL collectives",
+    )
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="default: bf16")
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default=None, metavar="FILE", help="write all numbers and the environment here")
+    add_parallel_arguments(p, "parallelism: the DiT step on tp x sp x cfg ranks (one process per GPU; gloo on CPU)")
+    p.set_defaults(func=bench_main)
+    return p
+
+
+def _bench_parallel(run: BenchConfig, device, dtype, tp: int, sp: int, cfg: int, master_port: int | None) -> dict:
+    """The DiT step on tp x sp x cfg ranks (fastdit.parallel.launch: spawned here, or torchrun's)."""
+    from fastdit.models.qwenimage import PRESETS
+    from fastdit.parallel import check_parallel_config, launch
+
+    unsupported = [
+        flag
+        for flag, on in (
+            (f"--stage {run.stage}", run.stage != "dit"),
+            ("--compare", run.compare),
+            ("--compile full", run.compile == "full"),
+        )
+        if on
+    ]
+    if unsupported:
+        raise FastditError(
+            f"{', '.join(unsupported)} cannot be combined with --tp / --sp / --cfg-parallel: the parallel bench "
+            "times the DiT step eager, with --compile (block by block) and with --cuda-graph"
+        )
+    check_parallel_config(PRESETS[run.preset], tp, sp)  # before spawning; launch checks the devices
+    return launch(_bench_rank, run, dtype, tp=tp, sp=sp, cfg=cfg, device=device.type, master_port=master_port)
+
+
+def _bench_rank(state, run: BenchConfig, dtype) -> dict:
+    from fastdit.bench.dit import bench_dit
+
+    return bench_dit(run, state.device, dtype, state)
+
+
+def bench_main(args) -> int:
+    import torch
+
+    from fastdit.bench.dit import bench_dit
+    from fastdit.bench.stages import bench_text_encoder, bench_vae
+    from fastdit.bench.timing import matmul_ceiling
+
+    run = BenchConfig.from_args(args)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise FastditError("--device cuda asked for, but no CUDA GPU is visible")
+    if min(run.height, run.width, run.text_len, run.batch, run.iters) < 1 or run.warmup < 0:
+        raise FastditError("--height, --width, --text-len, --batch and --iters must be >= 1")
+    if run.cuda_graph and (device.type != "cuda" or run.stage != "dit"):
+        raise FastditError("--cuda-graph times the DiT step on a CUDA GPU (--stage dit, --device cuda)")
+    if run.profile and (device.type != "cuda" or run.stage != "dit"):
+        raise FastditError("--profile reads the GPU's kernel times of the DiT step (--stage dit, --device cuda)")
+    dtype = getattr(torch, DTYPES[run.dtype])
+    tp, sp, cfg = parallel_degrees(args)
+    if parallel_requested(tp, sp, cfg):
+        res = _bench_parallel(run, device, dtype, tp, sp, cfg, args.master_port)
+        if int(os.environ.get("RANK", 0)) != 0:  # under torchrun every rank returns; rank 0 reports
+            return 0
+    else:
+        stage = {"dit": bench_dit, "vae": bench_vae, "text-encoder": bench_text_encoder}[run.stage]
+        with torch.inference_mode() if run.stage != "dit" else nullcontext():
+            res = stage(run, device, dtype)
+    if run.stage == "dit":
+        res["matmul_tflops"] = matmul_ceiling(device, dtype)
+    res["dtype"] = run.dtype
+    res["environment"] = environment(device)
+    res["command"] = "fastdit " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("fastdit") else None
+    print_table(res)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(res, f, indent=2)
+    return 0

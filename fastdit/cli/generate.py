@@ -1,0 +1,228 @@
+"""`fastdit generate`: images from a text prompt, written to files.
+
+The arguments become one `GenerateRun` (checked: sizes, steps, seeds, output paths, device flags) before any
+model work; `run_generate` runs it in this process or, with --tp / --sp / --cfg-parallel, on every rank that
+fastdit.parallel.launch starts (rank 0 alone prints and writes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import secrets
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from fastdit.cli.common import (
+    ModelOptions,
+    add_model_arguments,
+    add_parallel_arguments,
+    check_model_options,
+    check_writable_file,
+    flag_error,
+    integer,
+    note,
+    number,
+    output_paths,
+    parallel_degrees,
+    parallel_requested,
+    resolve_model,
+    torch_device,
+    torch_dtype,
+)
+from fastdit.validation import (
+    SEED_LIMIT,
+    InputError,
+    check_cfg_scale,
+    check_int,
+    check_prompts,
+    check_size,
+    check_steps,
+    image_seeds,
+)
+
+
+@dataclass(frozen=True)
+class GenerateRun:
+    """One `fastdit generate`, checked: what to draw, where the images go, how to run the model."""
+
+    model: str  # as given; resolved to a folder once, before any rank starts
+    options: ModelOptions
+    prompt: str
+    negative_prompt: str | None
+    height: int
+    width: int
+    steps: int
+    cfg_scale: float | None
+    seeds: list[int]
+    paths: list[Path]
+    timings_json: Path | None = None
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "generate",
+        help="generate images from a text prompt",
+        description=(
+            "Generate images with a Qwen-Image pipeline. Images match diffusers' QwenImagePipeline for the same "
+            "seed. Prompts longer than the text encoder's limit (512 tokens including the chat template's answer "
+            "header) are refused, not truncated."
+        ),
+    )
+    add_model_arguments(p)
+    p.add_argument("--prompt", required=True, help="what to draw")
+    p.add_argument(
+        "--negative-prompt",
+        default=None,
+        help="what to avoid; true CFG runs only with a negative prompt (use ' ' for an empty one), as in diffusers",
+    )
+    p.add_argument("--height", type=integer, default=1024, help="image height in pixels, a multiple of 16 (1024)")
+    p.add_argument("--width", type=integer, default=1024, help="image width in pixels, a multiple of 16 (1024)")
+    p.add_argument("--steps", type=integer, default=50, help="denoising steps (default: 50)")
+    p.add_argument(
+        "--cfg-scale",
+        type=number,
+        default=None,
+        help="true CFG scale, 1 to 100; CFG runs only with --negative-prompt (default: 4.0 with a negative "
+        "prompt, off without one)",
+    )
+    p.add_argument(
+        "--seed",
+        type=integer,
+        default=None,
+        help="seed of image 0, in [0, 2**63); image i uses seed + i, so each image is reproducible alone "
+        "(default: random)",
+    )
+    p.add_argument("--num-images", type=integer, default=1, help="images to generate (default: 1)")
+    p.add_argument(
+        "--output",
+        default="fastdit.png",
+        help="image file (several images: NAME-0.png, NAME-1.png, ...) or a folder (ends with / or exists) "
+        "(default: fastdit.png)",
+    )
+    p.add_argument("--timings-json", default=None, metavar="FILE", help="also write stage timings as JSON")
+    add_parallel_arguments(p, "parallelism (one process per GPU; gloo on CPU)")
+    p.set_defaults(func=generate_main)
+    return p
+
+
+def prepare(args: argparse.Namespace) -> GenerateRun:
+    """The arguments checked and turned into a run; every user error is raised here, before any loading."""
+    try:
+        check_prompts(args.prompt)
+        if args.negative_prompt is not None:
+            check_prompts(args.negative_prompt, "negative_prompt", allow_blank=True)
+        check_size(args.height, args.width)
+        check_steps(args.steps)
+        cfg = None if args.cfg_scale is None else check_cfg_scale(args.cfg_scale)
+        check_int(args.num_images, "num_images_per_prompt", 1, 64)
+        if args.seed is not None:
+            check_int(args.seed, "seed", 0, SEED_LIMIT - 1)
+    except InputError as e:
+        raise flag_error(e) from None
+    if cfg is not None and cfg > 1 and args.negative_prompt is None:
+        note(f"--cfg-scale {args.cfg_scale:g} has no effect without --negative-prompt: CFG is off")
+    first = args.seed if args.seed is not None else secrets.randbelow(SEED_LIMIT)
+    seeds = image_seeds(first, args.num_images)
+    paths = output_paths(args.output, args.num_images, seeds)
+    timings = Path(args.timings_json) if args.timings_json else None
+    if timings is not None:
+        check_writable_file(timings, "--timings-json")
+    options = ModelOptions.from_args(args)
+    check_model_options(options, args.tp, args.sp)
+    return GenerateRun(
+        args.model, options, args.prompt, args.negative_prompt, args.height, args.width, args.steps,
+        cfg, seeds, paths, timings,
+    )  # fmt: skip
+
+
+def generate_main(args: argparse.Namespace) -> int:
+    run = prepare(args)
+    tp, sp, cfg = parallel_degrees(args)
+    if parallel_requested(tp, sp, cfg):
+        from fastdit.load import read_config
+        from fastdit.parallel import check_parallel_config, launch
+        from fastdit.parallel.launch import check_world, device_type
+
+        check_world(tp, sp, cfg, device_type(run.options.device))  # before any download or load
+        folder = resolve_model(run.model)  # once, here: a Hub download must not race between ranks
+        check_parallel_config(read_config(folder), tp, sp)
+        run = replace(run, model=str(folder))
+        return launch(_rank, run, tp=tp, sp=sp, cfg=cfg, device=run.options.device, master_port=args.master_port)
+    return run_generate(run)
+
+
+def _rank(state, run: GenerateRun) -> int:
+    import torch.distributed as dist
+
+    if dist.is_initialized():  # under torchrun each process drew its own random seed: take rank 0's
+        box = [run.seeds]
+        dist.broadcast_object_list(box, src=0)
+        run = replace(run, seeds=box[0])
+    return run_generate(run, state)
+
+
+def run_generate(run: GenerateRun, parallel=None) -> int:
+    """Load the pipeline, draw the images, write them (rank 0 only under `parallel`)."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    from fastdit.pipelines import load_pipeline
+
+    main = parallel is None or parallel.is_main
+    # Our own bar covers the denoising steps; the libraries' per-file loading bars are noise here.
+    transformers_logging.disable_progress_bar()
+    diffusers_logging.disable_progress_bar()
+    device = parallel.device if parallel is not None else torch_device(run.options.device)
+    dtype = torch_dtype(run.options.dtype, run.options.device)
+    folder = resolve_model(run.model)
+    t0 = time.perf_counter()
+    pipe = load_pipeline(
+        folder,
+        dtype=dtype,
+        device=device,
+        parallel=parallel,
+        quantize=run.options.quantize,
+        attention=run.options.attention,
+    )
+    if run.options.compile:
+        pipe.compile()
+    if run.options.cuda_graph:
+        pipe.enable_cuda_graph()
+    load_s = time.perf_counter() - t0
+    if main:
+        print(f"fastdit: loaded {folder} in {load_s:.1f} s ({pipe.device}, {str(dtype).removeprefix('torch.')})")
+    images = pipe(
+        run.prompt,
+        negative_prompt=run.negative_prompt,
+        height=run.height,
+        width=run.width,
+        num_inference_steps=run.steps,
+        true_cfg_scale=run.cfg_scale,
+        seed=run.seeds,
+        num_images_per_prompt=len(run.seeds),
+        show_progress=main,
+    )
+    if main:
+        write_images(run, images, load_s, str(pipe.device), str(dtype))
+    return 0
+
+
+def write_images(run: GenerateRun, images, load_s: float, device: str, dtype: str) -> None:
+    from fastdit.errors import FastditError
+
+    for path, image, seed in zip(run.paths, images, run.seeds, strict=True):
+        try:
+            image.save(path)
+        except OSError as e:
+            raise FastditError(f"cannot write {path}: {e.strerror or e}") from None
+        print(f"wrote {path} ({image.width}x{image.height}, seed {seed})")
+    t = images.timings
+    print(f"text encoding  {t['text_encode_s']:8.3f} s")
+    print(f"denoising      {t['denoise_s']:8.3f} s  ({run.steps} steps, {t['denoise_s_per_step']:.3f} s/step)")
+    print(f"VAE decode     {t['vae_decode_s']:8.3f} s")
+    if run.timings_json is not None:
+        record = {"load_s": load_s, **t, "steps": run.steps, "height": run.height, "width": run.width}
+        record |= {"num_images": len(run.seeds), "seeds": run.seeds, "device": device, "dtype": dtype}
+        run.timings_json.write_text(json.dumps(record, indent=2) + "\n")

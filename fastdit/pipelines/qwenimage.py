@@ -1,0 +1,256 @@
+"""Text-to-image with Qwen-Image: text encoding -> flow-match Euler sampling -> VAE decode.
+
+Images match diffusers' `QwenImagePipeline` for the same seed (same noise, schedule, guidance and decode
+arithmetic); what differs is how the work is done:
+
+- fastdit's own DiT (`fastdit.models.qwenimage`) denoises; the text encoder (Qwen2.5-VL) comes from
+  transformers and the VAE (`AutoencoderKLQwenImage`) from diffusers.
+- With true CFG, the conditional and unconditional branches run as ONE batched DiT forward: texts padded
+  to a common length with a boolean mask, latents duplicated, (2B, ...) in one call.
+- All prompts (and negative prompts) are encoded in one text-encoder call, without vocab logits.
+- RoPE tables and every block's modulation for every step are computed once per call (the step plan).
+
+Guidance follows the reference rule: true CFG runs only when `true_cfg_scale > 1` AND a negative prompt is
+given (" " is a valid negative prompt). The scale defaults to 4.0 with a negative prompt and to off without
+one; a scale > 1 given without a negative prompt logs a warning. The guided velocity is rescaled to the
+norm of the conditional one, per token.
+
+Seeds: an int seeds one CPU generator that draws the noise for the whole batch at once (as diffusers does
+with one generator); a list gives image i its own CPU generator, so each image equals a separate
+single-image run with that seed.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from fastdit.checkpoint import default_device, read_json
+from fastdit.errors import CheckpointError, FastditError
+from fastdit.kernels.attention import resolve_backend
+from fastdit.load import load_transformer
+from fastdit.models.layers import Rope, set_attention_backend
+from fastdit.models.qwenimage import StepModulation
+from fastdit.pipelines.base import DiTPipeline, StageClock
+from fastdit.pipelines.folder import check_pipeline_folder
+from fastdit.pipelines.latents import decode, initial_noise, pack_latents, to_pil, unpack_latents
+from fastdit.pipelines.loop import Images, denoise
+from fastdit.pipelines.scheduler import check_scheduler_config, flow_match_sigmas
+from fastdit.pipelines.text import check_lengths, encode_prompts, pad_embeds
+from fastdit.validation import (
+    InputError,
+    check_cfg_scale,
+    check_int,
+    check_prompts,
+    check_seed,
+    check_size,
+    check_steps,
+)
+
+log = logging.getLogger("fastdit")
+
+DEFAULT_CFG_SCALE = 4.0
+COMPONENTS = ("scheduler", "text_encoder", "tokenizer", "transformer", "vae")
+
+
+def resolve_cfg(true_cfg_scale, negatives: list[str] | None) -> float | None:
+    """The CFG scale a call runs with, or None for no CFG: CFG needs a scale > 1 and a negative prompt."""
+    if true_cfg_scale is None:
+        return DEFAULT_CFG_SCALE if negatives is not None else None
+    scale = check_cfg_scale(true_cfg_scale)
+    if scale > 1 and negatives is None:
+        log.warning("true_cfg_scale=%s has no effect without a negative prompt: CFG is off", true_cfg_scale)
+    elif negatives is not None and scale == 1:
+        log.warning("negative prompt ignored: CFG needs true_cfg_scale > 1")
+    return scale if scale > 1 and negatives is not None else None
+
+
+def negative_prompts(negative_prompt, count: int) -> list[str] | None:
+    """None, one negative prompt for all, or one per prompt -> a list of `count` or None."""
+    if negative_prompt is None:
+        return None
+    negatives = check_prompts(negative_prompt, "negative_prompt", allow_blank=True)
+    if len(negatives) == 1:
+        return negatives * count
+    if len(negatives) != count:
+        raise InputError("negative_prompt", f"has {len(negatives)} entries for {count} prompts; give one or one each")
+    return negatives
+
+
+def load_components(root: Path, classes: dict[str, str], dtype: torch.dtype, device: torch.device) -> dict:
+    """The text encoder, tokenizer, processor and VAE a pipeline folder lists, loaded with their libraries."""
+    import diffusers
+    import transformers
+
+    out = {}
+    try:
+        for name in ("tokenizer", "processor", "text_encoder", "vae"):
+            if name not in classes:
+                continue
+            library, cls = classes[name]
+            module = transformers if library == "transformers" else diffusers
+            loader = getattr(module, cls, None)
+            if loader is None:
+                raise CheckpointError(f"{root / 'model_index.json'}: {library} has no class {cls} (for {name})")
+            if name in ("tokenizer", "processor"):
+                out[name] = loader.from_pretrained(root / name)
+            elif library == "transformers":
+                out[name] = loader.from_pretrained(root / name, dtype=dtype).to(device).eval()
+            else:
+                out[name] = loader.from_pretrained(root / name, torch_dtype=dtype).to(device).eval()
+    except (OSError, ValueError) as e:
+        if isinstance(e, FastditError):
+            raise
+        raise CheckpointError(f"cannot load {root}: {' '.join(str(e).split())}") from e
+    return out
+
+
+class QwenImagePipeline(DiTPipeline):
+    """Qwen-Image text-to-image. Build with `from_pretrained`, call with prompts, get an `Images` list."""
+
+    def __init__(self, *, transformer, text_encoder, tokenizer, vae, scheduler_config: dict, device, dtype):
+        super().__init__(transformer=transformer, device=device, dtype=dtype)
+        check_scheduler_config(scheduler_config)
+        self.text_encoder = text_encoder
+        self.tokenizer = tokenizer
+        self.vae = vae
+        self.scheduler_config = dict(scheduler_config)
+        self.latent_channels = vae.config.z_dim
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        *,
+        dtype: torch.dtype = torch.bfloat16,
+        device: str | torch.device | None = None,
+        parallel=None,
+        quantize: str | None = None,
+        attention: str = "auto",
+    ):
+        """Load a diffusers-format pipeline folder (model_index.json + one folder per part), every component
+        checked before anything is loaded.
+
+        `parallel`: this rank's `fastdit.parallel.ParallelState` (see `fastdit.parallel.launch`); the DiT is then
+        loaded sharded (tp / sp / cfg), the text encoder and VAE whole on every rank.
+        `quantize`: "fp8" runs the DiT's block linears in fp8 e4m3 (fastdit.quant; "fp8-emulated" for CPU tests);
+        a transformer folder written by `fastdit quantize` is fp8 without it.
+        `attention`: the DiT's attention backend (fastdit.kernels.attention.BACKENDS; "int8" and "fp8" are 8-bit).
+        """
+        root = Path(path)
+        classes = check_pipeline_folder(root, COMPONENTS)
+        scheduler_config = read_json(root / "scheduler" / "scheduler_config.json")
+        check_scheduler_config(scheduler_config)
+        device = torch.device(device) if device is not None else default_device()
+        resolve_backend(attention, device)  # an unavailable backend fails before any weight is read
+        transformer = load_transformer(
+            root / "transformer", dtype=dtype, device=device, quantize=quantize, parallel=parallel
+        )
+        set_attention_backend(transformer.base, attention)
+        parts = load_components(root, classes, dtype, device)
+        return cls(
+            transformer=transformer,
+            text_encoder=parts["text_encoder"],
+            tokenizer=parts["tokenizer"],
+            vae=parts["vae"],
+            scheduler_config=scheduler_config,
+            device=device,
+            dtype=dtype,
+        )
+
+    def dit_step(self, key, img_shapes, txt: torch.Tensor, txt_mask, txt_lens, rope: Rope, modulation) -> Callable:
+        """The DiT at step i as `step(x, i)` for `denoise`: text, mask, RoPE and the step's modulation vectors
+        fixed for the call. Every tensor it reads is an argument of the (possibly CUDA-graphed) call, so a graph
+        recorded in an earlier call with the same shapes (`key`) reads this call's values."""
+        transformer = self.transformer  # not self: a graph held by the pipeline must not keep it alive in a cycle
+
+        def forward(x, txt, mask, timestep, cos, sin, mod_img, mod_txt, mod_final):
+            return transformer(
+                hidden_states=x,
+                encoder_hidden_states=txt,
+                encoder_hidden_states_mask=mask,
+                timestep=timestep,
+                img_shapes=img_shapes,
+                rope=Rope(cos, sin),
+                txt_lens=txt_lens,
+                modulation=StepModulation(mod_img, mod_txt, mod_final),
+            )
+
+        run = self.graphed(key, forward)
+        timestep = torch.zeros(txt.shape[0], device=self.device)  # unused with the table; a fixed graph input
+
+        def step(x: torch.Tensor, i: int) -> torch.Tensor:
+            return run(x, txt, txt_mask, timestep, *rope, *modulation[i])
+
+        return step
+
+    @torch.inference_mode()
+    def __call__(
+        self,
+        prompt: str | list[str],
+        *,
+        negative_prompt: str | list[str] | None = None,
+        height: int = 1024,
+        width: int = 1024,
+        num_inference_steps: int = 50,
+        true_cfg_scale: float | None = None,
+        seed: int | list[int] | None = None,
+        num_images_per_prompt: int = 1,
+        sigmas: list[float] | None = None,
+        progress: Callable[[int, int], None] | None = None,
+        show_progress: bool = True,
+    ) -> Images:
+        """Generate len(prompt) * num_images_per_prompt images, ordered prompt-major (p0, p0, p1, ...).
+
+        `sigmas`: a custom descending schedule (its length sets the steps), as diffusers' `sigmas=`."""
+        clock = StageClock(self.device)
+        prompts = check_prompts(prompt)
+        check_size(height, width)
+        steps = check_steps(num_inference_steps) if sigmas is None else len(sigmas)
+        check_int(num_images_per_prompt, "num_images_per_prompt", 1)
+        negatives = negative_prompts(negative_prompt, len(prompts))
+        cfg = resolve_cfg(true_cfg_scale, negatives)
+        num_images = len(prompts) * num_images_per_prompt
+        seed = check_seed(seed, num_images)
+        check_lengths(self.tokenizer, prompts)
+        if cfg is not None:
+            check_lengths(self.tokenizer, negatives, "negative prompt")
+
+        # 1. Text: one encoder call for prompts and negatives, rows repeated per image (prompt-major).
+        texts = prompts + (negatives if cfg is not None else [])
+        rows = encode_prompts(self.text_encoder, self.tokenizer, texts, self.device)
+        rows = [r for r in rows for _ in range(num_images_per_prompt)]
+        # (B', L, D) with B' = 2 * num_images under CFG: conditional rows first, then unconditional.
+        txt, txt_mask = pad_embeds(rows, self.dtype)
+        # Nothing padded: attention runs unmasked, its fast path. Padded: the valid lengths let attention run one
+        # unmasked call per row instead of a masked batch (fastdit.kernels.attention).
+        txt_lens = tuple(r.shape[0] for r in rows)
+        if bool(txt_mask.all()):
+            txt_mask, txt_lens = None, None
+        clock.lap("text_encode_s")
+
+        # 2. Noise, packed into (B, N, C * 4) tokens; latent grid h x w, token grid h/2 x w/2.
+        lat_h, lat_w = height // 8, width // 8
+        noise = initial_noise(seed, (num_images, 1, self.latent_channels, lat_h, lat_w), self.dtype)
+        latents = pack_latents(noise).to(self.device)
+        img_shapes = [(1, lat_h // 2, lat_w // 2)] * txt.shape[0]
+        rope = self.transformer.make_rope(img_shapes, txt.shape[1], self.device)
+        schedule = flow_match_sigmas(steps, latents.shape[1], self.scheduler_config, sigmas)
+        # The reference feeds sigma as a timestep in [0, 1000] rounded to the latent dtype, then / 1000.
+        timesteps = (schedule[:steps] * 1000).to(self.device, latents.dtype) / 1000
+        # Every block's AdaLN vectors for all steps in one GEMM per layer (they depend on the timestep only).
+        modulation = self.transformer.modulation_table(timesteps)
+
+        # 3. Flow-match Euler sampling.
+        key = ("t2i", tuple(latents.shape), cfg is not None, tuple(txt.shape), txt_mask is not None, txt_lens)
+        step = self.dit_step(key, img_shapes, txt, txt_mask, txt_lens, rope, modulation)
+        latents = denoise(step, latents, schedule, cfg_scale=cfg, progress=progress, show_progress=show_progress)
+        clock.lap("denoise_s")
+
+        # 4. VAE decode: undo the latent normalisation, decode the single frame.
+        images = to_pil(decode(self.vae, unpack_latents(latents, lat_h, lat_w)))
+        clock.lap("vae_decode_s")
+        return Images(images, seeds=seed, timings=clock.timings(steps), steps=steps)

@@ -1,0 +1,65 @@
+"""Compiling the DiT: `compile_blocks` (regional compilation, one graph for every block) and the torch.compile
+backend fastdit compiles with: inductor, with whole-row (persistent) reductions up to 16384 values.
+
+A DiT row is 3072 values (12288 in the MLP). Inductor keeps a row in registers only up to 1024 values;
+longer rows get a looped reduction that re-reads the row once per pass: LayerNorm statistics, then the
+fp8 absmax, then the output. Widening the limit makes LayerNorm + modulate + fp8 quantization one read
+of the row (measured in benchmarks/RESULTS.md). The override is scoped to fastdit's own graphs. Inductor is
+imported when a graph is compiled, not with this module.
+"""
+
+from __future__ import annotations
+
+import functools
+
+from torch import nn
+
+PERSISTENT_ROW_LIMIT = 16384
+
+
+@functools.cache
+def _whole_row_choices():
+    from torch._inductor.choices import InductorChoices
+    from torch._inductor.runtime.hints import ReductionHint
+    from torch._inductor.virtualized import V
+
+    class WholeRowReductions(InductorChoices):
+        @staticmethod
+        def should_use_persistent_reduction(features, cooperative_reduction: bool) -> bool:
+            if InductorChoices.should_use_persistent_reduction(features, cooperative_reduction):
+                return True
+            return features.get_reduction_hint() == ReductionHint.INNER and V.graph.sizevars.statically_known_leq(
+                features.reduction_numel, PERSISTENT_ROW_LIMIT
+            )
+
+    return WholeRowReductions()
+
+
+def _compile(gm, example_inputs, options: dict | None = None):
+    from torch._inductor.compile_fx import compile_fx
+    from torch._inductor.virtualized import V
+
+    with V.set_choices_handler(_whole_row_choices()):
+        return compile_fx(gm, example_inputs, config_patches=options)
+
+
+def backend(options: dict | None = None):
+    """A torch.compile backend: inductor with `options` (inductor config patches) and whole-row reductions."""
+    return functools.partial(_compile, options=options)
+
+
+def compile_blocks(model: nn.Module, **compile_kwargs) -> nn.Module:
+    """Regional compilation: compile one block's code, reused by every block (warm-up of one, not 60).
+
+    `model` is a DiT or a fastdit.parallel wrapper of one (`model.base` holds the blocks). `compile_kwargs` go to
+    torch.compile; the default backend is this module's (inductor with whole-row reductions), to which `options`
+    (inductor config patches) are passed.
+    """
+    compile_kwargs.setdefault("fullgraph", True)
+    if "backend" not in compile_kwargs:
+        compile_kwargs["backend"] = backend(compile_kwargs.pop("options", None))
+    base = model.base
+    for block in base.blocks:
+        block.compile(**compile_kwargs)
+    base.final.compile(**compile_kwargs)
+    return model

@@ -1,0 +1,113 @@
+"""The rules every entry point applies to a request: one definition each, shared by the Python API, the CLI and
+the server, so that the same input gets the same answer wherever it comes in.
+
+Each check raises `InputError`, which names the field in the Python API's spelling (`true_cfg_scale`,
+`num_inference_steps`, ...); the CLI and the server translate that name into their own (`--cfg-scale`, a JSON
+field) when they report it. Nothing here imports torch at module level: the CLI checks its arguments before
+anything heavy is loaded.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+
+from fastdit.errors import FastditError
+
+# Pixels per packed latent token along each side: VAE 8x downsampling, then 2x2 patches. Image sides are
+# multiples of it.
+PIXELS_PER_TOKEN = 16
+# Seeds are integers in [0, SEED_LIMIT); image i of a request seeded s uses (s + i) % SEED_LIMIT.
+SEED_LIMIT = 2**63
+MAX_STEPS = 1000
+MAX_CFG_SCALE = 100.0
+# --dtype / "dtype" spellings -> torch dtype names; "auto": bfloat16 on CUDA, float32 elsewhere.
+DTYPE_NAMES = {
+    "auto": None,
+    "bf16": "bfloat16",
+    "bfloat16": "bfloat16",
+    "fp16": "float16",
+    "float16": "float16",
+    "fp32": "float32",
+    "float32": "float32",
+}
+
+
+class InputError(FastditError):
+    """A request field with a bad value. `field` is its Python API name; str() is the whole sentence."""
+
+    def __init__(self, field: str, problem: str):
+        super().__init__(f"{field} {problem}")
+        self.field, self.problem = field, problem
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_int(value, field: str, minimum: int, maximum: int | None = None) -> int:
+    if not _is_int(value) or value < minimum or (maximum is not None and value > maximum):
+        bound = f">= {minimum}" if maximum is None else f"between {minimum} and {maximum}"
+        raise InputError(field, f"must be an integer {bound}, got {value!r}")
+    return value
+
+
+def check_size(height, width, max_side: int | None = None) -> tuple[int, int]:
+    """Image height and width in pixels: positive multiples of 16, at most `max_side` when one is given."""
+    for field, v in (("height", height), ("width", width)):
+        if not _is_int(v) or v <= 0 or v % PIXELS_PER_TOKEN:
+            raise InputError(field, f"must be a positive multiple of {PIXELS_PER_TOKEN}, got {v!r}")
+        if max_side is not None and v > max_side:
+            raise InputError(field, f"must be at most {max_side} pixels, got {v}")
+    return height, width
+
+
+def check_steps(steps) -> int:
+    return check_int(steps, "num_inference_steps", 1, MAX_STEPS)
+
+
+def check_cfg_scale(scale) -> float:
+    """True CFG scale: a finite number in [1, 100]; 1 turns CFG off."""
+    if isinstance(scale, bool) or not isinstance(scale, int | float) or not math.isfinite(scale):
+        raise InputError("true_cfg_scale", f"must be a number, got {scale!r}")
+    if not 1 <= scale <= MAX_CFG_SCALE:
+        raise InputError("true_cfg_scale", f"must be between 1 and {MAX_CFG_SCALE:g} (1 turns CFG off), got {scale!r}")
+    return float(scale)
+
+
+def check_seed(seed, num_images: int) -> int | list[int]:
+    """None -> a random seed; an int in [0, 2**63); or one such int per image."""
+    if seed is None:
+        return secrets.randbelow(SEED_LIMIT)
+    seeds = seed if isinstance(seed, list) else [seed]
+    for s in seeds:
+        if not _is_int(s) or not 0 <= s < SEED_LIMIT:
+            raise InputError("seed", f"must be an integer in [0, 2**63), got {s!r}")
+    if isinstance(seed, list) and len(seed) != num_images:
+        raise InputError("seed", f"has {len(seed)} values for {num_images} images; give one seed or one per image")
+    return seed
+
+
+def image_seeds(first: int, count: int) -> list[int]:
+    """The seeds of `count` images of a request seeded `first`: image i uses (first + i) mod 2**63."""
+    return [(first + i) % SEED_LIMIT for i in range(count)]
+
+
+def check_prompts(value, field: str = "prompt", allow_blank: bool = False) -> list[str]:
+    """A string or a non-empty list of strings -> the list; blank ones only with `allow_blank` (a negative
+    prompt of " " is the usual way to turn CFG on without steering away from anything)."""
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list) or not items or not all(isinstance(p, str) for p in items):
+        raise InputError(field, "must be a string or a non-empty list of strings")
+    if not allow_blank and any(not p.strip() for p in items):
+        raise InputError(field, "must not be empty")
+    if any(p == "" for p in items):
+        raise InputError(field, "must not be the empty string (use ' ' for an empty negative prompt)")
+    return items
+
+
+def dtype_name(name: str, on_cuda: bool) -> str:
+    """A dtype spelling (DTYPE_NAMES) -> the torch dtype's name; "auto" -> bfloat16 on CUDA, else float32."""
+    if name not in DTYPE_NAMES:
+        raise InputError("dtype", f"must be one of {', '.join(DTYPE_NAMES)}, got {name!r}")
+    return DTYPE_NAMES[name] or ("bfloat16" if on_cuda else "float32")
