@@ -11,3 +11,8 @@ class CheckpointError(FastditError):
 
 class ConfigError(FastditError):
     """A model or run configuration that does not fit together."""
+
+
+class LoraError(FastditError):
+    """A LoRA file or state dict that cannot be read or does not fit the model. The message names the file and
+    the layer (in diffusers' naming) to fix."""

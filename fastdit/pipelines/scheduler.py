@@ -33,6 +33,27 @@ _UNSUPPORTED_FLAGS = (
 )
 
 
+# The schedule the Qwen-Image-Lightning LoRAs (lightx2v) were distilled for: a constant shift of 3, written as
+# dynamic shifting with base_shift = max_shift = log(3) so that mu = log(3) at every resolution, and no
+# terminal stretch. Values as in ModelTC/Qwen-Image-Lightning's generate_with_diffusers.py.
+LIGHTNING_SCHEDULER_CONFIG = {
+    "base_image_seq_len": 256,
+    "base_shift": math.log(3),
+    "invert_sigmas": False,
+    "max_image_seq_len": 8192,
+    "max_shift": math.log(3),
+    "num_train_timesteps": 1000,
+    "shift": 1.0,
+    "shift_terminal": None,
+    "stochastic_sampling": False,
+    "time_shift_type": "exponential",
+    "use_beta_sigmas": False,
+    "use_dynamic_shifting": True,
+    "use_exponential_sigmas": False,
+    "use_karras_sigmas": False,
+}
+
+
 def check_scheduler_config(config: dict) -> None:
     """Raise ConfigError for scheduler settings this sampler would silently ignore."""
     enabled = [k for k in _UNSUPPORTED_FLAGS if config.get(k)]

@@ -1,0 +1,5 @@
+"""LoRA adapters for the Qwen-Image transformer: reading the file formats (`formats`)."""
+
+from fastdit.lora.formats import LoraWeights, check_lora, qwen_image_lora_targets, read_lora
+
+__all__ = ["LoraWeights", "check_lora", "qwen_image_lora_targets", "read_lora"]
