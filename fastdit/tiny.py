@@ -12,6 +12,9 @@ diffusers' `QwenImagePipeline` (the parity oracle) as well as in `fastdit.QwenIm
 - scheduler: `FlowMatchEulerDiscreteScheduler` with the released Qwen-Image scheduler config.
 
 The weights are random: images drawn from it are noise-like, but every stage of the real pipeline runs.
+
+`build_tiny_pipeline(path, kind=...)` also writes the editing folders (`fastdit.tiny_edit`: Qwen-Image-Edit,
+Edit-2509, Edit-2511) and the Qwen-Image 2.1 folders (`fastdit.tiny_qwen21`: base and Turbo).
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ import tempfile
 from pathlib import Path
 
 import torch
+
+from fastdit.errors import ConfigError
 
 # The released Qwen/Qwen-Image scheduler/scheduler_config.json values (diffusers keys).
 QWEN_IMAGE_SCHEDULER_CONFIG = {
@@ -47,16 +52,27 @@ TINY_TEXT_DIM = 32
 # Qwen2 BPE has 151643 ranks + 3 special tokens (<|endoftext|>, <|im_start|>, <|im_end|>) = 151646 ids;
 # round the embedding table up to a multiple of 64 like the released models do.
 TINY_VOCAB = 151680
-# Bump when the tiny recipe changes so stale cached folders are rebuilt instead of reused.
+# Bump when the tiny recipe changes so stale cached folders are rebuilt instead of reused: TINY_VERSION for
+# the "qwen-image" folder, TINY_VL_VERSION for the editing and Qwen-Image 2.1 folders.
 TINY_VERSION = 1
+TINY_VL_VERSION = 1
+TINY_KINDS = ("qwen-image", "edit", "edit-2509", "edit-2511", "qwen-image-2.1", "qwen-image-2.1-turbo")
 
 
 def _cache_root() -> Path:
     return Path(os.environ.get("FASTDIT_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "fastdit"))
 
 
-def default_cache_dir() -> Path:
-    return _cache_root() / f"tiny-random-v{TINY_VERSION}"
+def _check_kind(kind: str) -> None:
+    if kind not in TINY_KINDS:
+        raise ConfigError(f"tiny pipeline kind {kind!r} is not one of {', '.join(TINY_KINDS)}")
+
+
+def default_cache_dir(kind: str = "qwen-image") -> Path:
+    _check_kind(kind)
+    if kind == "qwen-image":
+        return _cache_root() / f"tiny-random-v{TINY_VERSION}"
+    return _cache_root() / f"tiny-random-{kind}-v{TINY_VL_VERSION}"
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -116,13 +132,16 @@ def build_qwen2_tokenizer():
     return tok
 
 
-def _save_tokenizer(folder: Path) -> None:
-    """Write the Qwen2 tokenizer to `folder`, converting the BPE ranks only once per cache (about 6 s)."""
-    cached = _cache_root() / "qwen2-tokenizer"
+def save_cached_tokenizer(folder: Path, name: str, build) -> None:
+    """Copy tokenizer `name` from the cache into `folder`, building it with `build()` on first use.
+
+    Converting the BPE ranks takes seconds, so each tokenizer is built once per cache root.
+    """
+    cached = _cache_root() / name
     if not (cached / "tokenizer.json").is_file():
         staging = Path(tempfile.mkdtemp(prefix=".tokenizer-", dir=_make_dir(cached.parent)))
         try:
-            build_qwen2_tokenizer().save_pretrained(staging)
+            build().save_pretrained(staging)
             staging.rename(cached)
         except OSError:
             if not (cached / "tokenizer.json").is_file():  # not a lost race with another builder
@@ -130,7 +149,12 @@ def _save_tokenizer(folder: Path) -> None:
         finally:
             if staging.exists():
                 shutil.rmtree(staging)
-    shutil.copytree(cached, folder)
+    shutil.copytree(cached, folder, dirs_exist_ok=True)
+
+
+def _save_tokenizer(folder: Path) -> None:
+    """Write the Qwen2 tokenizer to `folder` (about 6 s the first time per cache)."""
+    save_cached_tokenizer(folder, "qwen2-tokenizer", build_qwen2_tokenizer)
 
 
 def _make_dir(path: Path) -> Path:
@@ -138,7 +162,8 @@ def _make_dir(path: Path) -> Path:
     return path
 
 
-def _text_encoder(seed: int):
+def _text_encoder(seed: int, vision_depth: int = 1, fullatt_block_indexes: tuple[int, ...] = (0,)):
+    """Qwen2.5-VL with a `vision_depth`-block vision tower; blocks outside `fullatt_block_indexes` use windows."""
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
     heads, kv_heads = 2, 1
@@ -157,12 +182,12 @@ def _text_encoder(seed: int):
             "eos_token_id": 151645,
         },
         vision_config={
-            "depth": 1,
+            "depth": vision_depth,
             "hidden_size": 32,
             "intermediate_size": 32,
             "num_heads": 2,
             "out_hidden_size": TINY_TEXT_DIM,
-            "fullatt_block_indexes": [0],
+            "fullatt_block_indexes": list(fullatt_block_indexes),
         },
         tie_word_embeddings=True,
     )
@@ -171,7 +196,7 @@ def _text_encoder(seed: int):
     return Qwen2_5_VLForConditionalGeneration(config).eval()
 
 
-def _transformer(seed: int):
+def _transformer(seed: int, zero_cond_t: bool = False):
     from diffusers import QwenImageTransformer2DModel
 
     torch.manual_seed(seed + 1)
@@ -184,6 +209,7 @@ def _transformer(seed: int):
         num_attention_heads=2,
         joint_attention_dim=TINY_TEXT_DIM,
         axes_dims_rope=(4, 6, 6),
+        zero_cond_t=zero_cond_t,
     ).eval()
 
 
@@ -196,36 +222,57 @@ def _vae(seed: int):
     ).eval()
 
 
-def build_tiny_pipeline(path: str | os.PathLike, seed: int = 0) -> Path:
-    """Write a complete tiny random-weight Qwen-Image pipeline folder (diffusers format) to `path`.
+def write_model_index(folder: Path, class_name: str, components: dict[str, tuple[str, str]], **config) -> None:
+    """model_index.json: the pipeline class, its components (library, class) by name, then pipeline config."""
+    model_index = {"_class_name": class_name, "_diffusers_version": "0.42.1"}
+    model_index.update({name: list(components[name]) for name in sorted(components)})
+    model_index.update(config)
+    (folder / "model_index.json").write_text(json.dumps(model_index, indent=2) + "\n")
 
-    The folder is written to a temporary sibling and renamed into place, so a half-written folder is
-    never mistaken for a finished one. Returns `path`.
-    """
+
+def _write_qwen_image(folder: Path, seed: int) -> None:
     from diffusers import FlowMatchEulerDiscreteScheduler
+
+    _save_tokenizer(folder / "tokenizer")
+    _text_encoder(seed).save_pretrained(folder / "text_encoder")
+    _transformer(seed).save_pretrained(folder / "transformer")
+    _vae(seed).save_pretrained(folder / "vae")
+    FlowMatchEulerDiscreteScheduler(**QWEN_IMAGE_SCHEDULER_CONFIG).save_pretrained(folder / "scheduler")
+    components = {
+        "scheduler": ("diffusers", "FlowMatchEulerDiscreteScheduler"),
+        "text_encoder": ("transformers", "Qwen2_5_VLForConditionalGeneration"),
+        "tokenizer": ("transformers", "Qwen2Tokenizer"),
+        "transformer": ("diffusers", "QwenImageTransformer2DModel"),
+        "vae": ("diffusers", "AutoencoderKLQwenImage"),
+    }
+    write_model_index(folder, "QwenImagePipeline", components)
+
+
+def build_tiny_pipeline(path: str | os.PathLike, kind: str = "qwen-image", seed: int = 0) -> Path:
+    """Write a complete tiny random-weight pipeline folder (diffusers format) of `kind` to `path`.
+
+    `kind` is one of TINY_KINDS. The folder is written to a temporary sibling and renamed into place,
+    so a half-written folder is never mistaken for a finished one. Returns `path`.
+    """
     from transformers.utils import logging as transformers_logging
 
+    _check_kind(kind)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".tiny-", dir=path.parent))
     bars = transformers_logging.is_progress_bar_enabled()
     transformers_logging.disable_progress_bar()  # no "Writing model shards" bar for a 20 MB folder
     try:
-        _save_tokenizer(staging / "tokenizer")
-        _text_encoder(seed).save_pretrained(staging / "text_encoder")
-        _transformer(seed).save_pretrained(staging / "transformer")
-        _vae(seed).save_pretrained(staging / "vae")
-        FlowMatchEulerDiscreteScheduler(**QWEN_IMAGE_SCHEDULER_CONFIG).save_pretrained(staging / "scheduler")
-        model_index = {
-            "_class_name": "QwenImagePipeline",
-            "_diffusers_version": "0.42.1",
-            "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
-            "text_encoder": ["transformers", "Qwen2_5_VLForConditionalGeneration"],
-            "tokenizer": ["transformers", "Qwen2Tokenizer"],
-            "transformer": ["diffusers", "QwenImageTransformer2DModel"],
-            "vae": ["diffusers", "AutoencoderKLQwenImage"],
-        }
-        (staging / "model_index.json").write_text(json.dumps(model_index, indent=2) + "\n")
+        if kind == "qwen-image":
+            _write_qwen_image(staging, seed)
+        elif kind.startswith("edit"):
+            from fastdit.tiny_edit import write_edit_folder
+
+            write_edit_folder(staging, kind, seed)
+        else:
+            from fastdit.tiny_qwen21 import write_qwen21_folder
+
+            write_qwen21_folder(staging, kind, seed)
         if path.exists():
             shutil.rmtree(path)
         staging.rename(path)
@@ -237,9 +284,9 @@ def build_tiny_pipeline(path: str | os.PathLike, seed: int = 0) -> Path:
     return path
 
 
-def tiny_pipeline_dir(cache_dir: str | os.PathLike | None = None) -> Path:
-    """The cached tiny pipeline folder (seed 0), built on first use."""
-    path = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+def tiny_pipeline_dir(cache_dir: str | os.PathLike | None = None, kind: str = "qwen-image") -> Path:
+    """The cached tiny pipeline folder of `kind` (seed 0), built on first use; `cache_dir` is the folder itself."""
+    path = Path(cache_dir) if cache_dir is not None else default_cache_dir(kind)
     if not (path / "model_index.json").is_file():
-        build_tiny_pipeline(path)
+        build_tiny_pipeline(path, kind=kind)
     return path
