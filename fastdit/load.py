@@ -17,6 +17,7 @@ The checkpoint reader, fp8 and parallel code do not know about each other; only 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,24 +27,38 @@ from torch import nn
 from fastdit.checkpoint import default_device, load_state_dict_into, read_json, resolve_transformer_dir
 from fastdit.errors import CheckpointError, ConfigError, FastditError
 from fastdit.models.qwenimage import DiTConfig, QwenImageTransformer
+from fastdit.models.qwenimage21 import QwenImage21Config, QwenImage21Transformer
+from fastdit.models.qwenimage21_keys import checkpoint_keys as qwenimage21_keys
 from fastdit.models.qwenimage_keys import checkpoint_keys
 from fastdit.parallel.state import ParallelState
 from fastdit.parallel.transformer import ParallelTransformer, check_parallel_config, parallelize, shard_plan
 from fastdit.quant.checkpoint import check_fp8_checkpoint, folder_quantization
-from fastdit.quant.fp8 import check_fp8_device, parse_mode, quantize_model
+from fastdit.quant.fp8 import BLOCK_LINEARS, check_fp8_device, parse_mode, quantize_model
 
 
 @dataclass(frozen=True)
 class Family:
-    """A DiT architecture as the loader sees it: its config, its module and its checkpoint-name table."""
+    """A DiT architecture as the loader sees it: its config, its module, its checkpoint-name table, the block
+    linears fp8 quantizes (paths inside a block), and whether fastdit.parallel can shard it."""
 
-    config_from_diffusers: object  # dict -> config
+    config_from_diffusers: Callable[[dict], object]
     model: type[nn.Module]
-    checkpoint_keys: object  # our parameter name -> [diffusers keys]
+    checkpoint_keys: Callable[[str], list[str]]  # our parameter name -> [diffusers keys]
+    block_linears: tuple[str, ...]
+    parallel: bool = True
 
 
 FAMILIES: dict[str, Family] = {
-    "QwenImageTransformer2DModel": Family(DiTConfig.from_diffusers, QwenImageTransformer, checkpoint_keys),
+    "QwenImageTransformer2DModel": Family(
+        DiTConfig.from_diffusers, QwenImageTransformer, checkpoint_keys, BLOCK_LINEARS
+    ),
+    "QwenImage21Transformer2DModel": Family(
+        QwenImage21Config.from_diffusers,
+        QwenImage21Transformer,
+        qwenimage21_keys,
+        ("qkv", "out", "mlp.gate_up", "mlp.down"),
+        parallel=False,
+    ),
 }
 
 
@@ -115,6 +130,10 @@ def load_transformer(
     saved = folder_quantization(folder)
     emulate = _check_fp8(folder, saved, quantize, dtype, device)
     if sharded:
+        if not family.parallel:
+            raise ConfigError(
+                f"{folder}: tensor / sequence / CFG parallelism is not available for {family.model.__name__}"
+            )
         check_parallel_config(cfg, parallel.tp, parallel.sp)
         if shard_modulation is None:
             shard_modulation = parallel.tp > 1
@@ -133,5 +152,6 @@ def load_transformer(
     load_state_dict_into(model, folder, dtype=dtype, device=device, shard_plan=plan, key_map=family.checkpoint_keys)
     model = model.eval().requires_grad_(False)
     if emulate is not None:
-        quantize_model(model, emulate=emulate)  # a float folder's block linears (a no-op on layers already fp8)
+        # A float folder's block linears (a no-op on layers already fp8).
+        quantize_model(model, emulate=emulate, modules=family.block_linears)
     return ParallelTransformer(model, parallel) if sharded else model

@@ -11,7 +11,8 @@ import torch._dynamo
 from safetensors.torch import load_file, save_file
 
 from fastdit.errors import CheckpointError, ConfigError
-from fastdit.model import Rope
+from fastdit.load import load_transformer
+from fastdit.models.layers import Rope
 from fastdit.models.qwenimage21 import (
     PRESETS,
     QwenImage21Transformer,
@@ -19,7 +20,7 @@ from fastdit.models.qwenimage21 import (
     prefix_layout,
     rope_positions,
 )
-from fastdit.models.qwenimage21_keys import checkpoint_keys, load_qwenimage21_transformer
+from fastdit.models.qwenimage21_keys import checkpoint_keys
 from tests.dit_utils import rel_err
 
 TOL = 1e-5
@@ -58,7 +59,7 @@ def saved(tmp_path_factory):
 @pytest.fixture(scope="module")
 def pair(saved):
     path, ref = saved
-    return ref, load_qwenimage21_transformer(path, dtype=torch.float32, device="cpu")
+    return ref, load_transformer(path, dtype=torch.float32, device="cpu")
 
 
 class Case:
@@ -167,7 +168,7 @@ def test_parity_without_causal_condition(tmp_path):
     """A causal_condition=false checkpoint modulates the prefix from the step's timestep: prefill(timestep=t)."""
     ref = tiny_reference(seed=1, causal_condition=False)
     ref.save_pretrained(tmp_path)
-    ours = load_qwenimage21_transformer(tmp_path, dtype=torch.float32, device="cpu")
+    ours = load_transformer(tmp_path, dtype=torch.float32, device="cpu")
     case = Case(grid=(4, 6), cond_grids=[(2, 4)], pads=[0, 2])
     with torch.no_grad():
         cache, rope = case.prefill(ours, timestep=case.t[1])
@@ -199,7 +200,7 @@ def test_blocks_compile_without_breaks_or_recompiles_across_steps(saved):
     """torch.compile(fullgraph=True) of each block; two cached steps with different timesteps and noise reuse the
     graph compiled for the first block of the first step; the prefill traces without graph breaks."""
     path, _ = saved
-    model = load_qwenimage21_transformer(path, dtype=torch.float32, device="cpu")
+    model = load_transformer(path, dtype=torch.float32, device="cpu")
     case = Case(grid=(4, 6), cond_grids=[(2, 4)], pads=[3, 0])
     with torch.no_grad():
         cache, rope = case.prefill(model)
@@ -238,7 +239,7 @@ def copy(saved, tmp_path):
 
 def expect_error(path, *needles):
     with pytest.raises(CheckpointError) as exc:
-        load_qwenimage21_transformer(path, dtype=torch.float32, device="cpu")
+        load_transformer(path, dtype=torch.float32, device="cpu")
     for needle in needles:
         assert needle in str(exc.value), f"{needle!r} not in: {exc.value}"
 
@@ -258,7 +259,8 @@ def test_mis_shaped_key(copy):
 
 
 def test_a_folder_of_another_model_is_refused(copy):
+    """A transformer folder whose config names a DiT fastdit does not run is refused naming config.json and it."""
     cfg = json.loads((copy / "config.json").read_text())
-    cfg["_class_name"] = "QwenImageTransformer2DModel"
+    cfg["_class_name"] = "FluxTransformer2DModel"
     (copy / "config.json").write_text(json.dumps(cfg))
-    expect_error(copy, "config.json", "QwenImageTransformer2DModel")
+    expect_error(copy, "config.json", "FluxTransformer2DModel")

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from fastdit.scheduler import LIGHTNING_SCHEDULER_CONFIG, flow_match_sigmas
+from fastdit.pipelines.scheduler import LIGHTNING_SCHEDULER_CONFIG, flow_match_sigmas
 
 
 @pytest.mark.parametrize("steps", [4, 8])

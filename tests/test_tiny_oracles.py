@@ -9,8 +9,8 @@ from PIL import Image
 
 from fastdit.errors import ConfigError
 from fastdit.tiny import TINY_KINDS, build_tiny_pipeline, default_cache_dir
-from fastdit.tiny_qwen21 import QWEN21_TURBO_SIGMAS
-from fastdit.tiny_vl import QWEN3_VL_ADDED_TOKENS, allow_vl_processors_without_torchvision
+from fastdit.tiny.qwen21 import QWEN21_TURBO_SIGMAS
+from fastdit.tiny.vl import QWEN3_VL_ADDED_TOKENS, allow_vl_processors_without_torchvision
 
 PROMPT = "make the sky green"
 

@@ -31,8 +31,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastdit.errors import ConfigError
-from fastdit.model import Attention, Rope, _axis_freqs
-from fastdit.qk_norm_rope import rms_norm
+from fastdit.kernels.qk_norm_rope import rms_norm
+from fastdit.models.layers import Attention, Linear, Rope, rope_from_positions
 
 # ---------------------------------------------------------------------------------------------------------
 # Config
@@ -198,12 +198,9 @@ def rope_positions(layout: PrefixLayout, grid: tuple[int, int]) -> Tensor:
 
 
 def rope_tables(positions: Tensor, axes_dims: tuple[int, int, int], theta: float, device=None) -> Rope:
-    """Real RoPE tables (S, head_dim) from (S, 3) positions, in fastdit.model.Rope's layout (angles repeated per
-    pair, the rotation's sign folded into sin)."""
-    pos = positions.to(device=device, dtype=torch.float32)
-    angles = torch.cat([pos[:, a : a + 1] * _axis_freqs(d, theta, device)[None] for a, d in enumerate(axes_dims)], 1)
-    sign = torch.tensor([-1.0, 1.0], device=device).repeat(angles.shape[1])
-    return Rope(torch.cos(angles).repeat_interleave(2, 1), torch.sin(angles).repeat_interleave(2, 1) * sign)
+    """Real RoPE tables (S, head_dim) from (S, 3) positions, in fastdit.models.layers.Rope's layout (angles repeated
+    per pair, the rotation's sign folded into sin)."""
+    return rope_from_positions(positions.to(device=device), axes_dims, theta)
 
 
 def apply_rope(x: Tensor, rope: Rope) -> Tensor:
@@ -264,8 +261,8 @@ class TextProjection(nn.Module):
     def __init__(self, context_dim: int, dim: int, eps: float):
         super().__init__()
         self.norm = ZeroCentredRMSNorm(context_dim, eps)
-        self.fc1 = nn.Linear(context_dim, dim, bias=False)
-        self.fc2 = nn.Linear(dim, dim, bias=False)
+        self.fc1 = Linear(context_dim, dim, bias=False)
+        self.fc2 = Linear(dim, dim, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.fc2(F.gelu(self.fc1(self.norm(x)), approximate="tanh"))
@@ -275,8 +272,8 @@ class TimestepEmbedder(nn.Module):
     def __init__(self, dim: int, freq_dim: int = 256):
         super().__init__()
         self.freq_dim = freq_dim
-        self.fc1 = nn.Linear(freq_dim, dim, bias=False)
-        self.fc2 = nn.Linear(dim, dim, bias=False)
+        self.fc1 = Linear(freq_dim, dim, bias=False)
+        self.fc2 = Linear(dim, dim, bias=False)
 
     def forward(self, t: Tensor, dtype: torch.dtype) -> Tensor:
         # The reference rounds sigma to the model dtype before embedding it; so do we (bf16 parity).
@@ -286,8 +283,8 @@ class TimestepEmbedder(nn.Module):
 class SwiGLU(nn.Module):
     def __init__(self, dim: int, hidden: int):
         super().__init__()
-        self.gate_up = nn.Linear(dim, 2 * hidden, bias=False)  # [gate | up], fused at load
-        self.down = nn.Linear(hidden, dim, bias=False)
+        self.gate_up = Linear(dim, 2 * hidden, bias=False)  # [gate | up], fused at load
+        self.down = Linear(hidden, dim, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
         gate, up = self.gate_up(x).chunk(2, dim=-1)
@@ -304,7 +301,7 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor, start: int, key_valid: Ten
     own, so that no row is empty (a padding query's output is never read: its key is masked everywhere).
 
     The one masked call of the model: its (n, S) mask is small (a text run by the keys so far, once per image),
-    and fastdit.attention takes key masks only, so it goes to torch's SDPA directly."""
+    and fastdit.kernels.attention takes key masks only, so it goes to torch's SDPA directly."""
     n, s = q.shape[1], k.shape[1]
     allowed = torch.ones(n, s, dtype=torch.bool, device=q.device).tril(diagonal=start)  # (n, S)
     if key_valid is not None:
@@ -325,11 +322,11 @@ class Block(nn.Module):
         super().__init__()
         self.eps = eps
         self.head_dim = head_dim
-        self.qkv = nn.Linear(dim, 3 * dim, bias=False)  # [q | k | v], fused at load
+        self.qkv = Linear(dim, 3 * dim, bias=False)  # [q | k | v], fused at load
         self.q_norm = RMSNorm(head_dim, eps)
         self.k_norm = RMSNorm(head_dim, eps)
         self.core = Attention()
-        self.out = nn.Linear(dim, dim, bias=False)
+        self.out = Linear(dim, dim, bias=False)
         self.mlp = SwiGLU(dim, mlp_hidden)
 
     def _qkv(self, x: Tensor, mod: AdaLN, rope: Rope) -> tuple[Tensor, Tensor, Tensor]:
@@ -379,8 +376,8 @@ class FinalLayer(nn.Module):
     def __init__(self, dim: int, out_dim: int, eps: float):
         super().__init__()
         self.eps = eps
-        self.mod = nn.Linear(dim, dim, bias=False)
-        self.proj = nn.Linear(dim, out_dim, bias=False)
+        self.mod = Linear(dim, dim, bias=False)
+        self.proj = Linear(dim, out_dim, bias=False)
 
     def forward(self, x: Tensor, scale: Tensor) -> Tensor:
         return self.proj(modulate(x, scale, self.eps))
@@ -421,18 +418,24 @@ def cat_prefix_caches(caches: Sequence[PrefixCache]) -> PrefixCache:
 
 
 class QwenImage21Transformer(nn.Module):
+    """The Qwen-Image 2.1 DiT; `base` is the model under any wrapper (as for fastdit.models.qwenimage)."""
+
     def __init__(self, cfg: QwenImage21Config):
         super().__init__()
         self.cfg = cfg
         dim = cfg.dim
-        self.img_in = nn.Linear(cfg.in_channels * cfg.patch_size**2, dim, bias=False)
+        self.img_in = Linear(cfg.in_channels * cfg.patch_size**2, dim, bias=False)
         self.txt_in = TextProjection(cfg.context_dim, dim, cfg.eps)
         self.time_embed = TimestepEmbedder(dim)
-        self.mod = nn.Linear(dim, 4 * dim, bias=False)  # (scale1, gate1, scale2, gate2), shared by every block
+        self.mod = Linear(dim, 4 * dim, bias=False)  # (scale1, gate1, scale2, gate2), shared by every block
         self.blocks = nn.ModuleList(
             [Block(dim, cfg.head_dim, cfg.mlp_ratio * dim, cfg.eps) for _ in range(cfg.num_layers)]
         )
         self.final = FinalLayer(dim, cfg.patch_size**2 * cfg.out_channels, cfg.eps)
+
+    @property
+    def base(self) -> QwenImage21Transformer:
+        return self
 
     def make_rope(self, layout: PrefixLayout, grid: tuple[int, int], device=None) -> tuple[Rope, Rope]:
         """RoPE tables of the prefix (P, D) and of the noise image of `grid` (h, w) latent tokens (N, D)."""

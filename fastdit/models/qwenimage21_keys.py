@@ -1,21 +1,11 @@
 """Qwen-Image 2.1 checkpoints: diffusers' parameter names -> ours (one table), config.json, and loading.
 
-Loading is fastdit.loader's: built on meta, every key and shape checked before any tensor is read, tensors
+Loading is fastdit.checkpoint's: built on meta, every key and shape checked before any tensor is read, tensors
 streamed to the device; bad input raises `CheckpointError` naming the file and the key. Fusions: Q/K/V into
 one weight, the SwiGLU's gate and up projections into one.
 """
 
 from __future__ import annotations
-
-import json
-import os
-from pathlib import Path
-
-import torch
-
-from fastdit.errors import CheckpointError, ConfigError
-from fastdit.loader import default_device, load_state_dict_into, resolve_transformer_dir
-from fastdit.models.qwenimage21 import QwenImage21Config, QwenImage21Transformer
 
 # Our parameter (without .weight) -> diffusers module(s) concatenated along dim 0.
 _TOP = {
@@ -46,30 +36,3 @@ def checkpoint_keys(name: str) -> list[str]:
         _, idx, rest = module.split(".", 2)
         return [f"transformer_blocks.{idx}.{src}.{leaf}" for src in _BLOCK[rest]]
     return [f"{src}.{leaf}" for src in _TOP[module]]
-
-
-def read_config(folder: Path) -> QwenImage21Config:
-    cfg_file = folder / "config.json"
-    try:
-        raw = json.loads(cfg_file.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"cannot read {cfg_file}: {e}") from None
-    if not isinstance(raw, dict):
-        raise CheckpointError(f"{cfg_file} is not a JSON object")
-    try:
-        return QwenImage21Config.from_diffusers(raw)
-    except ConfigError as e:
-        raise CheckpointError(f"{cfg_file}: {e}") from None
-
-
-def load_qwenimage21_transformer(
-    path: str | os.PathLike, *, dtype: torch.dtype = torch.bfloat16, device: str | torch.device | None = None
-) -> QwenImage21Transformer:
-    """Load a diffusers-format Qwen-Image 2.1 transformer folder (or a pipeline root holding `transformer/`),
-    every key and shape checked before any tensor is read (fastdit.loader)."""
-    folder = resolve_transformer_dir(path)
-    device = torch.device(device) if device is not None else default_device()
-    with torch.device("meta"):
-        model = QwenImage21Transformer(read_config(folder))
-    load_state_dict_into(model, folder, dtype=dtype, device=device, key_map=checkpoint_keys)
-    return model.eval().requires_grad_(False)

@@ -42,8 +42,8 @@ def write_edit_folder(folder: Path, kind: str, seed: int) -> None:
     """Write every component of the tiny `kind` edit pipeline into `folder` (which must exist)."""
     from diffusers import FlowMatchEulerDiscreteScheduler
 
-    from fastdit.tiny import QWEN_IMAGE_SCHEDULER_CONFIG, _text_encoder, _transformer, _vae, write_model_index
-    from fastdit.tiny_vl import save_vl_processor, save_vl_tokenizer
+    from fastdit.tiny.common import QWEN_IMAGE_SCHEDULER_CONFIG, _text_encoder, _transformer, _vae, write_model_index
+    from fastdit.tiny.vl import save_vl_processor, save_vl_tokenizer
 
     class_name, zero_cond_t = EDIT_KINDS[kind]
     save_vl_tokenizer(folder / "tokenizer", "qwen2.5-vl")

@@ -73,7 +73,7 @@ def build_qwen_vl_tokenizer(added: tuple[tuple[str, bool], ...]):
     """
     from transformers.tokenization_utils_base import AddedToken
 
-    from fastdit.tiny import build_qwen2_tokenizer
+    from fastdit.tiny.common import build_qwen2_tokenizer
 
     tok = build_qwen2_tokenizer()
     # One add_tokens call per token keeps the ids in list order whatever the special flag.
@@ -89,7 +89,7 @@ def build_qwen_vl_tokenizer(added: tuple[tuple[str, bool], ...]):
 
 def save_vl_tokenizer(folder: Path, flavour: str) -> None:
     """Write the `flavour` ("qwen2.5-vl" or "qwen3-vl") tokenizer to `folder`, built once per cache."""
-    from fastdit.tiny import TINY_VL_VERSION, save_cached_tokenizer
+    from fastdit.tiny.common import TINY_VL_VERSION, save_cached_tokenizer
 
     added = {"qwen2.5-vl": QWEN25_VL_ADDED_TOKENS, "qwen3-vl": QWEN3_VL_ADDED_TOKENS}[flavour]
     name = f"{flavour}-tokenizer-v{TINY_VL_VERSION}"

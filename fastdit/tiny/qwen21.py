@@ -50,7 +50,7 @@ def _text_encoder(seed: int):
     import torch
     from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
 
-    from fastdit.tiny import TINY_VOCAB
+    from fastdit.tiny.common import TINY_VOCAB
 
     heads, head_dim = 2, 16
     config = Qwen3VLConfig(
@@ -125,8 +125,8 @@ def write_qwen21_folder(folder: Path, kind: str, seed: int) -> None:
     """Write every component of the tiny `kind` Qwen-Image 2.1 pipeline into `folder` (which must exist)."""
     from diffusers import FlowMatchEulerDiscreteScheduler
 
-    from fastdit.tiny import QWEN_IMAGE_SCHEDULER_CONFIG, write_model_index
-    from fastdit.tiny_vl import save_vl_processor
+    from fastdit.tiny.common import QWEN_IMAGE_SCHEDULER_CONFIG, write_model_index
+    from fastdit.tiny.vl import save_vl_processor
 
     turbo = kind == "qwen-image-2.1-turbo"
     save_vl_processor(
