@@ -1,7 +1,3 @@
-"""fastdit's OpenAI-compatible image server: `engine` (batching worker), `app` (HTTP API), `cli`
-(`fastdit serve`), `metrics` (Prometheus text) and `static/` (the web page at /)."""
-
-from fastdit.server.app import create_app
-from fastdit.server.engine import Engine, Generator, Job, Warmup
-
-__all__ = ["Engine", "Generator", "Job", "Warmup", "create_app"]
+"""fastdit's OpenAI-compatible image server: `engine` (batching worker), `app` (HTTP API), `run` (socket and
+uvicorn), `cli` (`fastdit serve`), `ranks` (multi-GPU serving), `metrics` and `static/` (the web page at /).
+Nothing is imported here, so `fastdit --help` loads no fastapi or uvicorn."""
