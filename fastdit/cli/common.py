@@ -61,10 +61,16 @@ class ModelOptions:
     attention: str = "auto"
     compile: bool = False
     cuda_graph: bool = False
+    loras: tuple = ()  # fastdit.cli.lora.LoraSpec of each --lora
+    fuse_lora: bool = False
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> ModelOptions:
-        return cls(args.dtype, args.device, args.quantize, args.attention, args.compile, args.cuda_graph)
+        loras = tuple(getattr(args, "lora", None) or ())  # LoRA flags: fastdit.cli.lora.add_lora_arguments
+        return cls(
+            args.dtype, args.device, args.quantize, args.attention, args.compile, args.cuda_graph,
+            loras, getattr(args, "fuse_lora", False),
+        )  # fmt: skip
 
 
 def add_model_arguments(parser, dtype_help: str = "auto: bfloat16 on CUDA, float32 otherwise") -> None:

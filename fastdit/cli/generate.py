@@ -31,6 +31,7 @@ from fastdit.cli.common import (
     torch_device,
     torch_dtype,
 )
+from fastdit.cli.lora import add_lora_arguments, apply_loras, check_lora_flags, read_loras
 from fastdit.validation import (
     SEED_LIMIT,
     InputError,
@@ -103,6 +104,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     )
     p.add_argument("--timings-json", default=None, metavar="FILE", help="also write stage timings as JSON")
     add_parallel_arguments(p, "parallelism (one process per GPU; gloo on CPU)")
+    add_lora_arguments(p)
     p.set_defaults(func=generate_main)
     return p
 
@@ -131,6 +133,7 @@ def prepare(args: argparse.Namespace) -> GenerateRun:
         check_writable_file(timings, "--timings-json")
     options = ModelOptions.from_args(args)
     check_model_options(options, args.tp, args.sp)
+    check_lora_flags(options.loras, options.fuse_lora)
     return GenerateRun(
         args.model, options, args.prompt, args.negative_prompt, args.height, args.width, args.steps,
         cfg, seeds, paths, timings,
@@ -148,6 +151,7 @@ def generate_main(args: argparse.Namespace) -> int:
         check_world(tp, sp, cfg, device_type(run.options.device))  # before any download or load
         folder = resolve_model(run.model)  # once, here: a Hub download must not race between ranks
         check_parallel_config(read_config(folder), tp, sp)
+        read_loras(run.options.loras, folder)  # a bad LoRA stops here, before any rank starts
         run = replace(run, model=str(folder))
         return launch(_rank, run, tp=tp, sp=sp, cfg=cfg, device=run.options.device, master_port=args.master_port)
     return run_generate(run)
@@ -177,6 +181,7 @@ def run_generate(run: GenerateRun, parallel=None) -> int:
     device = parallel.device if parallel is not None else torch_device(run.options.device)
     dtype = torch_dtype(run.options.dtype, run.options.device)
     folder = resolve_model(run.model)
+    loras = read_loras(run.options.loras, folder)  # read and checked before the pipeline loads
     t0 = time.perf_counter()
     pipe = load_pipeline(
         folder,
@@ -186,6 +191,7 @@ def run_generate(run: GenerateRun, parallel=None) -> int:
         quantize=run.options.quantize,
         attention=run.options.attention,
     )
+    apply_loras(pipe, run.options.loras, run.options.fuse_lora, loras)
     if run.options.compile:
         pipe.compile()
     if run.options.cuda_graph:

@@ -14,6 +14,7 @@ from collections.abc import Callable
 import torch
 
 from fastdit.errors import FastditError
+from fastdit.lora.pipeline import LoraPipelineMixin
 from fastdit.runtime.compile import compile_blocks
 from fastdit.runtime.cudagraph import CudaGraphStep
 
@@ -41,8 +42,9 @@ class StageClock:
         return out
 
 
-class DiTPipeline:
-    """Base of the pipelines: `transformer` (a DiT, or fastdit.parallel's wrapper of one), `device`, `dtype`."""
+class DiTPipeline(LoraPipelineMixin):
+    """Base of the pipelines: `transformer` (a DiT, or fastdit.parallel's wrapper of one), `device`, `dtype`.
+    LoRA methods (`load_lora`, `set_loras`, `fuse_loras`, `unload_loras`): fastdit.lora.pipeline."""
 
     def __init__(self, *, transformer, device, dtype):
         self.transformer = transformer
@@ -74,6 +76,7 @@ class DiTPipeline:
         reads every input from its arguments, so a graph recorded in an earlier call serves this one."""
         if not self.cuda_graph:
             return fn
+        key = (key, self.lora_graph_key())  # a graph records which layers run LoRA side GEMMs
         with self._graph_lock:
             if self._graph_key != key:  # the old graph (and its memory) goes first, before the new one records
                 self._graph_key, self._graph = key, None

@@ -44,6 +44,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from fastdit.errors import FastditError
 from fastdit.server.engine import Engine, EngineClosed, Job, QueueFull
+from fastdit.server.lora import LoraChoice, add_lora_routes, request_loras
 from fastdit.server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 
 log = logging.getLogger("fastdit.server")
@@ -132,6 +133,7 @@ class ImageGenerationRequest(BaseModel):
     num_inference_steps: int | None = Field(50, ge=1, le=MAX_STEPS)
     true_cfg_scale: float | None = Field(4.0, ge=0.0, le=100.0, allow_inf_nan=False)
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="Image i of the request uses seed + i")
+    loras: list[LoraChoice] | None = Field(None, description="Preloaded LoRA adapters to apply (GET /v1/loras)")
 
     @field_validator("prompt")
     @classmethod
@@ -306,6 +308,7 @@ def create_app(
         _RequestGuard, max_body_bytes=max_body_bytes, count_status=lambda s: metrics.requests.inc(1, str(s))
     )
     app.mount("/static", StaticFiles(directory=str(STATIC)), name="static")
+    add_lora_routes(app, engine)
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
@@ -371,6 +374,7 @@ def create_app(
             steps=body.num_inference_steps,
             cfg_scale=body.true_cfg_scale,
             seed=body.seed,
+            loras=request_loras(body.loras, engine),
         )
         try:
             engine.submit(job)

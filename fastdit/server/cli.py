@@ -21,6 +21,7 @@ from fastdit.cli.common import (
     positive_int,
     resolve_model,
 )
+from fastdit.cli.lora import add_lora_arguments, check_lora_flags, read_loras
 from fastdit.errors import FastditError
 from fastdit.runtime.env import under_torchrun
 
@@ -38,6 +39,7 @@ def _size(text: str) -> tuple[int, int]:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser.add_argument_group("model"))
     add_parallel_arguments(parser, "parallelism (one process per GPU; gloo on CPU; rank 0 serves HTTP)")
+    add_lora_arguments(parser)
     server = parser.add_argument_group("server")
     server.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s)")
     server.add_argument("--port", type=int, default=30000, help="port to bind (default: %(default)s)")
@@ -102,11 +104,13 @@ def serve_main(args: argparse.Namespace) -> int:
     tp, sp, cfg = parallel_degrees(args)
     model = ModelOptions.from_args(args)
     check_model_options(model, tp, sp)
+    check_lora_flags(model.loras, model.fuse_lora)
     # First: a port in use fails before any model work. Under torchrun only rank 0 serves HTTP.
     serves_http = not under_torchrun() or os.environ["RANK"] == "0"
     sock = bind_socket(args.host, args.port) if serves_http else None
     try:
         path = str(resolve_model(args.model))  # a Hub download happens here, once, before any rank starts
+        read_loras(model.loras, path)  # a missing, corrupt or mismatched LoRA stops the server before it loads
         if parallel_requested(tp, sp, cfg):
             ranks.check(path, model, tp, sp, cfg)  # degrees against the devices and the model's heads
     except BaseException:

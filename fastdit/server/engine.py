@@ -86,6 +86,7 @@ class BatchKey(NamedTuple):
     steps: int
     cfg_scale: float
     has_negative: bool  # the pipeline takes a list of negative prompts or None, never a mix
+    loras: tuple[tuple[str, float], ...] = ()  # LoRA adapters and scales: one set per call (fastdit.server.lora)
 
 
 class _BatchAbandoned(Exception):
@@ -105,6 +106,7 @@ class Job:
     steps: int
     cfg_scale: float
     seed: int | None = None  # None: a random seed per image, reported nowhere
+    loras: tuple[tuple[str, float], ...] = ()
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
     future: Future[list[Image.Image]] = field(default_factory=Future)
     # Written by the worker, read by the app for progress reports.
@@ -126,7 +128,9 @@ class Job:
 
     @property
     def key(self) -> BatchKey:
-        return BatchKey(self.width, self.height, self.steps, self.cfg_scale, self.negative_prompt is not None)
+        return BatchKey(
+            self.width, self.height, self.steps, self.cfg_scale, self.negative_prompt is not None, self.loras
+        )
 
 
 @dataclass(frozen=True)
@@ -158,6 +162,7 @@ class Engine:
         self.metrics = metrics or Metrics()
         self.ready = threading.Event()  # set once the generator is loaded and warmed up
         self.load_error: BaseException | None = None
+        self.generator: Generator | None = None  # once loaded
         self._load = load
         self._warmup = warmup
         self._on_load_error = on_load_error
@@ -241,6 +246,7 @@ class Engine:
             log.error("loading the model failed: %s: %s", type(e).__name__, e)
             self._fail(e)
             return
+        self.generator = generator
         self.ready.set()
         log.info("engine ready (max batch %d images, queue %d requests)", self.max_batch, self.max_queue)
         while (batch := self._next_batch()) is not None:
@@ -331,6 +337,7 @@ class Engine:
             if all(job.abandoned for job in jobs):
                 raise _BatchAbandoned
 
+        extra = {"loras": dict(key.loras)} if key.loras else {}  # a generator without adapters never sees it
         t0 = time.perf_counter()
         images = generator(
             prompts,
@@ -343,6 +350,7 @@ class Engine:
             num_images_per_prompt=1,
             progress=progress,
             show_progress=False,
+            **extra,
         )
         if len(images) != len(prompts):
             raise RuntimeError(f"the pipeline returned {len(images)} images for {len(prompts)} prompts")

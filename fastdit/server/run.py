@@ -38,6 +38,7 @@ def load_generator(model_path: str, options: ModelOptions, parallel=None) -> Gen
     and the main thread of the other ranks."""
     from fastdit.cli.common import torch_device
     from fastdit.pipelines import load_pipeline
+    from fastdit.server.lora import serve_loras
 
     device = parallel.device if parallel is not None else torch_device(options.device)
     pipe = load_pipeline(
@@ -52,7 +53,7 @@ def load_generator(model_path: str, options: ModelOptions, parallel=None) -> Gen
         pipe.compile()
     if options.cuda_graph:
         pipe.enable_cuda_graph()
-    return pipe
+    return serve_loras(pipe, options)  # the --lora adapters, and calls that choose among them
 
 
 def bind_socket(host: str, port: int) -> socket.socket:

@@ -1,0 +1,155 @@
+"""`LoraLinear`: a block's linear layer (any `fastdit.models.layers.LinearLayer` kind) plus dynamic LoRA side GEMMs.
+
+The layer computes `base(x) + (x @ down.T) @ up.T`, where `down` (R, in) stacks the down factors of every active
+adapter (for a fused Q/K/V layer: of every active adapter's q, k and v parts) along the rank dimension and `up`
+(out, R) stacks the up factors with each adapter's `scale * alpha / rank` folded in (block-diagonal for the fused
+Q/K/V layer: part j's factors fill rows [j * out / 3, (j + 1) * out / 3)). K adapters cost one extra pair of
+GEMMs, whatever K.
+
+`down` and `up` are buffers of the module, so under torch.compile they are inputs of the compiled graph, not
+constants: switching adapters or scales rewrites them in place (`pack`) and neither recompiles nor invalidates a
+recorded CUDA graph. Their rank dimension is a fixed capacity (a multiple of `RANK_ALIGN`, zero-padded past the
+active rank), and grows only when an active set needs more; a growth is a new shape (one recompile, one new CUDA
+graph). With no active adapter the layer calls its base layer and nothing else (`active` is False: the compiled
+graph of that case has no side GEMM).
+
+Where the side product joins the base product depends on the kind, read from the `LinearLayer` attributes:
+
+- plain, replicated or column-parallel: added to the layer's output (a column shard holds its rows of `up`);
+- column-parallel that all-gathers its output (sharded modulation): added to the local slice, before the gather;
+- row-parallel (`partial_sum_group` set, float or fp8): its `down` holds this rank's columns, so the side product
+  is a partial sum too; it is added to the base's partial sums before their one all-reduce, and the bias after;
+- fp8 (`fastdit.quant.fp8.Fp8Linear`): the base GEMM stays e4m3; the side GEMMs run in the compute dtype on the
+  layer's float input (GELU'd or dequantized first for the `forward_gelu_input` / `forward_e4m3` entry points).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed._functional_collectives as funcol
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from fastdit.parallel.layers import all_gather
+from fastdit.quant.fp8 import Fp8Linear
+
+# The rank capacity of a layer's stacked factors is a multiple of this: GEMM-friendly, and fewer distinct shapes.
+RANK_ALIGN = 16
+
+
+def aligned_rank(rank: int) -> int:
+    return -(-rank // RANK_ALIGN) * RANK_ALIGN
+
+
+class LoraLinear(nn.Module):
+    """`base` (a linear layer of any kind) with stacked LoRA factors; see the module docstring."""
+
+    def __init__(self, base: nn.Module, *, dtype: torch.dtype):
+        super().__init__()
+        self.base = base
+        # fastdit.models.layers.LinearLayer: the same fusions and split as the base layer.
+        self.fuses_gelu_input = base.fuses_gelu_input
+        self.takes_e4m3 = base.takes_e4m3
+        self.partial_sum_group = base.partial_sum_group
+        self.gathers_output = base.gathers_output
+        self.world = getattr(base, "world", 1)
+        self.fp8 = isinstance(base, Fp8Linear)
+        out_features, in_features = base.weight.shape
+        self.active = False
+        device = base.weight.device
+        self.register_buffer("down", torch.zeros(0, in_features, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("up", torch.zeros(out_features, 0, dtype=dtype, device=device), persistent=False)
+
+    @property
+    def weight(self) -> Tensor:
+        return self.base.weight
+
+    @property
+    def bias(self) -> Tensor | None:
+        return self.base.bias
+
+    @property
+    def capacity(self) -> int:
+        return self.down.shape[0]
+
+    def extra_repr(self) -> str:
+        return f"rank capacity={self.capacity}, active={self.active}"
+
+    @torch.no_grad()
+    def pack(self, blocks: list[tuple[int, Tensor, Tensor]], rank: int) -> bool:
+        """Load the active factors: `blocks` of (first output row, down (r, in), up (rows, r) with the scale
+        folded in), `rank` their total r. In place when the capacity suffices (compiled graphs and CUDA graphs
+        keep reading these buffers); else the buffers grow. Returns whether they grew (a new shape)."""
+        grow = rank > self.capacity
+        if grow:
+            cap = aligned_rank(rank)
+            self.down = self.down.new_zeros(cap, self.down.shape[1])
+            self.up = self.up.new_zeros(self.up.shape[0], cap)
+        else:
+            self.down.zero_()
+            self.up.zero_()
+        col = 0
+        for row, down, up in blocks:
+            r = down.shape[0]
+            self.down[col : col + r].copy_(down)
+            self.up[row : row + up.shape[0], col : col + r].copy_(up)
+            col += r
+        self.active = rank > 0
+        return grow
+
+    def clear(self) -> None:
+        """No active adapter: the base layer alone (the buffers keep their capacity for the next set)."""
+        self.active = False
+
+    # ---- the LinearLayer entry points ---------------------------------------------------------------
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.active:
+            return self.base(x)
+        return self._finish(self._product(x) + self._side(x))
+
+    def forward_gelu(self, x: Tensor) -> Tensor:
+        if not self.active:
+            return self.base.forward_gelu(x)
+        return F.gelu(self(x), approximate="tanh")
+
+    def forward_gelu_input(self, h: Tensor) -> Tensor:
+        if not self.active:
+            return self.base.forward_gelu_input(h)
+        g = F.gelu(h, approximate="tanh")
+        if not self.fp8:
+            return self(g)
+        # The e4m3 GEMM keeps GELU inside its quantization pass; the side GEMMs take the GELU'd input.
+        return self._finish(self.base._gemm(h, gelu_input=True) + self._side(g))
+
+    def forward_e4m3(self, x8: Tensor, scale: Tensor) -> Tensor:
+        if not self.active:
+            return self.base.forward_e4m3(x8, scale)
+        x = (x8.float() * scale).to(self.down.dtype)
+        if not self.fp8:
+            return self(x)
+        return self._finish(self.base._gemm(x8, x_scale=scale) + self._side(x))
+
+    # ---- the parts --------------------------------------------------------------------------------------
+
+    def _side(self, x: Tensor) -> Tensor:
+        """(..., in) -> (..., out): the stacked LoRA product, in the compute dtype (a partial sum on a row shard)."""
+        return F.linear(F.linear(x.to(self.down.dtype), self.down), self.up)
+
+    def _product(self, x: Tensor) -> Tensor:
+        """The base GEMM before any collective: with the bias on one rank, without it on a row shard."""
+        if self.fp8:
+            return self.base._gemm(x)
+        bias = None if self.partial_sum_group is not None else self.base.bias
+        return F.linear(x, self.base.weight, bias)
+
+    def _finish(self, y: Tensor) -> Tensor:
+        """The base layer's collective: a row shard's all-reduce (then the bias), a gathering column's all-gather."""
+        if self.fp8:
+            return self.base._finish(y)
+        if self.partial_sum_group is not None:
+            y = funcol.all_reduce(y, "sum", self.partial_sum_group)
+            return y if self.base.bias is None else y + self.base.bias
+        if self.gathers_output:
+            y = all_gather(y.contiguous(), y.dim() - 1, self.base.group)
+        return y
