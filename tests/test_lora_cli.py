@@ -128,3 +128,24 @@ def test_server_requests_choose_preloaded_adapters(tiny_dir, lora_files):
     want_base = pipe("a fox", show_progress=False, **call)[0]
     assert np.abs(_pixels(with_loras) - _pixels(want)).max() <= 1
     assert np.array_equal(_pixels(base), _pixels(want_base))
+
+
+def test_bench_lora_runs_on_cpu(tmp_path, capsys):
+    """`fastdit bench --lora-rank R --loras K` (tiny preset, CPU): the step with K dynamic adapters and merged,
+    each against the same run without LoRA; dynamic and merged give the same output (float32)."""
+    import json
+
+    out = tmp_path / "lora.json"
+    argv = ["bench", "--preset", "tiny", "--device", "cpu", "--dtype", "fp32", "--height", "32", "--width", "32"]
+    argv += ["--text-len", "4", "--warmup", "0", "--iters", "2", "--lora-rank", "8,4", "--loras", "2"]
+    assert main([*argv, "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    names = [
+        "fastdit eager + 2 LoRA r8 dynamic",
+        "fastdit eager + 2 LoRA r4 dynamic",
+        "fastdit eager + 2 LoRA r4 merged",
+    ]
+    assert set(res["runs"]) == {"fastdit eager", *names}
+    assert set(res["lora"]["overhead"]) == set(names) and res["lora"]["ranks"] == [8, 4]
+    assert res["lora"]["rel_l2_dynamic_vs_merged"] < 1e-5
+    assert "% per step vs the same run without LoRA" in capsys.readouterr().out

@@ -13,6 +13,7 @@ from contextlib import nullcontext, suppress
 
 from fastdit.bench.config import BenchConfig
 from fastdit.cli.common import ATTENTION_CHOICES, add_parallel_arguments, parallel_degrees, parallel_requested
+from fastdit.cli.lora import add_lora_bench_arguments
 from fastdit.errors import FastditError
 
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
@@ -84,6 +85,8 @@ def print_table(res: dict):
             )
     if res.get("modulation_table_50_steps_s") is not None:
         print(f"modulation table for 50 steps, built once per image: {res['modulation_table_50_steps_s']:.4f} s")
+    for name, extra in res.get("lora", {}).get("overhead", {}).items():
+        print(f"{name}: {100 * extra:+.1f} % per step vs the same run without LoRA")
     if "rel_l2_vs_diffusers" in res:
         print(f"relative L2 error vs diffusers: {res['rel_l2_vs_diffusers']:.3e}")
     if base:
@@ -165,6 +168,7 @@ def add_parser(subparsers):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, metavar="FILE", help="write all numbers and the environment here")
     add_parallel_arguments(p, "parallelism: the DiT step on tp x sp x cfg ranks (one process per GPU; gloo on CPU)")
+    add_lora_bench_arguments(p)
     p.set_defaults(func=bench_main)
     return p
 

@@ -28,6 +28,8 @@ class BenchConfig:
     iters: int = 10
     dtype: str = "bf16"
     seed: int = 0
+    lora_rank: tuple[int, ...] | None = None  # fastdit.bench.lora: the ranks to time, one after the other
+    loras: int = 1
 
     @classmethod
     def from_args(cls, args) -> BenchConfig:

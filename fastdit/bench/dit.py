@@ -9,6 +9,7 @@ from collections.abc import Callable
 import torch
 
 from fastdit.bench.config import BenchConfig, log
+from fastdit.bench.lora import bench_lora
 from fastdit.bench.timing import cuda_graph, dit_flops, kernel_time_split, measure, summarize, sync
 from fastdit.bench.weights import diffusers_twin, dit_inputs, parallel_random_dit, random_dit
 from fastdit.errors import FastditError
@@ -137,4 +138,9 @@ def bench_dit(run: BenchConfig, device: torch.device, dtype: torch.dtype, state=
             if run.compile and run.compare == "diffusers":
                 ref_c = torch.compile(ref)  # diffusers' model graph-breaks under fullgraph=True
                 timed("diffusers compiled", lambda: ref_c(**kw)[0], True)
+        if run.lora_rank is not None:  # last: merging changes the weights (which diffusers' twin shares)
+            step = compiled if run.compile else model
+            base_name = f"{ours} compiled ({run.compile})" if run.compile else f"{ours} eager"
+            fn = lambda: step(x, enc, mask, t, rope=rope, txt_lens=txt_lens, modulation=mod)  # noqa: E731
+            bench_lora(run, model, fn, timed, base_name, results, device, dtype)
     return results

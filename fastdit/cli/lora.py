@@ -1,4 +1,5 @@
-"""`--lora [NAME=]PATH[:SCALE]` (repeatable) and `--fuse-lora` for `fastdit generate` and `fastdit serve`.
+"""`--lora [NAME=]PATH[:SCALE]` (repeatable) and `--fuse-lora` for `fastdit generate` and `fastdit serve`; and
+`--lora-rank` / `--loras` for `fastdit bench`.
 
 `add_lora_arguments(parser)` declares them; `ModelOptions` carries them (`loras`, `fuse_lora`). Before the
 pipeline loads, `read_loras` reads every file and checks it against the model folder's transformer shapes, so
@@ -113,3 +114,26 @@ def apply_loras(pipe, specs, fuse: bool, loras: dict | None = None) -> None:
         pipe.load_lora(source, adapter_name=spec.name, scale=spec.scale)
     if fuse:
         pipe.fuse_loras()
+
+
+def add_lora_bench_arguments(parser) -> None:
+    """`fastdit bench --lora-rank R --loras K` (fastdit.bench.lora)."""
+    group = parser.add_argument_group("LoRA (the DiT step with dynamic adapters, then merged)")
+    group.add_argument(
+        "--lora-rank",
+        type=_ranks,
+        default=None,
+        metavar="R[,R...]",
+        help="also time the step with LoRA adapters of rank R (several: one after the other, e.g. 16,64,128)",
+    )
+    group.add_argument("--loras", type=int, default=1, metavar="K", help="adapters active at once (default: 1)")
+
+
+def _ranks(text: str) -> tuple[int, ...]:
+    try:
+        ranks = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a rank or a comma-separated list of ranks") from None
+    if any(r < 1 for r in ranks):
+        raise argparse.ArgumentTypeError(f"{text}: ranks must be >= 1")
+    return ranks

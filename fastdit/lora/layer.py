@@ -106,7 +106,9 @@ class LoraLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if not self.active:
             return self.base(x)
-        return self._finish(self._product(x) + self._side(x))
+        if self.fp8:
+            return self._finish(self.base._gemm(x) + self._side(x))
+        return self._finish(self._float_product(x))
 
     def forward_gelu(self, x: Tensor) -> Tensor:
         if not self.active:
@@ -136,12 +138,15 @@ class LoraLinear(nn.Module):
         """(..., in) -> (..., out): the stacked LoRA product, in the compute dtype (a partial sum on a row shard)."""
         return F.linear(F.linear(x.to(self.down.dtype), self.down), self.up)
 
-    def _product(self, x: Tensor) -> Tensor:
-        """The base GEMM before any collective: with the bias on one rank, without it on a row shard."""
-        if self.fp8:
-            return self.base._gemm(x)
+    def _float_product(self, x: Tensor) -> Tensor:
+        """x @ W.T + side(x) (+ the bias, unless a row shard adds it after its all-reduce), before any collective.
+
+        As two GEMM epilogues rather than elementwise passes: the up-projection adds the bias, and the base GEMM
+        adds the side product as its C operand (beta = 1), where the read of (M, out) hides under the compute."""
+        x2 = x.reshape(-1, x.shape[-1])
         bias = None if self.partial_sum_group is not None else self.base.bias
-        return F.linear(x, self.base.weight, bias)
+        side = F.linear(F.linear(x2, self.down), self.up, bias)  # (M, out)
+        return torch.addmm(side, x2, self.base.weight.t()).view(*x.shape[:-1], side.shape[-1])
 
     def _finish(self, y: Tensor) -> Tensor:
         """The base layer's collective: a row shard's all-reduce (then the bias), a gathering column's all-gather."""
