@@ -118,6 +118,7 @@ def bench_dit(run: BenchConfig, device: torch.device, dtype: torch.dtype, state=
             replay = cuda_graph(lambda: step(x, enc, mask, t, rope=rope, txt_lens=txt_lens, modulation=mod))
             suffix = f"compiled ({run.compile})" if run.compile else "eager"
             timed(f"{ours} {suffix} + CUDA graph", replay, False)
+            del replay  # its memory pool, before later runs record their own
         if run.compare and run.quantize:
             # diffusers' model would need a second, bf16 copy of the weights next to the fp8 one.
             log("note: --compare is skipped with --quantize fp8; run the comparison without --quantize")

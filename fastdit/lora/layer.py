@@ -15,7 +15,8 @@ graph of that case has no side GEMM).
 
 Where the side product joins the base product depends on the kind, read from the `LinearLayer` attributes:
 
-- plain, replicated or column-parallel: added to the layer's output (a column shard holds its rows of `up`);
+- plain, replicated or column-parallel: added to the layer's output (a column shard holds its rows of `up`); a
+  float layer adds it inside its own GEMM (`addmm` with the side product as C), not in an elementwise pass;
 - column-parallel that all-gathers its output (sharded modulation): added to the local slice, before the gather;
 - row-parallel (`partial_sum_group` set, float or fp8): its `down` holds this rank's columns, so the side product
   is a partial sum too; it is added to the base's partial sums before their one all-reduce, and the bias after;
