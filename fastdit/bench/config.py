@@ -28,6 +28,8 @@ class BenchConfig:
     iters: int = 10
     dtype: str = "bf16"
     seed: int = 0
+    steps: int | None = None  # --stage pipeline: denoising steps (None: the scheduler's default)
+    scheduler: str = "default"  # --stage pipeline: sampling schedule (validation.SCHEDULER_STEPS)
 
     @classmethod
     def from_args(cls, args) -> BenchConfig:
