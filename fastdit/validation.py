@@ -31,6 +31,9 @@ DTYPE_NAMES = {
     "fp32": "float32",
     "float32": "float32",
 }
+# Sampling schedules a call may choose (fastdit.pipelines.scheduler.sampling_for) -> its steps when none are given:
+# the checkpoint's own schedule, or the one the Qwen-Image-Lightning distilled LoRAs need (few steps, no CFG).
+SCHEDULER_STEPS = {"default": 50, "lightning": 8}
 
 
 class InputError(FastditError):
@@ -64,6 +67,12 @@ def check_size(height, width, max_side: int | None = None) -> tuple[int, int]:
 
 def check_steps(steps) -> int:
     return check_int(steps, "num_inference_steps", 1, MAX_STEPS)
+
+
+def check_scheduler(name) -> str:
+    if not isinstance(name, str) or name not in SCHEDULER_STEPS:
+        raise InputError("scheduler", f"must be one of {', '.join(SCHEDULER_STEPS)}, got {name!r}")
+    return name
 
 
 def check_cfg_scale(scale) -> float:

@@ -14,6 +14,7 @@ from contextlib import nullcontext, suppress
 from fastdit.bench.config import BenchConfig
 from fastdit.cli.common import ATTENTION_CHOICES, add_parallel_arguments, parallel_degrees, parallel_requested
 from fastdit.cli.lora import add_lora_bench_arguments
+from fastdit.cli.scheduler import add_scheduler_arguments
 from fastdit.errors import FastditError
 
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
@@ -24,8 +25,10 @@ One step = one DiT forward over the CFG batch (cond + uncond batched). Times com
 on CPU) around each step after warm-up; the median is reported with min/max, the achieved TFLOP/s, and that as a
 share of the matmul ceiling measured in the same run. `--compare diffusers` runs diffusers'
 QwenImageTransformer2DModel on the very same weights (views of ours: no extra memory), eager and compiled, and
-prints the ratios. `--stage vae|text-encoder` times those stages instead. `--tp / --sp / --cfg-parallel` time the
-DiT step on that many ranks (one process per GPU, each with its shard of the random weights; rank 0 reports).
+prints the ratios. `--stage vae|text-encoder` times those stages instead (the VAE: fastdit's decode against
+diffusers'); `--stage pipeline` times whole images (text encoder + --steps DiT steps + VAE decode, --scheduler).
+`--tp / --sp / --cfg-parallel` time the DiT step on that many ranks (one process per GPU, each with its shard of
+the random weights; rank 0 reports).
 """
 
 
@@ -56,7 +59,7 @@ def _tflops(x: float) -> str:
 
 def print_table(res: dict):
     runs = res.get("runs", {})
-    base = runs.get("diffusers compiled") or runs.get("diffusers eager")
+    base = runs.get(res.get("base_run", "")) or runs.get("diffusers compiled") or runs.get("diffusers eager")
     print(f"\n{res['stage']} {json.dumps(res.get('shapes', {}))}")
     if "matmul_tflops" in res:
         print(f"{res.get('dtype', 'bf16')} matmul ceiling this run: {_tflops(res['matmul_tflops'])} TFLOP/s")
@@ -89,8 +92,11 @@ def print_table(res: dict):
         print(f"{name}: {100 * extra:+.1f} % per step vs the same run without LoRA")
     if "rel_l2_vs_diffusers" in res:
         print(f"relative L2 error vs diffusers: {res['rel_l2_vs_diffusers']:.3e}")
+    for line in res.get("notes", []):
+        print(line)
     if base:
-        print("vs base = diffusers compiled (or eager without --compile) median / this run's median")
+        base_name = res.get("base_run") or "diffusers compiled (or eager without --compile)"
+        print(f"vs base = {base_name} median / this run's median")
 
 
 def add_parser(subparsers):
@@ -100,13 +106,17 @@ def add_parser(subparsers):
         description=DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--stage", choices=["dit", "vae", "text-encoder"], default="dit")
+    p.add_argument("--stage", choices=["dit", "vae", "text-encoder", "pipeline"], default="dit")
     p.add_argument("--preset", choices=PRESET_NAMES, default="qwen-image", help="model size (tiny: for tests)")
     p.add_argument("--height", type=int, default=1024)
     p.add_argument("--width", type=int, default=1024)
     p.add_argument("--text-len", type=int, default=128, help="text tokens per prompt")
     p.add_argument("--batch", type=int, default=1, help="prompts per step (CFG doubles the DiT batch)")
     p.add_argument("--no-cfg", action="store_true", help="time a batch without the uncond half")
+    p.add_argument(
+        "--steps", type=int, default=None, help="--stage pipeline: denoising steps (default: the scheduler's)"
+    )
+    add_scheduler_arguments(p)
     p.add_argument(
         "--uncond-text-len",
         type=int,
@@ -206,8 +216,10 @@ def bench_main(args) -> int:
     import torch
 
     from fastdit.bench.dit import bench_dit
-    from fastdit.bench.stages import bench_text_encoder, bench_vae
+    from fastdit.bench.pipeline import PipelineBench, bench_pipeline, print_pipeline
+    from fastdit.bench.stages import bench_text_encoder
     from fastdit.bench.timing import matmul_ceiling
+    from fastdit.bench.vae import bench_vae
 
     run = BenchConfig.from_args(args)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -215,8 +227,8 @@ def bench_main(args) -> int:
         raise FastditError("--device cuda asked for, but no CUDA GPU is visible")
     if min(run.height, run.width, run.text_len, run.batch, run.iters) < 1 or run.warmup < 0:
         raise FastditError("--height, --width, --text-len, --batch and --iters must be >= 1")
-    if run.cuda_graph and (device.type != "cuda" or run.stage != "dit"):
-        raise FastditError("--cuda-graph times the DiT step on a CUDA GPU (--stage dit, --device cuda)")
+    if run.cuda_graph and (device.type != "cuda" or run.stage not in ("dit", "pipeline")):
+        raise FastditError("--cuda-graph times the DiT step on a CUDA GPU (--stage dit or pipeline, --device cuda)")
     if run.profile and (device.type != "cuda" or run.stage != "dit"):
         raise FastditError("--profile reads the GPU's kernel times of the DiT step (--stage dit, --device cuda)")
     dtype = getattr(torch, DTYPES[run.dtype])
@@ -225,6 +237,8 @@ def bench_main(args) -> int:
         res = _bench_parallel(run, device, dtype, tp, sp, cfg, args.master_port)
         if int(os.environ.get("RANK", 0)) != 0:  # under torchrun every rank returns; rank 0 reports
             return 0
+    elif run.stage == "pipeline":
+        res = bench_pipeline(PipelineBench.from_config(run, dtype), device)
     else:
         stage = {"dit": bench_dit, "vae": bench_vae, "text-encoder": bench_text_encoder}[run.stage]
         with torch.inference_mode() if run.stage != "dit" else nullcontext():
@@ -234,7 +248,7 @@ def bench_main(args) -> int:
     res["dtype"] = run.dtype
     res["environment"] = environment(device)
     res["command"] = "fastdit " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("fastdit") else None
-    print_table(res)
+    (print_pipeline if run.stage == "pipeline" else print_table)(res)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(res, f, indent=2)

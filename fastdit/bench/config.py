@@ -30,6 +30,8 @@ class BenchConfig:
     seed: int = 0
     lora_rank: tuple[int, ...] | None = None  # fastdit.bench.lora: the ranks to time, one after the other
     loras: int = 1
+    steps: int | None = None  # --stage pipeline: denoising steps (None: the scheduler's default)
+    scheduler: str = "default"  # --stage pipeline: sampling schedule (validation.SCHEDULER_STEPS)
 
     @classmethod
     def from_args(cls, args) -> BenchConfig:

@@ -1,4 +1,5 @@
-"""`fastdit bench --stage vae | text-encoder`: the pipeline's other stages at full size, random weights."""
+"""`fastdit bench --stage text-encoder`: the text encoder at full size, random weights (the VAE: fastdit.bench.vae;
+whole images: fastdit.bench.pipeline)."""
 
 from __future__ import annotations
 
@@ -8,20 +9,16 @@ from fastdit.bench.config import BenchConfig
 from fastdit.bench.timing import summarize, time_steps
 from fastdit.pipelines.text import TEMPLATE_PREFIX_TOKENS
 
-
-def bench_vae(run: BenchConfig, device: torch.device, dtype: torch.dtype) -> dict:
-    from diffusers import AutoencoderKLQwenImage
-
-    with torch.device(device):
-        vae = AutoencoderKLQwenImage().to(dtype).eval()  # Qwen-Image's VAE geometry
-    z = torch.randn(run.batch, 16, 1, run.height // 8, run.width // 8, device=device, dtype=dtype)
-    with torch.no_grad():
-        times = time_steps(lambda: vae.decode(z, return_dict=False)[0], device, run.warmup, run.iters)
-    return {
-        "stage": "vae",
-        "shapes": {"batch": run.batch, "height": run.height, "width": run.width},
-        "runs": {"vae decode": summarize(times)},
-    }
+# Qwen2.5-VL-7B's language model (transformers' Qwen2_5_VLTextConfig keys).
+QWEN25_VL_7B_TEXT = {
+    "hidden_size": 3584,
+    "intermediate_size": 18944,
+    "num_hidden_layers": 28,
+    "num_attention_heads": 28,
+    "num_key_value_heads": 4,
+    "vocab_size": 152064,
+    "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]},
+}
 
 
 def bench_text_encoder(run: BenchConfig, device: torch.device, dtype: torch.dtype) -> dict:
@@ -37,16 +34,8 @@ def bench_text_encoder(run: BenchConfig, device: torch.device, dtype: torch.dtyp
             vocab_size=1024,
             rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]},
         )
-    else:  # Qwen2.5-VL-7B's language model
-        cfg = Qwen2_5_VLTextConfig(
-            hidden_size=3584,
-            intermediate_size=18944,
-            num_hidden_layers=28,
-            num_attention_heads=28,
-            num_key_value_heads=4,
-            vocab_size=152064,
-            rope_scaling={"type": "mrope", "mrope_section": [16, 24, 24]},
-        )
+    else:
+        cfg = Qwen2_5_VLTextConfig(**QWEN25_VL_7B_TEXT)
     with torch.device(device):
         enc = Qwen2_5_VLTextModel(cfg).to(dtype).eval()
     # The prompt template adds its prefix in front of the prompt; cond + uncond are encoded together.

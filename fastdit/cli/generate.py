@@ -32,6 +32,7 @@ from fastdit.cli.common import (
     torch_dtype,
 )
 from fastdit.cli.lora import add_lora_arguments, apply_loras, check_lora_flags, read_loras
+from fastdit.cli.scheduler import add_scheduler_arguments, default_steps, scheduler_notes
 from fastdit.validation import (
     SEED_LIMIT,
     InputError,
@@ -59,6 +60,7 @@ class GenerateRun:
     seeds: list[int]
     paths: list[Path]
     timings_json: Path | None = None
+    scheduler: str = "default"
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -80,7 +82,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     )
     p.add_argument("--height", type=integer, default=1024, help="image height in pixels, a multiple of 16 (1024)")
     p.add_argument("--width", type=integer, default=1024, help="image width in pixels, a multiple of 16 (1024)")
-    p.add_argument("--steps", type=integer, default=50, help="denoising steps (default: 50)")
+    p.add_argument(
+        "--steps", type=integer, default=None, help="denoising steps (default: 50; 8 with --scheduler lightning)"
+    )
+    add_scheduler_arguments(p)
     p.add_argument(
         "--cfg-scale",
         type=number,
@@ -111,12 +116,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def prepare(args: argparse.Namespace) -> GenerateRun:
     """The arguments checked and turned into a run; every user error is raised here, before any loading."""
+    steps = args.steps if args.steps is not None else default_steps(args.scheduler)
     try:
         check_prompts(args.prompt)
         if args.negative_prompt is not None:
             check_prompts(args.negative_prompt, "negative_prompt", allow_blank=True)
         check_size(args.height, args.width)
-        check_steps(args.steps)
+        check_steps(steps)
         cfg = None if args.cfg_scale is None else check_cfg_scale(args.cfg_scale)
         check_int(args.num_images, "num_images_per_prompt", 1, 64)
         if args.seed is not None:
@@ -125,6 +131,8 @@ def prepare(args: argparse.Namespace) -> GenerateRun:
         raise flag_error(e) from None
     if cfg is not None and cfg > 1 and args.negative_prompt is None:
         note(f"--cfg-scale {args.cfg_scale:g} has no effect without --negative-prompt: CFG is off")
+    for line in scheduler_notes(args.scheduler, args.negative_prompt, cfg):
+        note(line)
     first = args.seed if args.seed is not None else secrets.randbelow(SEED_LIMIT)
     seeds = image_seeds(first, args.num_images)
     paths = output_paths(args.output, args.num_images, seeds)
@@ -135,8 +143,8 @@ def prepare(args: argparse.Namespace) -> GenerateRun:
     check_model_options(options, args.tp, args.sp)
     check_lora_flags(options.loras, options.fuse_lora)
     return GenerateRun(
-        args.model, options, args.prompt, args.negative_prompt, args.height, args.width, args.steps,
-        cfg, seeds, paths, timings,
+        args.model, options, args.prompt, args.negative_prompt, args.height, args.width, steps,
+        cfg, seeds, paths, timings, scheduler=args.scheduler,
     )  # fmt: skip
 
 
@@ -208,6 +216,7 @@ def run_generate(run: GenerateRun, parallel=None) -> int:
         true_cfg_scale=run.cfg_scale,
         seed=run.seeds,
         num_images_per_prompt=len(run.seeds),
+        scheduler=run.scheduler,
         show_progress=main,
     )
     if main:

@@ -15,6 +15,7 @@ import torch
 
 from fastdit.errors import FastditError
 from fastdit.lora.pipeline import LoraPipelineMixin
+from fastdit.pipelines.vae import compile_decoder
 from fastdit.runtime.compile import compile_blocks
 from fastdit.runtime.cudagraph import CudaGraphStep
 
@@ -54,11 +55,16 @@ class DiTPipeline(LoraPipelineMixin):
         self._graph_key, self._graph = None, None
         self._graph_lock = threading.Lock()
 
-    def compile(self):
+    def compile(self, *, vae: bool | None = None):
         """Compile the DiT block by block (`fastdit.compile_blocks`): full-graph, one warm-up for all blocks.
 
-        The first call at a new image size or text length compiles (seconds); later ones reuse the graph."""
+        The first call at a new image size or text length compiles (seconds); later ones reuse the graph.
+        `vae`: also compile the VAE's single-frame decoder (fastdit.pipelines.vae; its first decode at a size
+        compiles: `fastdit bench --stage vae --compile` reports that warm-up). Default: on CUDA only (on the CPU the
+        compile takes minutes and gains little)."""
         compile_blocks(self.transformer)
+        if (self.device.type == "cuda" if vae is None else vae) and getattr(self, "vae", None) is not None:
+            compile_decoder(self.vae)
         return self
 
     def enable_cuda_graph(self):

@@ -7,10 +7,11 @@ the DiT sees them and un-normalised before decoding.
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
+
+from fastdit.pipelines.vae import decode_frames
 
 
 def pack_latents(latents: Tensor) -> Tensor:
@@ -45,10 +46,11 @@ def latent_stats(vae, like: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def decode(vae, latents: Tensor) -> Tensor:
-    """(B, C, 1, h, w) normalised latents -> (B, channels, 8h, 8w) images in [-1, 1]."""
+    """(B, C, 1, h, w) normalised latents -> (B, channels, 8h, 8w) images in [-1, 1] (fastdit.pipelines.vae: the
+    single-frame decoder where it applies, diffusers' decode otherwise)."""
     latents = latents.to(vae.dtype)
     mean, inv_std = latent_stats(vae, latents)
-    return vae.decode(latents / inv_std + mean, return_dict=False)[0][:, :, 0]
+    return decode_frames(vae, latents / inv_std + mean)
 
 
 def encode(vae, pixels: Tensor) -> Tensor:
@@ -60,7 +62,10 @@ def encode(vae, pixels: Tensor) -> Tensor:
 
 
 def to_pil(images: Tensor) -> list[Image.Image]:
-    """(B, C, H, W) decoded images in [-1, 1] -> PIL images (C = 3: RGB, 4: RGBA), rounded to 8-bit levels."""
-    x = (images / 2 + 0.5).clamp(0, 1)
-    x = x.cpu().permute(0, 2, 3, 1).float().numpy()
-    return [Image.fromarray(a) for a in (x * 255).round().astype(np.uint8)]
+    """(B, C, H, W) decoded images in [-1, 1] -> PIL images (C = 3: RGB, 4: RGBA), rounded to 8-bit levels.
+
+    The arithmetic is diffusers' (to [0, 1] in the images' dtype, then x 255 and round half to even in float32), run
+    where the images are: only the 8-bit pixels are copied to the host, and the CPU does no per-pixel work."""
+    x = ((images / 2 + 0.5).clamp(0, 1).float() * 255).round().to(torch.uint8)
+    pixels = x.permute(0, 2, 3, 1).cpu().numpy()  # (B, H, W, C)
+    return [Image.fromarray(a) for a in pixels]

@@ -15,6 +15,10 @@ given (" " is a valid negative prompt). The scale defaults to 4.0 with a negativ
 one; a scale > 1 given without a negative prompt logs a warning. The guided velocity is rescaled to the
 norm of the conditional one, per token.
 
+`scheduler="lightning"` samples with the schedule the Qwen-Image-Lightning distilled LoRAs need
+(fastdit.pipelines.scheduler.sampling_for): 8 steps unless told otherwise, and CFG off unless the call gives a
+scale > 1 with its negative prompt.
+
 Seeds: an int seeds one CPU generator that draws the noise for the whole batch at once (as diffusers does
 with one generator); a list gives image i its own CPU generator, so each image equals a separate
 single-image run with that seed.
@@ -38,7 +42,7 @@ from fastdit.pipelines.base import DiTPipeline, StageClock
 from fastdit.pipelines.folder import check_pipeline_folder
 from fastdit.pipelines.latents import decode, initial_noise, pack_latents, to_pil, unpack_latents
 from fastdit.pipelines.loop import Images, denoise
-from fastdit.pipelines.scheduler import check_scheduler_config, flow_match_sigmas
+from fastdit.pipelines.scheduler import check_scheduler_config, flow_match_sigmas, sampling_for
 from fastdit.pipelines.text import check_lengths, encode_prompts, pad_embeds
 from fastdit.validation import (
     InputError,
@@ -56,10 +60,13 @@ DEFAULT_CFG_SCALE = 4.0
 COMPONENTS = ("scheduler", "text_encoder", "tokenizer", "transformer", "vae")
 
 
-def resolve_cfg(true_cfg_scale, negatives: list[str] | None) -> float | None:
-    """The CFG scale a call runs with, or None for no CFG: CFG needs a scale > 1 and a negative prompt."""
+def resolve_cfg(true_cfg_scale, negatives: list[str] | None, default: float | None = DEFAULT_CFG_SCALE) -> float | None:
+    """The CFG scale a call runs with, or None for no CFG: CFG needs a scale > 1 and a negative prompt. `default`:
+    the scale when none is given (None: CFG off, as with the Lightning schedule)."""
     if true_cfg_scale is None:
-        return DEFAULT_CFG_SCALE if negatives is not None else None
+        if negatives is not None and default is None:
+            log.warning("negative prompt ignored: this schedule runs without CFG unless true_cfg_scale > 1 is given")
+        return default if negatives is not None else None
     scale = check_cfg_scale(true_cfg_scale)
     if scale > 1 and negatives is None:
         log.warning("true_cfg_scale=%s has no effect without a negative prompt: CFG is off", true_cfg_scale)
@@ -195,24 +202,30 @@ class QwenImagePipeline(DiTPipeline):
         negative_prompt: str | list[str] | None = None,
         height: int = 1024,
         width: int = 1024,
-        num_inference_steps: int = 50,
+        num_inference_steps: int | None = None,
         true_cfg_scale: float | None = None,
         seed: int | list[int] | None = None,
         num_images_per_prompt: int = 1,
         sigmas: list[float] | None = None,
+        scheduler: str = "default",
         progress: Callable[[int, int], None] | None = None,
         show_progress: bool = True,
     ) -> Images:
         """Generate len(prompt) * num_images_per_prompt images, ordered prompt-major (p0, p0, p1, ...).
 
-        `sigmas`: a custom descending schedule (its length sets the steps), as diffusers' `sigmas=`."""
+        `num_inference_steps`: default 50 (8 with the Lightning schedule). `sigmas`: a custom descending schedule
+        (its length sets the steps), as diffusers' `sigmas=`. `scheduler`: "default" (the checkpoint's schedule) or
+        "lightning" (the Qwen-Image-Lightning LoRAs' schedule, CFG off unless a scale > 1 is given)."""
         clock = StageClock(self.device)
         prompts = check_prompts(prompt)
         check_size(height, width)
+        sampling = sampling_for(scheduler, self.scheduler_config, DEFAULT_CFG_SCALE)
+        if num_inference_steps is None:
+            num_inference_steps = sampling.steps
         steps = check_steps(num_inference_steps) if sigmas is None else len(sigmas)
         check_int(num_images_per_prompt, "num_images_per_prompt", 1)
         negatives = negative_prompts(negative_prompt, len(prompts))
-        cfg = resolve_cfg(true_cfg_scale, negatives)
+        cfg = resolve_cfg(true_cfg_scale, negatives, sampling.cfg_scale)
         num_images = len(prompts) * num_images_per_prompt
         seed = check_seed(seed, num_images)
         check_lengths(self.tokenizer, prompts)
@@ -238,7 +251,7 @@ class QwenImagePipeline(DiTPipeline):
         latents = pack_latents(noise).to(self.device)
         img_shapes = [(1, lat_h // 2, lat_w // 2)] * txt.shape[0]
         rope = self.transformer.make_rope(img_shapes, txt.shape[1], self.device)
-        schedule = flow_match_sigmas(steps, latents.shape[1], self.scheduler_config, sigmas)
+        schedule = flow_match_sigmas(steps, latents.shape[1], sampling.config, sigmas)
         # The reference feeds sigma as a timestep in [0, 1000] rounded to the latent dtype, then / 1000.
         timesteps = (schedule[:steps] * 1000).to(self.device, latents.dtype) / 1000
         # Every block's AdaLN vectors for all steps in one GEMM per layer (they depend on the timestep only).

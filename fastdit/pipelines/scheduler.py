@@ -17,11 +17,13 @@ operation for operation so that schedules, and therefore images, are bit-identic
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from fastdit.errors import ConfigError
+from fastdit.validation import SCHEDULER_STEPS, check_scheduler
 
 # Config keys whose non-default values select schedules fastdit does not implement.
 _UNSUPPORTED_FLAGS = (
@@ -52,6 +54,30 @@ LIGHTNING_SCHEDULER_CONFIG = {
     "use_exponential_sigmas": False,
     "use_karras_sigmas": False,
 }
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """What a call's scheduler choice sets: the flow-match config its sigmas come from, the steps when the call gives
+    none, and the CFG scale when it gives a negative prompt but no scale (None: CFG off)."""
+
+    config: dict
+    steps: int
+    cfg_scale: float | None
+
+
+def sampling_for(name: str, folder_config: dict, default_cfg_scale: float) -> Sampling:
+    """The sampling a pipeline call runs with for scheduler `name` (validation.SCHEDULER_STEPS):
+
+    - "default": the checkpoint's scheduler config (`folder_config`), 50 steps, CFG at `default_cfg_scale` when a
+      negative prompt is given;
+    - "lightning": LIGHTNING_SCHEDULER_CONFIG, 8 steps, and no CFG unless the call gives a scale > 1 (with a negative
+      prompt): the distilled LoRAs have guidance folded in, so each step is one DiT pass with no uncond batch.
+    """
+    check_scheduler(name)
+    if name == "lightning":
+        return Sampling(dict(LIGHTNING_SCHEDULER_CONFIG), SCHEDULER_STEPS[name], None)
+    return Sampling(dict(folder_config), SCHEDULER_STEPS[name], default_cfg_scale)
 
 
 def check_scheduler_config(config: dict) -> None:

@@ -42,6 +42,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from pydantic_core import PydanticCustomError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from fastdit.cli.scheduler import request_sampling
 from fastdit.errors import FastditError
 from fastdit.server.engine import Engine, EngineClosed, Job, QueueFull
 from fastdit.server.lora import LoraChoice, add_lora_routes, request_loras
@@ -130,8 +131,9 @@ class ImageGenerationRequest(BaseModel):
     stream: bool | None = Field(None, description="Must be false; use /v1/images/generations/stream")
     # fastdit extensions
     negative_prompt: str | None = Field(None, max_length=MAX_PROMPT_CHARS)
-    num_inference_steps: int | None = Field(50, ge=1, le=MAX_STEPS)
-    true_cfg_scale: float | None = Field(4.0, ge=0.0, le=100.0, allow_inf_nan=False)
+    # Unset: the server's (50 steps, CFG 4.0; with `--scheduler lightning` 8 steps, CFG off).
+    num_inference_steps: int | None = Field(None, ge=1, le=MAX_STEPS)
+    true_cfg_scale: float | None = Field(None, ge=0.0, le=100.0, allow_inf_nan=False)
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="Image i of the request uses seed + i")
     loras: list[LoraChoice] | None = Field(None, description="Preloaded LoRA adapters to apply (GET /v1/loras)")
 
@@ -285,6 +287,7 @@ def create_app(
     max_side: int = 2048,
     max_body_bytes: int = 1 << 20,
     stored_images: int = 256,
+    scheduler: str = "default",
 ) -> FastAPI:
     """The server around `engine`. The app's lifespan starts the engine and stops it on shutdown."""
     metrics = engine.metrics
@@ -371,10 +374,9 @@ def create_app(
             n=body.n,
             width=width,
             height=height,
-            steps=body.num_inference_steps,
-            cfg_scale=body.true_cfg_scale,
             seed=body.seed,
             loras=request_loras(body.loras, engine),
+            **request_sampling(scheduler, body.num_inference_steps, body.true_cfg_scale),
         )
         try:
             engine.submit(job)

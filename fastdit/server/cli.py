@@ -22,6 +22,7 @@ from fastdit.cli.common import (
     resolve_model,
 )
 from fastdit.cli.lora import add_lora_arguments, check_lora_flags, read_loras
+from fastdit.cli.scheduler import add_scheduler_arguments
 from fastdit.errors import FastditError
 from fastdit.runtime.env import under_torchrun
 
@@ -67,6 +68,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     server.add_argument("--no-warmup", action="store_true", help="skip the warmup run")
     server.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    add_scheduler_arguments(server)
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -92,6 +94,7 @@ def server_options(args: argparse.Namespace):
         max_size=args.max_size,
         warmup=None if args.no_warmup else Warmup(*args.warmup_size),
         log_level=args.log_level,
+        scheduler=args.scheduler,
     )
 
 

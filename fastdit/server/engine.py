@@ -56,6 +56,7 @@ class Generator(Protocol):
         true_cfg_scale: float = 4.0,
         seed: int | list[int] | None = None,
         num_images_per_prompt: int = 1,
+        scheduler: str = "default",
         progress: Callable[[int, int], None] | None = None,
         show_progress: bool = True,
     ) -> list[Image.Image]: ...
@@ -86,6 +87,7 @@ class BatchKey(NamedTuple):
     steps: int
     cfg_scale: float
     has_negative: bool  # the pipeline takes a list of negative prompts or None, never a mix
+    scheduler: str
     loras: tuple[tuple[str, float], ...] = ()  # LoRA adapters and scales: one set per call (fastdit.server.lora)
 
 
@@ -107,6 +109,7 @@ class Job:
     cfg_scale: float
     seed: int | None = None  # None: a random seed per image, reported nowhere
     loras: tuple[tuple[str, float], ...] = ()
+    scheduler: str = "default"  # the pipeline's sampling schedule (validation.SCHEDULER_STEPS)
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
     future: Future[list[Image.Image]] = field(default_factory=Future)
     # Written by the worker, read by the app for progress reports.
@@ -129,7 +132,13 @@ class Job:
     @property
     def key(self) -> BatchKey:
         return BatchKey(
-            self.width, self.height, self.steps, self.cfg_scale, self.negative_prompt is not None, self.loras
+            self.width,
+            self.height,
+            self.steps,
+            self.cfg_scale,
+            self.negative_prompt is not None,
+            self.scheduler,
+            self.loras,
         )
 
 
@@ -348,6 +357,7 @@ class Engine:
             true_cfg_scale=key.cfg_scale,
             seed=seeds,
             num_images_per_prompt=1,
+            scheduler=key.scheduler,
             progress=progress,
             show_progress=False,
             **extra,

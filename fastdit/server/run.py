@@ -31,6 +31,7 @@ class ServerOptions:
     max_size: int = 2048
     warmup: Warmup | None = Warmup()
     log_level: str = "info"
+    scheduler: str = "default"  # every request's sampling schedule (and its default steps and CFG scale)
 
 
 def load_generator(model_path: str, options: ModelOptions, parallel=None) -> Generator:
@@ -107,7 +108,7 @@ def run_server(sock: socket.socket, load: Callable[[], Generator], options: Serv
         warmup=options.warmup,
         on_load_error=stop_on_load_error,
     )
-    app = create_app(engine, model_id=options.model_id, max_side=options.max_size)
+    app = create_app(engine, model_id=options.model_id, max_side=options.max_size, scheduler=options.scheduler)
     log_config = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)
     log_config["loggers"]["fastdit"] = {"handlers": ["default"], "level": options.log_level.upper(), "propagate": False}
     config = uvicorn.Config(app, log_config=log_config, log_level=options.log_level, timeout_graceful_shutdown=30)
