@@ -28,6 +28,8 @@ class BenchConfig:
     iters: int = 10
     dtype: str = "bf16"
     seed: int = 0
+    family: str = "qwen-image"  # fastdit.bench.family
+    condition_images: int = 0
 
     @classmethod
     def from_args(cls, args) -> BenchConfig:

@@ -53,7 +53,7 @@ class GenerateRun:
     negative_prompt: str | None
     height: int
     width: int
-    steps: int
+    steps: int | None  # None: the pipeline's default (its folder's sampling grid, if it has one)
     cfg_scale: float | None
     seeds: list[int]
     paths: list[Path]
@@ -79,7 +79,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     )
     p.add_argument("--height", type=integer, default=1024, help="image height in pixels, a multiple of 16 (1024)")
     p.add_argument("--width", type=integer, default=1024, help="image width in pixels, a multiple of 16 (1024)")
-    p.add_argument("--steps", type=integer, default=50, help="denoising steps (default: 50)")
+    p.add_argument(
+        "--steps",
+        type=integer,
+        default=None,
+        help="denoising steps (default: the pipeline's: 50 for Qwen-Image, 40 for Qwen-Image 2.1; a folder with "
+        "sample_sigmas, such as 2.1 Turbo, uses its own grid)",
+    )
     p.add_argument(
         "--cfg-scale",
         type=number,
@@ -114,7 +120,8 @@ def prepare(args: argparse.Namespace) -> GenerateRun:
         if args.negative_prompt is not None:
             check_prompts(args.negative_prompt, "negative_prompt", allow_blank=True)
         check_size(args.height, args.width)
-        check_steps(args.steps)
+        if args.steps is not None:
+            check_steps(args.steps)
         cfg = None if args.cfg_scale is None else check_cfg_scale(args.cfg_scale)
         check_int(args.num_images, "num_images_per_prompt", 1, 64)
         if args.seed is not None:
@@ -198,7 +205,7 @@ def run_generate(run: GenerateRun, parallel=None) -> int:
         negative_prompt=run.negative_prompt,
         height=run.height,
         width=run.width,
-        num_inference_steps=run.steps,
+        **({} if run.steps is None else {"num_inference_steps": run.steps}),
         true_cfg_scale=run.cfg_scale,
         seed=run.seeds,
         num_images_per_prompt=len(run.seeds),
@@ -220,9 +227,11 @@ def write_images(run: GenerateRun, images, load_s: float, device: str, dtype: st
         print(f"wrote {path} ({image.width}x{image.height}, seed {seed})")
     t = images.timings
     print(f"text encoding  {t['text_encode_s']:8.3f} s")
-    print(f"denoising      {t['denoise_s']:8.3f} s  ({run.steps} steps, {t['denoise_s_per_step']:.3f} s/step)")
+    if "prefill_s" in t:  # Qwen-Image 2.1: the prefix K/V, computed once per image
+        print(f"prefix prefill {t['prefill_s']:8.3f} s")
+    print(f"denoising      {t['denoise_s']:8.3f} s  ({images.steps} steps, {t['denoise_s_per_step']:.3f} s/step)")
     print(f"VAE decode     {t['vae_decode_s']:8.3f} s")
     if run.timings_json is not None:
-        record = {"load_s": load_s, **t, "steps": run.steps, "height": run.height, "width": run.width}
+        record = {"load_s": load_s, **t, "steps": images.steps, "height": run.height, "width": run.width}
         record |= {"num_images": len(run.seeds), "seeds": run.seeds, "device": device, "dtype": dtype}
         run.timings_json.write_text(json.dumps(record, indent=2) + "\n")
