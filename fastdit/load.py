@@ -9,7 +9,7 @@
 4. for a folder written by `fastdit quantize`, swap in empty fp8 layers for its e4m3 tensors (fastdit.quant);
 5. stream the tensors in (fastdit.checkpoint), every key and shape checked first;
 6. quantize a float folder's block linears when `quantize` asks for it (after sharding: each rank its own);
-7. wrap a parallel model in `ParallelTransformer`, which has the single-device model's call.
+7. wrap a parallel model in its family's wrapper (`ParallelTransformer`, ...), which has the single-device model's call.
 
 The checkpoint reader, fp8 and parallel code do not know about each other; only this module does.
 """
@@ -30,6 +30,7 @@ from fastdit.models.qwenimage import DiTConfig, QwenImageTransformer
 from fastdit.models.qwenimage21 import QwenImage21Config, QwenImage21Transformer
 from fastdit.models.qwenimage21_keys import checkpoint_keys as qwenimage21_keys
 from fastdit.models.qwenimage_keys import checkpoint_keys
+from fastdit.parallel.qwenimage21 import ParallelQwenImage21, parallelize_qwenimage21
 from fastdit.parallel.state import ParallelState
 from fastdit.parallel.transformer import ParallelTransformer, check_parallel_config, parallelize, shard_plan
 from fastdit.quant.checkpoint import check_fp8_checkpoint, folder_quantization
@@ -39,13 +40,15 @@ from fastdit.quant.fp8 import BLOCK_LINEARS, check_fp8_device, parse_mode, quant
 @dataclass(frozen=True)
 class Family:
     """A DiT architecture as the loader sees it: its config, its module, its checkpoint-name table, the block
-    linears fp8 quantizes (paths inside a block), and whether fastdit.parallel can shard it."""
+    linears fp8 quantizes (paths inside a block), and how fastdit.parallel shards it: `parallelize(model, state,
+    shard_modulation=)` swaps the layers of a model on meta, `wrapper(model, state)` gives it the model's call."""
 
     config_from_diffusers: Callable[[dict], object]
     model: type[nn.Module]
     checkpoint_keys: Callable[[str], list[str]]  # our parameter name -> [diffusers keys]
     block_linears: tuple[str, ...]
-    parallel: bool = True
+    parallelize: Callable[..., nn.Module] = parallelize
+    wrapper: Callable[[nn.Module, ParallelState], nn.Module] = ParallelTransformer
 
 
 FAMILIES: dict[str, Family] = {
@@ -57,7 +60,8 @@ FAMILIES: dict[str, Family] = {
         QwenImage21Transformer,
         qwenimage21_keys,
         ("qkv", "out", "mlp.gate_up", "mlp.down"),
-        parallel=False,
+        parallelize_qwenimage21,
+        ParallelQwenImage21,
     ),
 }
 
@@ -130,10 +134,6 @@ def load_transformer(
     saved = folder_quantization(folder)
     emulate = _check_fp8(folder, saved, quantize, dtype, device)
     if sharded:
-        if not family.parallel:
-            raise ConfigError(
-                f"{folder}: tensor / sequence / CFG parallelism is not available for {family.model.__name__}"
-            )
         check_parallel_config(cfg, parallel.tp, parallel.sp)
         if shard_modulation is None:
             shard_modulation = parallel.tp > 1
@@ -143,7 +143,7 @@ def load_transformer(
         model = family.model(cfg)
     plan = lambda name: None  # noqa: E731
     if sharded:
-        parallelize(model, parallel, shard_modulation=shard_modulation)
+        family.parallelize(model, parallel, shard_modulation=shard_modulation)
         plan = shard_plan(model, parallel)  # from the parallel layer types, before fp8 layers replace them
     if saved is not None:
         modules = tuple(saved["modules"])
@@ -154,4 +154,4 @@ def load_transformer(
     if emulate is not None:
         # A float folder's block linears (a no-op on layers already fp8).
         quantize_model(model, emulate=emulate, modules=family.block_linears)
-    return ParallelTransformer(model, parallel) if sharded else model
+    return family.wrapper(model, parallel) if sharded else model

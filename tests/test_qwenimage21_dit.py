@@ -13,14 +13,9 @@ from safetensors.torch import load_file, save_file
 from fastdit.errors import CheckpointError, ConfigError
 from fastdit.load import load_transformer
 from fastdit.models.layers import Rope
-from fastdit.models.qwenimage21 import (
-    PRESETS,
-    QwenImage21Transformer,
-    cat_prefix_caches,
-    prefix_layout,
-    rope_positions,
-)
+from fastdit.models.qwenimage21 import PRESETS, QwenImage21Transformer, cat_prefix_caches
 from fastdit.models.qwenimage21_keys import checkpoint_keys
+from fastdit.models.qwenimage21_layout import prefix_layout, rope_positions
 from tests.dit_utils import rel_err
 
 TOL = 1e-5

@@ -12,6 +12,7 @@ import sys
 from contextlib import nullcontext, suppress
 
 from fastdit.bench.config import BenchConfig
+from fastdit.bench.family import QWEN21, add_family_arguments, model_config
 from fastdit.cli.common import ATTENTION_CHOICES, add_parallel_arguments, parallel_degrees, parallel_requested
 from fastdit.cli.lora import add_lora_bench_arguments
 from fastdit.cli.scheduler import add_scheduler_arguments
@@ -63,7 +64,7 @@ def print_table(res: dict):
     print(f"\n{res['stage']} {json.dumps(res.get('shapes', {}))}")
     if "matmul_tflops" in res:
         print(f"{res.get('dtype', 'bf16')} matmul ceiling this run: {_tflops(res['matmul_tflops'])} TFLOP/s")
-    width = max([32, *map(len, runs)])
+    width = max([32, *map(len, runs), *(len(f"prefill {name}") for name in res.get("prefill", {}))])
     ranks = res.get("ranks")
     world = 1 if not ranks else ranks["tp"] * ranks["sp"] * ranks["cfg"]
     if ranks:
@@ -86,6 +87,8 @@ def print_table(res: dict):
             print(
                 f"{name}: GPU kernel time {r['gpu_kernel_s'] * 1e3:.1f} ms/step, {100 * r['nccl_share']:.1f} % in NCCL"
             )
+    for name, r in res.get("prefill", {}).items():  # Qwen-Image 2.1: once per image, before the steps
+        print(f"{'prefill ' + name:{width}s} {r['median_s']:8.4f} {r['min_s']:8.4f} {r['max_s']:8.4f} (once per image)")
     if res.get("modulation_table_50_steps_s") is not None:
         print(f"modulation table for 50 steps, built once per image: {res['modulation_table_50_steps_s']:.4f} s")
     for name, extra in res.get("lora", {}).get("overhead", {}).items():
@@ -179,13 +182,13 @@ def add_parser(subparsers):
     p.add_argument("--json", default=None, metavar="FILE", help="write all numbers and the environment here")
     add_parallel_arguments(p, "parallelism: the DiT step on tp x sp x cfg ranks (one process per GPU; gloo on CPU)")
     add_lora_bench_arguments(p)
+    add_family_arguments(p)
     p.set_defaults(func=bench_main)
     return p
 
 
 def _bench_parallel(run: BenchConfig, device, dtype, tp: int, sp: int, cfg: int, master_port: int | None) -> dict:
     """The DiT step on tp x sp x cfg ranks (fastdit.parallel.launch: spawned here, or torchrun's)."""
-    from fastdit.models.qwenimage import PRESETS
     from fastdit.parallel import check_parallel_config, launch
 
     unsupported = [
@@ -202,20 +205,22 @@ def _bench_parallel(run: BenchConfig, device, dtype, tp: int, sp: int, cfg: int,
             f"{', '.join(unsupported)} cannot be combined with --tp / --sp / --cfg-parallel: the parallel bench "
             "times the DiT step eager, with --compile (block by block) and with --cuda-graph"
         )
-    check_parallel_config(PRESETS[run.preset], tp, sp)  # before spawning; launch checks the devices
+    check_parallel_config(model_config(run.family, run.preset), tp, sp)  # before spawning; launch checks the devices
     return launch(_bench_rank, run, dtype, tp=tp, sp=sp, cfg=cfg, device=device.type, master_port=master_port)
 
 
 def _bench_rank(state, run: BenchConfig, dtype) -> dict:
     from fastdit.bench.dit import bench_dit
+    from fastdit.bench.dit21 import bench_dit21
 
-    return bench_dit(run, state.device, dtype, state)
+    return (bench_dit21 if run.family == QWEN21 else bench_dit)(run, state.device, dtype, state)
 
 
 def bench_main(args) -> int:
     import torch
 
     from fastdit.bench.dit import bench_dit
+    from fastdit.bench.dit21 import bench_dit21
     from fastdit.bench.pipeline import PipelineBench, bench_pipeline, print_pipeline
     from fastdit.bench.stages import bench_text_encoder
     from fastdit.bench.timing import matmul_ceiling
@@ -240,7 +245,8 @@ def bench_main(args) -> int:
     elif run.stage == "pipeline":
         res = bench_pipeline(PipelineBench.from_config(run, dtype), device)
     else:
-        stage = {"dit": bench_dit, "vae": bench_vae, "text-encoder": bench_text_encoder}[run.stage]
+        dit = bench_dit21 if run.family == QWEN21 else bench_dit
+        stage = {"dit": dit, "vae": bench_vae, "text-encoder": bench_text_encoder}[run.stage]
         with torch.inference_mode() if run.stage != "dit" else nullcontext():
             res = stage(run, device, dtype)
     if run.stage == "dit":

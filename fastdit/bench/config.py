@@ -32,6 +32,8 @@ class BenchConfig:
     loras: int = 1
     steps: int | None = None  # --stage pipeline: denoising steps (None: the scheduler's default)
     scheduler: str = "default"  # --stage pipeline: sampling schedule (validation.SCHEDULER_STEPS)
+    family: str = "qwen-image"  # fastdit.bench.family
+    condition_images: int = 0
 
     @classmethod
     def from_args(cls, args) -> BenchConfig:

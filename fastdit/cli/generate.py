@@ -32,7 +32,7 @@ from fastdit.cli.common import (
     torch_dtype,
 )
 from fastdit.cli.lora import add_lora_arguments, apply_loras, check_lora_flags, read_loras
-from fastdit.cli.scheduler import add_scheduler_arguments, default_steps, scheduler_notes
+from fastdit.cli.scheduler import add_scheduler_arguments, scheduler_notes
 from fastdit.validation import (
     SEED_LIMIT,
     InputError,
@@ -55,7 +55,7 @@ class GenerateRun:
     negative_prompt: str | None
     height: int
     width: int
-    steps: int
+    steps: int | None  # None: the pipeline's default (its folder's sampling grid, if it has one)
     cfg_scale: float | None
     seeds: list[int]
     paths: list[Path]
@@ -83,7 +83,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--height", type=integer, default=1024, help="image height in pixels, a multiple of 16 (1024)")
     p.add_argument("--width", type=integer, default=1024, help="image width in pixels, a multiple of 16 (1024)")
     p.add_argument(
-        "--steps", type=integer, default=None, help="denoising steps (default: 50; 8 with --scheduler lightning)"
+        "--steps",
+        type=integer,
+        default=None,
+        help="denoising steps (default: the pipeline's: 50 for Qwen-Image, 8 with --scheduler lightning, 40 for "
+        "Qwen-Image 2.1; a folder with sample_sigmas, such as 2.1 Turbo, uses its own grid)",
     )
     add_scheduler_arguments(p)
     p.add_argument(
@@ -116,13 +120,14 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def prepare(args: argparse.Namespace) -> GenerateRun:
     """The arguments checked and turned into a run; every user error is raised here, before any loading."""
-    steps = args.steps if args.steps is not None else default_steps(args.scheduler)
+    steps = args.steps  # None: the pipeline's default for its schedule
     try:
         check_prompts(args.prompt)
         if args.negative_prompt is not None:
             check_prompts(args.negative_prompt, "negative_prompt", allow_blank=True)
         check_size(args.height, args.width)
-        check_steps(steps)
+        if steps is not None:
+            check_steps(steps)
         cfg = None if args.cfg_scale is None else check_cfg_scale(args.cfg_scale)
         check_int(args.num_images, "num_images_per_prompt", 1, 64)
         if args.seed is not None:
@@ -212,7 +217,7 @@ def run_generate(run: GenerateRun, parallel=None) -> int:
         negative_prompt=run.negative_prompt,
         height=run.height,
         width=run.width,
-        num_inference_steps=run.steps,
+        **({} if run.steps is None else {"num_inference_steps": run.steps}),
         true_cfg_scale=run.cfg_scale,
         seed=run.seeds,
         num_images_per_prompt=len(run.seeds),
@@ -235,9 +240,11 @@ def write_images(run: GenerateRun, images, load_s: float, device: str, dtype: st
         print(f"wrote {path} ({image.width}x{image.height}, seed {seed})")
     t = images.timings
     print(f"text encoding  {t['text_encode_s']:8.3f} s")
-    print(f"denoising      {t['denoise_s']:8.3f} s  ({run.steps} steps, {t['denoise_s_per_step']:.3f} s/step)")
+    if "prefill_s" in t:  # Qwen-Image 2.1: the prefix K/V, computed once per image
+        print(f"prefix prefill {t['prefill_s']:8.3f} s")
+    print(f"denoising      {t['denoise_s']:8.3f} s  ({images.steps} steps, {t['denoise_s_per_step']:.3f} s/step)")
     print(f"VAE decode     {t['vae_decode_s']:8.3f} s")
     if run.timings_json is not None:
-        record = {"load_s": load_s, **t, "steps": run.steps, "height": run.height, "width": run.width}
+        record = {"load_s": load_s, **t, "steps": images.steps, "height": run.height, "width": run.width}
         record |= {"num_images": len(run.seeds), "seeds": run.seeds, "device": device, "dtype": dtype}
         run.timings_json.write_text(json.dumps(record, indent=2) + "\n")

@@ -1,6 +1,6 @@
-"""The Qwen-Image 2.1 diffusion transformer, top-down: config -> layout and RoPE -> layers -> blocks -> model.
-Checkpoint names and loading are in qwenimage21_keys.py. diffusers' QwenImage21Transformer2DModel is the
-numerical reference.
+"""The Qwen-Image 2.1 diffusion transformer, top-down: config -> RoPE tables -> layers -> blocks -> model.
+Checkpoint names are in qwenimage21_keys.py, the token layout (where each prefix token comes from, RoPE positions)
+in qwenimage21_layout.py. diffusers' QwenImage21Transformer2DModel is the numerical reference.
 
 Architectural choices (fixed by the checkpoints):
 - Single stream: text, condition-image and noise tokens share every weight. The sequence is the text encoder's
@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from fastdit.errors import ConfigError
 from fastdit.kernels.qk_norm_rope import rms_norm
 from fastdit.models.layers import Attention, Linear, Rope, rope_from_positions
+from fastdit.models.qwenimage21_layout import PrefixLayout, Segment, rope_positions
 
 # ---------------------------------------------------------------------------------------------------------
 # Config
@@ -118,83 +119,7 @@ PRESETS: dict[str, QwenImage21Config] = {
 }
 
 # ---------------------------------------------------------------------------------------------------------
-# Token layout and RoPE: pure functions of the prompt's slot layout and the image grids (host ints).
-
-LATENTS_PER_SLOT = 4  # one vision slot of the text encoder = a 2x2 group of latent tokens
-
-
-class Segment(NamedTuple):
-    """A run of prefix tokens [start, end): text (grid None, causal) or one image block (grid (h, w))."""
-
-    start: int
-    end: int
-    grid: tuple[int, int] | None
-
-
-class PrefixLayout(NamedTuple):
-    """Where each prefix token comes from; one layout serves a batch (samples differ only in text padding)."""
-
-    source: tuple[int, ...]  # (P,) row of each prefix token in [text (T rows); condition-image tokens]
-    segments: tuple[Segment, ...]
-    num_text: int  # T, the text encoder's sequence length (vision slots included)
-
-
-def prefix_layout(slot_mask: Sequence[bool], cond_grids: Sequence[tuple[int, int]] = ()) -> PrefixLayout:
-    """The prefix of a prompt whose text-encoder positions `slot_mask` (T,) are True at vision slots, filled in
-    order by condition images of `cond_grids` (h, w) latent tokens each; an image fills h * w / 4 slots of one
-    run. Text rows at slot positions are dropped, each slot becomes 4 latent tokens in row-major order."""
-    slots = [bool(s) for s in slot_mask]
-    grids = [tuple(int(v) for v in g) for g in cond_grids]
-    if not slots:
-        raise ConfigError("the prompt has no tokens: slot_mask is empty")
-    if any(len(g) != 2 or min(g) < 1 for g in grids):
-        raise ConfigError(f"cond_grids must be (height, width) in latent tokens, got {list(cond_grids)!r}")
-    source: list[int] = []
-    segments: list[Segment] = []
-    row, image, i = len(slots), 0, 0  # next condition-token row, next image, next text position
-    while i < len(slots):
-        j = i
-        while j < len(slots) and slots[j] == slots[i]:
-            j += 1
-        if not slots[i]:
-            segments.append(Segment(len(source), len(source) + j - i, None))
-            source.extend(range(i, j))
-            i = j
-            continue
-        tokens = LATENTS_PER_SLOT * (j - i)  # the run's latent tokens, filled by whole images in order
-        while tokens > 0:
-            if image == len(grids) or grids[image][0] * grids[image][1] > tokens:
-                raise ConfigError(
-                    f"the vision slots at text positions {i}..{j - 1} ({(j - i) * LATENTS_PER_SLOT} latent tokens) "
-                    f"do not match cond_grids {grids}: each image needs h * w / {LATENTS_PER_SLOT} slots of one run"
-                )
-            n = grids[image][0] * grids[image][1]
-            segments.append(Segment(len(source), len(source) + n, grids[image]))
-            source.extend(range(row, row + n))
-            row, image, tokens = row + n, image + 1, tokens - n
-        i = j
-    if image != len(grids):
-        raise ConfigError(f"{len(grids)} condition images given but the prompt has vision slots for {image}")
-    return PrefixLayout(tuple(source), tuple(segments), len(slots))
-
-
-def _grid(frame: int, h: int, w: int) -> Tensor:
-    rows = torch.arange(-(h - h // 2), h // 2).repeat_interleave(w)
-    cols = torch.arange(-(w - w // 2), w // 2).repeat(h)
-    return torch.stack([torch.full_like(rows, frame), rows, cols], dim=1)  # (h * w, 3)
-
-
-def rope_positions(layout: PrefixLayout, grid: tuple[int, int]) -> Tensor:
-    """(P + N, 3) integer (frame, row, col) positions of [prefix; noise image of `grid` (h, w)]."""
-    parts, pos = [], 0
-    for seg in layout.segments:
-        if seg.grid is None:
-            parts.append(torch.arange(pos, pos + seg.end - seg.start)[:, None].expand(-1, 3))
-            pos += seg.end - seg.start
-        else:
-            parts.append(_grid(pos, *seg.grid))
-            pos += max(seg.grid)
-    return torch.cat([*parts, _grid(pos, *grid)])
+# RoPE tables: from the layout's positions (fastdit.models.qwenimage21_layout), outside the blocks.
 
 
 def rope_tables(positions: Tensor, axes_dims: tuple[int, int, int], theta: float, device=None) -> Rope:
@@ -311,6 +236,40 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor, start: int, key_valid: Ten
     return out.transpose(1, 2)
 
 
+class PrefixAttention(Attention):
+    """The attention core of a 2.1 block: the block-causal prefill and a step's attention over the cached prefix.
+    Both are methods of the core so that fastdit.parallel's sequence-parallel core can wrap them in all-to-alls."""
+
+    def prefill(
+        self, q: Tensor, k: Tensor, v: Tensor, segments: tuple[Segment, ...], key_valid: Tensor | None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """The prefix's q, k, v (B, P, H, D), one call per segment over the keys up to its end -> (out, the k and v
+        to cache)."""
+        outs = []
+        for start, end, grid in segments:
+            valid = None if key_valid is None else key_valid[:, :end]
+            if grid is None:
+                outs.append(causal_attention(q[:, start:end], k[:, :end], v[:, :end], start, valid))
+            else:
+                outs.append(self(q[:, start:end], k[:, :end], v[:, :end], 0, valid))
+        return torch.cat(outs, dim=1), k, v
+
+    def step(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        prefix_k: Tensor,
+        prefix_v: Tensor,
+        prefix_lens: tuple[int, ...] | None,
+        key_mask: Tensor | None = None,
+    ) -> Tensor:
+        """The noise tokens' q, k, v (B, N, H, D) over [their own K/V; the cached prefix K/V (B, P, H, D)].
+        `key_mask` (B, N + P) bool, when some noise keys are padding (sequence parallel), replaces `prefix_lens`."""
+        k, v = torch.cat([k, prefix_k], dim=1), torch.cat([v, prefix_v], dim=1)
+        return self(q, k, v, prefix_k.shape[1], key_mask, prefix_lens if key_mask is None else None)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Blocks
 
@@ -325,7 +284,7 @@ class Block(nn.Module):
         self.qkv = Linear(dim, 3 * dim, bias=False)  # [q | k | v], fused at load
         self.q_norm = RMSNorm(head_dim, eps)
         self.k_norm = RMSNorm(head_dim, eps)
-        self.core = Attention()
+        self.core = PrefixAttention()
         self.out = Linear(dim, dim, bias=False)
         self.mlp = SwiGLU(dim, mlp_hidden)
 
@@ -347,27 +306,21 @@ class Block(nn.Module):
         prefix_k: Tensor,
         prefix_v: Tensor,
         prefix_lens: tuple[int, ...] | None = None,
+        key_mask: Tensor | None = None,
     ) -> Tensor:
         """A denoising step: noise tokens x (B, N, dim) attend over [their own K/V; the prefix's cached K/V
-        (B, P, H, D)]. `prefix_lens` (host ints): sample b's valid prefix keys are its first prefix_lens[b]."""
+        (B, P, H, D)]. `prefix_lens` (host ints): sample b's valid prefix keys are its first prefix_lens[b];
+        `key_mask` (B, N + P): see `PrefixAttention.step`."""
         q, k, v = self._qkv(x, mod, rope)
-        k, v = torch.cat([k, prefix_k], dim=1), torch.cat([v, prefix_v], dim=1)
-        return self._finish(x, self.core(q, k, v, prefix_k.shape[1], None, prefix_lens), mod)
+        return self._finish(x, self.core.step(q, k, v, prefix_k, prefix_v, prefix_lens, key_mask), mod)
 
     def prefill(
         self, x: Tensor, mod: AdaLN, rope: Rope, segments: tuple[Segment, ...], key_valid: Tensor | None
     ) -> tuple[Tensor, Tensor, Tensor]:
         """The prefix x (B, P, dim), block-causal, one attention call per segment over the keys up to its end
         (`key_valid` (B, P) bool: text padding). Returns the new x and this layer's k, v (B, P, H, D)."""
-        q, k, v = self._qkv(x, mod, rope)
-        outs = []
-        for start, end, grid in segments:
-            valid = None if key_valid is None else key_valid[:, :end]
-            if grid is None:
-                outs.append(causal_attention(q[:, start:end], k[:, :end], v[:, :end], start, valid))
-            else:
-                outs.append(self.core(q[:, start:end], k[:, :end], v[:, :end], 0, valid))
-        return self._finish(x, torch.cat(outs, dim=1), mod), k, v
+        out, k, v = self.core.prefill(*self._qkv(x, mod, rope), segments, key_valid)
+        return self._finish(x, out, mod), k, v
 
 
 class FinalLayer(nn.Module):
@@ -466,9 +419,13 @@ class QwenImage21Transformer(nn.Module):
         prefix table of `make_rope`. `timestep` is for `causal_condition=False` checkpoints only, whose prefix
         depends on the step (prefill again each step); otherwise the prefix is modulated from t = 0.
         """
-        if (timestep is None) != self.cfg.causal_condition:
-            need = "no timestep (it is modulated from t = 0)" if self.cfg.causal_condition else "the step's timestep"
-            raise ConfigError(f"prefill of a causal_condition={self.cfg.causal_condition} model takes {need}")
+        x, key_valid = self.embed_prefix(text, text_mask, cond, layout)
+        return self.prefill_tokens(x, key_valid, layout.segments, rope, timestep)
+
+    def embed_prefix(
+        self, text: Tensor, text_mask: Tensor | None, cond: Tensor | None, layout: PrefixLayout
+    ) -> tuple[Tensor, Tensor | None]:
+        """The prefix tokens (B, P, dim) in layout order, and which of them are valid keys (B, P) (None: all)."""
         parts, valid = [self.txt_in(text)], [text_mask]
         if cond is not None:
             parts.append(self.img_in(cond))
@@ -476,23 +433,45 @@ class QwenImage21Transformer(nn.Module):
         source = torch.tensor(layout.source, device=text.device)
         x = torch.cat(parts, dim=1)[:, source]  # (B, P, dim)
         key_valid = None if text_mask is None else torch.cat(valid, dim=1).to(torch.bool)[:, source]
-        t = torch.zeros(1, device=text.device) if timestep is None else timestep
+        return x, key_valid
+
+    def prefill_tokens(
+        self,
+        x: Tensor,
+        key_valid: Tensor | None,
+        segments: tuple[Segment, ...],
+        rope: Rope,
+        timestep: Tensor | None = None,
+    ) -> PrefixCache:
+        """`prefill` from embedded prefix tokens x (B, P_x, dim) with their RoPE rows: P_x = P on one device, this
+        rank's part of them under sequence parallelism (whose attention core gathers the segments' keys)."""
+        if (timestep is None) != self.cfg.causal_condition:
+            need = "no timestep (it is modulated from t = 0)" if self.cfg.causal_condition else "the step's timestep"
+            raise ConfigError(f"prefill of a causal_condition={self.cfg.causal_condition} model takes {need}")
+        t = torch.zeros(1, device=x.device) if timestep is None else timestep
         mod = self.modulation(t)
         ks, vs = [], []
         for block in self.blocks:
-            x, k, v = block.prefill(x, mod, rope, layout.segments, key_valid)
+            x, k, v = block.prefill(x, mod, rope, segments, key_valid)
             ks.append(k)
             vs.append(v)
         return pack_prefix(torch.stack(ks), torch.stack(vs), key_valid)
 
     def forward(
-        self, noise: Tensor, timestep: Tensor | None, cache: PrefixCache, rope: Rope, modulation: AdaLN | None = None
+        self,
+        noise: Tensor,
+        timestep: Tensor | None,
+        cache: PrefixCache,
+        rope: Rope,
+        modulation: AdaLN | None = None,
+        key_mask: Tensor | None = None,
     ) -> Tensor:
         """One denoising step: noise latents (B, N, in_channels) in row-major order, sigma (B,) in [0, 1], the
         prefix cache and the noise RoPE table of `make_rope` -> velocity (B, N, out_channels).
-        `modulation`: this step's `modulation(sigma)`, computed ahead; it replaces `timestep`."""
+        `modulation`: this step's `modulation(sigma)`, computed ahead; it replaces `timestep`. `key_mask`
+        (B, N + P) bool: the keys that may be attended to, when some noise tokens are padding (fastdit.parallel)."""
         mod = self.modulation(timestep) if modulation is None else modulation
         x = self.img_in(noise)
         for i, block in enumerate(self.blocks):
-            x = block(x, mod, rope, cache.k[i], cache.v[i], cache.lens)
+            x = block(x, mod, rope, cache.k[i], cache.v[i], cache.lens, key_mask)
         return self.final(x, mod.final_scale)

@@ -17,6 +17,7 @@ from fastdit.pipelines.folder import read_model_index
 # model_index.json _class_name -> (module, class) of the fastdit pipeline that runs it.
 PIPELINES = {
     "QwenImagePipeline": ("fastdit.pipelines.qwenimage", "QwenImagePipeline"),
+    "QwenImage21Pipeline": ("fastdit.pipelines.qwenimage21", "QwenImage21Pipeline"),
 }
 
 

@@ -32,6 +32,8 @@ _WEIGHTS = {
     "diffusers": ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.safetensors.index.json"),
 }
 _TOKENIZER_CLASSES = ("Qwen2Tokenizer", "Qwen2TokenizerFast")
+# model_index.json entries that are pipeline settings (a pipeline's register_to_config), not components.
+SETTINGS = ("sample_sigmas",)
 
 
 def read_model_index(root: Path) -> dict:
@@ -53,7 +55,7 @@ def components(index: dict) -> dict[str, tuple[str, str]]:
     """name -> (library, class) of each component model_index.json lists (entries set to null are absent)."""
     out = {}
     for name, entry in index.items():
-        if name.startswith("_") or entry is None or entry == [None, None]:
+        if name.startswith("_") or name in SETTINGS or entry is None or entry == [None, None]:
             continue
         if not (isinstance(entry, list) and len(entry) == 2 and all(isinstance(x, str) for x in entry)):
             raise CheckpointError(f"model_index.json: entry {name!r} must be [library, class], got {entry!r}")

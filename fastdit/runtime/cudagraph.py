@@ -9,10 +9,15 @@ cuDNN plans, returning the real output) and then records fn into a graph over pr
 arguments; each later call copies its arguments into those copies and replays. Later arguments must have the
 first call's shapes and dtypes; whoever holds one `CudaGraphStep` keys it by them (fastdit.pipelines.qwenimage). The
 returned tensor is the graph's memory: the next call overwrites it.
+
+An argument that is the very tensor object copied in last time is not copied again: what stays fixed for all the
+steps of a call (text states; Qwen-Image 2.1's prefix K/V cache, gigabytes) is copied once per call, not once per
+step. So arguments must not be modified in place between calls: pass a new tensor for new values.
 """
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 
 import torch
@@ -26,14 +31,16 @@ class CudaGraphStep:
         self.fn, self.warmup = fn, warmup
         self.graph: torch.cuda.CUDAGraph | None = None
         self.inputs: list[Tensor | None] = []
+        self.sources: list[weakref.ref | None] = []  # the tensor last copied into each input
         self.output: Tensor | None = None
 
     def __call__(self, *args: Tensor | None) -> Tensor:
         if self.graph is None:
             return self._capture(args)
-        for static, arg in zip(self.inputs, args, strict=True):
-            if static is not None:
+        for i, (static, arg) in enumerate(zip(self.inputs, args, strict=True)):
+            if static is not None and (self.sources[i] is None or self.sources[i]() is not arg):
                 static.copy_(arg)
+                self.sources[i] = weakref.ref(arg)
         self.graph.replay()
         return self.output
 
@@ -42,6 +49,7 @@ class CudaGraphStep:
             raise FastditError("CUDA graphs need the step's tensors on a CUDA device")
         # None stays None (an absent optional input); clone keeps the strides of dense tensors.
         self.inputs = [None if a is None else a.clone() for a in args]
+        self.sources = [None if a is None else weakref.ref(a) for a in args]
         main = torch.cuda.current_stream()
         side = torch.cuda.Stream()
         side.wait_stream(main)
