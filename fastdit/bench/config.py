@@ -28,6 +28,9 @@ class BenchConfig:
     iters: int = 10
     dtype: str = "bf16"
     seed: int = 0
+    cache_schedule: str | None = None  # fastdit.bench.cache: a fixed step-cache schedule over `steps` steps
+    steps: int = 50
+    cache: object = None  # a fastdit.cache.StepCache (front / back blocks) for cache_schedule; None: its defaults
 
     @classmethod
     def from_args(cls, args) -> BenchConfig:

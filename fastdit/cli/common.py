@@ -12,6 +12,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from fastdit.cache.config import StepCache
 from fastdit.errors import FastditError
 from fastdit.runtime.env import under_torchrun
 from fastdit.validation import DTYPE_NAMES, InputError, dtype_name
@@ -61,10 +62,12 @@ class ModelOptions:
     attention: str = "auto"
     compile: bool = False
     cuda_graph: bool = False
+    cache: StepCache | None = None  # --cache, where the subcommand has it (fastdit.cache.cli)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> ModelOptions:
-        return cls(args.dtype, args.device, args.quantize, args.attention, args.compile, args.cuda_graph)
+        cache = getattr(args, "cache", None)
+        return cls(args.dtype, args.device, args.quantize, args.attention, args.compile, args.cuda_graph, cache)
 
 
 def add_model_arguments(parser, dtype_help: str = "auto: bfloat16 on CUDA, float32 otherwise") -> None:

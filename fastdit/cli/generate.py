@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from fastdit.cache.cli import add_cache_arguments, check_cache_fits
 from fastdit.cli.common import (
     ModelOptions,
     add_model_arguments,
@@ -102,6 +103,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "(default: fastdit.png)",
     )
     p.add_argument("--timings-json", default=None, metavar="FILE", help="also write stage timings as JSON")
+    add_cache_arguments(p)
     add_parallel_arguments(p, "parallelism (one process per GPU; gloo on CPU)")
     p.set_defaults(func=generate_main)
     return p
@@ -177,6 +179,7 @@ def run_generate(run: GenerateRun, parallel=None) -> int:
     device = parallel.device if parallel is not None else torch_device(run.options.device)
     dtype = torch_dtype(run.options.dtype, run.options.device)
     folder = resolve_model(run.model)
+    check_cache_fits(run.options.cache, folder)
     t0 = time.perf_counter()
     pipe = load_pipeline(
         folder,
@@ -190,6 +193,8 @@ def run_generate(run: GenerateRun, parallel=None) -> int:
         pipe.compile()
     if run.options.cuda_graph:
         pipe.enable_cuda_graph()
+    if run.options.cache is not None:
+        pipe.enable_step_cache(run.options.cache)
     load_s = time.perf_counter() - t0
     if main:
         print(f"fastdit: loaded {folder} in {load_s:.1f} s ({pipe.device}, {str(dtype).removeprefix('torch.')})")
@@ -220,9 +225,11 @@ def write_images(run: GenerateRun, images, load_s: float, device: str, dtype: st
         print(f"wrote {path} ({image.width}x{image.height}, seed {seed})")
     t = images.timings
     print(f"text encoding  {t['text_encode_s']:8.3f} s")
-    print(f"denoising      {t['denoise_s']:8.3f} s  ({run.steps} steps, {t['denoise_s_per_step']:.3f} s/step)")
+    cached = f", {images.cached_steps} cached" if run.options.cache is not None else ""
+    print(f"denoising      {t['denoise_s']:8.3f} s  ({run.steps} steps{cached}, {t['denoise_s_per_step']:.3f} s/step)")
     print(f"VAE decode     {t['vae_decode_s']:8.3f} s")
     if run.timings_json is not None:
         record = {"load_s": load_s, **t, "steps": run.steps, "height": run.height, "width": run.width}
+        record["cached_steps"] = images.cached_steps
         record |= {"num_images": len(run.seeds), "seeds": run.seeds, "device": device, "dtype": dtype}
         run.timings_json.write_text(json.dumps(record, indent=2) + "\n")
