@@ -19,6 +19,7 @@ _LAZY = {
     "DiTConfig": "fastdit.models.qwenimage",
     "PRESETS": "fastdit.models.qwenimage",
     "compile_blocks": "fastdit.runtime.compile",
+    "StepCache": "fastdit.cache.config",
 }
 
 __all__ = ["CheckpointError", "ConfigError", "FastditError", *_LAZY]

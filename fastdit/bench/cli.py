@@ -5,6 +5,7 @@ the command runs (this module imports no torch)."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -13,6 +14,7 @@ from contextlib import nullcontext, suppress
 
 from fastdit.bench.config import BenchConfig
 from fastdit.bench.family import QWEN21, add_family_arguments, model_config
+from fastdit.cache.cli import cache_spec
 from fastdit.cli.common import ATTENTION_CHOICES, add_parallel_arguments, parallel_degrees, parallel_requested
 from fastdit.cli.lora import add_lora_bench_arguments
 from fastdit.cli.scheduler import add_scheduler_arguments
@@ -117,7 +119,10 @@ def add_parser(subparsers):
     p.add_argument("--batch", type=int, default=1, help="prompts per step (CFG doubles the DiT batch)")
     p.add_argument("--no-cfg", action="store_true", help="time a batch without the uncond half")
     p.add_argument(
-        "--steps", type=int, default=None, help="--stage pipeline: denoising steps (default: the scheduler's)"
+        "--steps",
+        type=int,
+        default=None,
+        help="denoising steps of --stage pipeline (default: the scheduler's) and of --cache-schedule (default: 50)",
     )
     add_scheduler_arguments(p)
     p.add_argument(
@@ -180,6 +185,23 @@ def add_parser(subparsers):
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, metavar="FILE", help="write all numbers and the environment here")
+    cache = p.add_argument_group("step cache: DiT seconds per image with a fixed schedule (fastdit.bench.cache)")
+    cache.add_argument(
+        "--cache-schedule",
+        default=None,
+        metavar="SCHEDULE",
+        help="time whole images (--steps DiT calls; --warmup / --iters count images) with a step cache whose "
+        "decisions are fixed: 'compute 4, then every 2nd' (caches 23 of 50), 'compute 8, cache 2, ...' or a 0/1 "
+        "digit per step; with --compare diffusers, also diffusers + cache-dit (DBCache, static "
+        "steps_computation_mask) on the same weights",
+    )
+    cache.add_argument(
+        "--cache",
+        type=cache_spec,
+        default=None,
+        metavar="SPEC",
+        help="fastdit's cache for --cache-schedule, as generate's --cache (front / back blocks, taylor); default F8B0",
+    )
     add_parallel_arguments(p, "parallelism: the DiT step on tp x sp x cfg ranks (one process per GPU; gloo on CPU)")
     add_lora_bench_arguments(p)
     add_family_arguments(p)
@@ -216,6 +238,25 @@ def _bench_rank(state, run: BenchConfig, dtype) -> dict:
     return (bench_dit21 if run.family == QWEN21 else bench_dit)(run, state.device, dtype, state)
 
 
+def _bench_cache(run: BenchConfig, device, dtype, json_path: str | None, parallel: bool) -> int:
+    from fastdit.bench.cache import bench_cache_schedule, print_cache_table
+
+    if parallel or run.stage != "dit" or run.profile:
+        drop = "--tp / --sp / --cfg-parallel, --stage and --profile"
+        raise FastditError(f"--cache-schedule times the DiT on one device: drop {drop}")
+    run = dataclasses.replace(run, steps=50 if run.steps is None else run.steps)
+    if run.steps < 1:
+        raise FastditError(f"--steps {run.steps}: must be >= 1")
+    res = bench_cache_schedule(run, device, dtype)
+    res["dtype"] = run.dtype
+    res["environment"] = environment(device)
+    print_cache_table(res)
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(res, f, indent=2)
+    return 0
+
+
 def bench_main(args) -> int:
     import torch
 
@@ -238,6 +279,8 @@ def bench_main(args) -> int:
         raise FastditError("--profile reads the GPU's kernel times of the DiT step (--stage dit, --device cuda)")
     dtype = getattr(torch, DTYPES[run.dtype])
     tp, sp, cfg = parallel_degrees(args)
+    if run.cache_schedule is not None:
+        return _bench_cache(run, device, dtype, args.json, parallel_requested(tp, sp, cfg))
     if parallel_requested(tp, sp, cfg):
         res = _bench_parallel(run, device, dtype, tp, sp, cfg, args.master_port)
         if int(os.environ.get("RANK", 0)) != 0:  # under torchrun every rank returns; rank 0 reports

@@ -30,10 +30,12 @@ class BenchConfig:
     seed: int = 0
     lora_rank: tuple[int, ...] | None = None  # fastdit.bench.lora: the ranks to time, one after the other
     loras: int = 1
-    steps: int | None = None  # --stage pipeline: denoising steps (None: the scheduler's default)
+    steps: int | None = None  # --stage pipeline / --cache-schedule: denoising steps (None: the default)
     scheduler: str = "default"  # --stage pipeline: sampling schedule (validation.SCHEDULER_STEPS)
     family: str = "qwen-image"  # fastdit.bench.family
     condition_images: int = 0
+    cache_schedule: str | None = None  # fastdit.bench.cache: a fixed step-cache schedule over `steps` steps
+    cache: object = None  # a fastdit.cache.StepCache (front / back blocks) for cache_schedule; None: its defaults
 
     @classmethod
     def from_args(cls, args) -> BenchConfig:

@@ -12,6 +12,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from fastdit.cache.config import StepCache
 from fastdit.errors import FastditError
 from fastdit.runtime.env import under_torchrun
 from fastdit.validation import DTYPE_NAMES, InputError, dtype_name
@@ -63,13 +64,14 @@ class ModelOptions:
     cuda_graph: bool = False
     loras: tuple = ()  # fastdit.cli.lora.LoraSpec of each --lora
     fuse_lora: bool = False
+    cache: StepCache | None = None  # --cache, where the subcommand has it (fastdit.cache.cli)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> ModelOptions:
         loras = tuple(getattr(args, "lora", None) or ())  # LoRA flags: fastdit.cli.lora.add_lora_arguments
         return cls(
             args.dtype, args.device, args.quantize, args.attention, args.compile, args.cuda_graph,
-            loras, getattr(args, "fuse_lora", False),
+            loras, getattr(args, "fuse_lora", False), getattr(args, "cache", None),
         )  # fmt: skip
 
 

@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from fastdit.cache.cli import add_cache_arguments, check_cache_fits
 from fastdit.cli.common import (
     ModelOptions,
     add_model_arguments,
@@ -112,6 +113,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "(default: fastdit.png)",
     )
     p.add_argument("--timings-json", default=None, metavar="FILE", help="also write stage timings as JSON")
+    add_cache_arguments(p)
     add_parallel_arguments(p, "parallelism (one process per GPU; gloo on CPU)")
     add_lora_arguments(p)
     p.set_defaults(func=generate_main)
@@ -195,6 +197,7 @@ def run_generate(run: GenerateRun, parallel=None) -> int:
     dtype = torch_dtype(run.options.dtype, run.options.device)
     folder = resolve_model(run.model)
     loras = read_loras(run.options.loras, folder)  # read and checked before the pipeline loads
+    check_cache_fits(run.options.cache, folder)
     t0 = time.perf_counter()
     pipe = load_pipeline(
         folder,
@@ -209,6 +212,8 @@ def run_generate(run: GenerateRun, parallel=None) -> int:
         pipe.compile()
     if run.options.cuda_graph:
         pipe.enable_cuda_graph()
+    if run.options.cache is not None:
+        pipe.enable_step_cache(run.options.cache)
     load_s = time.perf_counter() - t0
     if main:
         print(f"fastdit: loaded {folder} in {load_s:.1f} s ({pipe.device}, {str(dtype).removeprefix('torch.')})")
@@ -242,9 +247,13 @@ def write_images(run: GenerateRun, images, load_s: float, device: str, dtype: st
     print(f"text encoding  {t['text_encode_s']:8.3f} s")
     if "prefill_s" in t:  # Qwen-Image 2.1: the prefix K/V, computed once per image
         print(f"prefix prefill {t['prefill_s']:8.3f} s")
-    print(f"denoising      {t['denoise_s']:8.3f} s  ({images.steps} steps, {t['denoise_s_per_step']:.3f} s/step)")
+    cached = f", {images.cached_steps} cached" if run.options.cache is not None else ""
+    print(
+        f"denoising      {t['denoise_s']:8.3f} s  ({images.steps} steps{cached}, {t['denoise_s_per_step']:.3f} s/step)"
+    )
     print(f"VAE decode     {t['vae_decode_s']:8.3f} s")
     if run.timings_json is not None:
         record = {"load_s": load_s, **t, "steps": images.steps, "height": run.height, "width": run.width}
+        record["cached_steps"] = images.cached_steps
         record |= {"num_images": len(run.seeds), "seeds": run.seeds, "device": device, "dtype": dtype}
         run.timings_json.write_text(json.dumps(record, indent=2) + "\n")

@@ -21,6 +21,7 @@ which swaps Linear layers and the attention core for parallel ones.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
+from itertools import islice
 from typing import NamedTuple
 
 import torch
@@ -419,17 +420,19 @@ class QwenImageTransformer(nn.Module):
         rope: Rope | None = None,
         txt_lens: tuple[int, ...] | None = None,
         modulation: StepModulation | None = None,
+        cache=None,
     ) -> Tensor:
         """(B, S_img, in_channels) latents, (B, S_txt, joint_dim) text states, (B, S_txt) mask, (B,) sigma,
         per-sample (frames, h, w) in patches -> (B, S_img, patch^2 * out_channels) velocity.
 
         Optional: `rope` precomputed by `make_rope`; `txt_lens`, the valid text length of each sample as
         host ints, when the mask is padding at the end of the text (then attention needs no mask);
-        `modulation`, this step's entry of `modulation_table` (every sample must be at that timestep).
+        `modulation`, this step's entry of `modulation_table` (every sample must be at that timestep);
+        `cache`, a step cache's loop for this call (see `run_blocks`).
         """
         t = timestep if modulation is None else None  # the table replaces the time embedding
         x = self.prepare(hidden_states, encoder_hidden_states, encoder_hidden_states_mask, t, img_shapes, rope)
-        return self.run_blocks(x.img, x.txt, x.temb, x.rope, x.key_mask, txt_lens, modulation)
+        return self.run_blocks(x.img, x.txt, x.temb, x.rope, x.key_mask, txt_lens, modulation, cache)
 
     def run_blocks(
         self,
@@ -440,12 +443,32 @@ class QwenImageTransformer(nn.Module):
         key_mask: Tensor | None,
         txt_lens=None,
         modulation: StepModulation | None = None,
+        cache=None,
     ) -> Tensor:
         """The blocks and the final layer over prepared inputs: (B, S_img, dim) -> (B, S_img, out_dim).
-        Needs `temb` unless `modulation` is given."""
+        Needs `temb` unless `modulation` is given. `cache` (fastdit.cache.CachedLoop): runs the blocks as
+        segments through `run_segment`, deciding per step whether the middle ones run."""
+        if cache is not None:
+            return cache.run(self, img, txt, temb, rope, key_mask, txt_lens, modulation)
         gate_rows = temb.shape[0] if modulation is None else 1  # the table's vectors serve the whole batch
         img, txt = Residual.start(img, gate_rows), Residual.start(txt, gate_rows)
-        for i, block in enumerate(self.blocks):
+        img, txt = self.run_segment(0, len(self.blocks), img, txt, temb, rope, key_mask, txt_lens, modulation)
+        return self.final(img, temb, None if modulation is None else modulation.final)
+
+    def run_segment(
+        self,
+        start: int,
+        end: int,
+        img: Residual,
+        txt: Residual,
+        temb: Tensor | None,
+        rope: Rope,
+        key_mask: Tensor | None,
+        txt_lens=None,
+        modulation: StepModulation | None = None,
+    ) -> tuple[Residual, Residual]:
+        """Blocks [start, end) over the (img, txt) residual streams."""
+        for i, block in islice(enumerate(self.blocks), start, end):
             mods = (None, None) if modulation is None else (modulation.img[i], modulation.txt[i])
             img, txt = block(img, txt, temb, rope, key_mask, txt_lens, *mods)
-        return self.final(img, temb, None if modulation is None else modulation.final)
+        return img, txt

@@ -22,6 +22,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -134,6 +135,7 @@ class ParallelTransformer(nn.Module):
         rope: Rope | None = None,
         txt_lens: tuple[int, ...] | None = None,
         modulation: StepModulation | None = None,
+        cache=None,
     ) -> Tensor:
         st = self.state
         if rope is None:
@@ -152,9 +154,8 @@ class ParallelTransformer(nn.Module):
                 encoder_hidden_states_mask = encoder_hidden_states_mask[rows]
             if txt_lens is not None:
                 txt_lens = tuple(txt_lens[rows])
-        out = self._forward_local(
-            hidden_states, encoder_hidden_states, encoder_hidden_states_mask, timestep, rope, txt_lens, modulation
-        )
+        local = (hidden_states, encoder_hidden_states, encoder_hidden_states_mask, timestep, rope, txt_lens)
+        out = self._forward_local(*local, modulation, cache)
         if split:
             out = all_gather(out.contiguous(), 0, st.cfg_group)  # (B, S_img, out_dim), rank order
         if split or st.sp > 1:
@@ -171,15 +172,23 @@ class ParallelTransformer(nn.Module):
         rope: Rope,
         txt_lens=None,
         modulation: StepModulation | None = None,
+        cache=None,
     ):
-        """One cfg part. With sp ranks, pad S_img to a multiple of sp, run tokens [r * L, (r + 1) * L) here."""
+        """One cfg part. With sp ranks, pad S_img to a multiple of sp, run tokens [r * L, (r + 1) * L) here.
+
+        `cache` (fastdit.cache.CachedLoop): its statistics count this rank's real image tokens and are summed over
+        every rank, so that all ranks skip the same steps (and the collectives of the blocks skipped)."""
         st, model = self.state, self.model
+        group = dist.group.WORLD if st.world_size > 1 else None
         if st.sp == 1:
-            return model(hidden, enc, mask, timestep, rope=rope, txt_lens=txt_lens, modulation=modulation)
+            cache = None if cache is None else cache.shard(None, group)
+            return model(hidden, enc, mask, timestep, rope=rope, txt_lens=txt_lens, modulation=modulation, cache=cache)
         b, s_img = hidden.shape[:2]
         n_txt = enc.shape[1]
         local = -(-s_img // st.sp)
         pad = local * st.sp - s_img
+        if cache is not None:
+            cache = cache.shard(min(max(s_img - st.sp_rank * local, 0), local), group)
         mine = slice(st.sp_rank * local, (st.sp_rank + 1) * local)
         x = _pad_tokens(hidden, pad, 1)[:, mine]  # (B, L, in_channels)
         # RoPE rows of [this rank's image tokens; text]; padded positions get angle 0 (their keys are masked).
@@ -196,6 +205,7 @@ class ParallelTransformer(nn.Module):
             img_mask = (torch.arange(local * st.sp, device=hidden.device) < s_img).expand(b, -1)
             key_mask = torch.cat([img_mask, txt_mask], dim=1)
         txt_lens = None if pad else txt_lens  # padded image keys need the mask
-        out = model.run_blocks(inp.img, inp.txt, inp.temb, rope_local, key_mask, txt_lens, modulation)  # (B, L, out)
+        # (B, L, out_dim)
+        out = model.run_blocks(inp.img, inp.txt, inp.temb, rope_local, key_mask, txt_lens, modulation, cache)
         out = all_gather(out.contiguous(), 1, st.sp_group)  # (B, sp * L, out_dim)
         return out[:, :s_img]

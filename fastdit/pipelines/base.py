@@ -3,6 +3,9 @@
 Each pipeline (text-to-image, edit, Qwen-Image 2.1) reduces to: encode conditions -> build the step (a closure
 over the step plan) -> `fastdit.pipelines.loop.denoise` -> decode. This base holds the parts that do not depend
 on the task: switching the DiT's fast paths on, and turning a step function into one replayed from a CUDA graph.
+A step cache (fastdit.cache) hooks in the same way in every pipeline: `loop = self.cached_loop(cache, key, steps)`
+once per call, `cache=loop` on every DiT call, not graphed as a whole (the loop replays its segments' graphs), and
+`loop.cached_steps` into the call's `Images`.
 """
 
 from __future__ import annotations
@@ -13,7 +16,9 @@ from collections.abc import Callable
 
 import torch
 
-from fastdit.errors import FastditError
+from fastdit.cache.config import StepCache
+from fastdit.cache.loop import CachedLoop, Workspace
+from fastdit.errors import ConfigError, FastditError
 from fastdit.lora.pipeline import LoraPipelineMixin
 from fastdit.pipelines.vae import compile_decoder
 from fastdit.runtime.compile import compile_blocks
@@ -54,6 +59,9 @@ class DiTPipeline(LoraPipelineMixin):
         self.cuda_graph = False  # see enable_cuda_graph
         self._graph_key, self._graph = None, None
         self._graph_lock = threading.Lock()
+        self.compiled = False  # see compile
+        self.step_cache: StepCache | None = None  # see enable_step_cache
+        self._cache_key, self._cache_workspace = None, None
 
     def compile(self, *, vae: bool | None = None):
         """Compile the DiT block by block (`fastdit.compile_blocks`): full-graph, one warm-up for all blocks.
@@ -65,6 +73,7 @@ class DiTPipeline(LoraPipelineMixin):
         compile_blocks(self.transformer)
         if (self.device.type == "cuda" if vae is None else vae) and getattr(self, "vae", None) is not None:
             compile_decoder(self.vae)
+        self.compiled = True
         return self
 
     def enable_cuda_graph(self):
@@ -88,3 +97,32 @@ class DiTPipeline(LoraPipelineMixin):
                 self._graph_key, self._graph = key, None
                 self._graph = CudaGraphStep(fn)
             return self._graph
+
+    def enable_step_cache(self, cache: StepCache | None):
+        """Run every call with this step cache (fastdit.cache.StepCache; None: none) unless the call passes its own
+        `cache=`. Checked against the DiT's block count here."""
+        if cache is not None:
+            self._check_cache(cache)
+        self.step_cache = cache
+        return self
+
+    def _check_cache(self, cache) -> None:
+        if not isinstance(cache, StepCache):
+            raise ConfigError(f"cache must be a fastdit.StepCache, got {type(cache).__name__}")
+        cache.check_fits(self.transformer.base.cfg.num_layers)
+
+    def cached_loop(self, cache: StepCache | None, key, steps: int) -> CachedLoop | None:
+        """A call's step-cache loop: `cache`, else the pipeline's default (None: no cache). Its decisions start
+        afresh; its device buffers, and with CUDA graphs the graphs of its segments, are kept for later calls with
+        the same shapes (`key`) and cache, as `graphed` keeps the step's graph."""
+        cache = self.step_cache if cache is None else cache
+        if cache is None:
+            return None
+        self._check_cache(cache)
+        if not self.cuda_graph:
+            return CachedLoop(cache, steps, Workspace(cache, compiled=self.compiled))
+        with self._graph_lock:
+            if self._cache_key != (key, cache):
+                self._cache_key, self._cache_workspace = (key, cache), None  # the old graphs go first
+                self._cache_workspace = Workspace(cache, cuda_graph=True, compiled=self.compiled)
+            return CachedLoop(cache, steps, self._cache_workspace)

@@ -32,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+from fastdit.cache.config import StepCache
 from fastdit.checkpoint import default_device, read_json
 from fastdit.errors import CheckpointError, FastditError
 from fastdit.kernels.attention import resolve_backend
@@ -168,10 +169,13 @@ class QwenImagePipeline(DiTPipeline):
             dtype=dtype,
         )
 
-    def dit_step(self, key, img_shapes, txt: torch.Tensor, txt_mask, txt_lens, rope: Rope, modulation) -> Callable:
+    def dit_step(
+        self, key, img_shapes, txt: torch.Tensor, txt_mask, txt_lens, rope: Rope, modulation, loop=None
+    ) -> Callable:
         """The DiT at step i as `step(x, i)` for `denoise`: text, mask, RoPE and the step's modulation vectors
         fixed for the call. Every tensor it reads is an argument of the (possibly CUDA-graphed) call, so a graph
-        recorded in an earlier call with the same shapes (`key`) reads this call's values."""
+        recorded in an earlier call with the same shapes (`key`) reads this call's values. `loop`: the call's
+        step cache (`cached_loop`), which graphs its own segments."""
         transformer = self.transformer  # not self: a graph held by the pipeline must not keep it alive in a cycle
 
         def forward(x, txt, mask, timestep, cos, sin, mod_img, mod_txt, mod_final):
@@ -184,9 +188,10 @@ class QwenImagePipeline(DiTPipeline):
                 rope=Rope(cos, sin),
                 txt_lens=txt_lens,
                 modulation=StepModulation(mod_img, mod_txt, mod_final),
+                cache=loop,
             )
 
-        run = self.graphed(key, forward)
+        run = self.graphed(key, forward) if loop is None else forward
         timestep = torch.zeros(txt.shape[0], device=self.device)  # unused with the table; a fixed graph input
 
         def step(x: torch.Tensor, i: int) -> torch.Tensor:
@@ -210,12 +215,15 @@ class QwenImagePipeline(DiTPipeline):
         scheduler: str = "default",
         progress: Callable[[int, int], None] | None = None,
         show_progress: bool = True,
+        cache: StepCache | None = None,
     ) -> Images:
         """Generate len(prompt) * num_images_per_prompt images, ordered prompt-major (p0, p0, p1, ...).
 
         `num_inference_steps`: default 50 (8 with the Lightning schedule). `sigmas`: a custom descending schedule
         (its length sets the steps), as diffusers' `sigmas=`. `scheduler`: "default" (the checkpoint's schedule) or
-        "lightning" (the Qwen-Image-Lightning LoRAs' schedule, CFG off unless a scale > 1 is given)."""
+        "lightning" (the Qwen-Image-Lightning LoRAs' schedule, CFG off unless a scale > 1 is given).
+        `cache`: a `fastdit.StepCache` for this call (default: the one `enable_step_cache` set, if any); the
+        result's `cached_steps` counts the steps whose middle blocks it skipped."""
         clock = StageClock(self.device)
         prompts = check_prompts(prompt)
         check_size(height, width)
@@ -259,11 +267,13 @@ class QwenImagePipeline(DiTPipeline):
 
         # 3. Flow-match Euler sampling.
         key = ("t2i", tuple(latents.shape), cfg is not None, tuple(txt.shape), txt_mask is not None, txt_lens)
-        step = self.dit_step(key, img_shapes, txt, txt_mask, txt_lens, rope, modulation)
+        loop = self.cached_loop(cache, key, steps)
+        step = self.dit_step(key, img_shapes, txt, txt_mask, txt_lens, rope, modulation, loop)
         latents = denoise(step, latents, schedule, cfg_scale=cfg, progress=progress, show_progress=show_progress)
         clock.lap("denoise_s")
 
         # 4. VAE decode: undo the latent normalisation, decode the single frame.
         images = to_pil(decode(self.vae, unpack_latents(latents, lat_h, lat_w)))
         clock.lap("vae_decode_s")
-        return Images(images, seeds=seed, timings=clock.timings(steps), steps=steps)
+        cached_steps = 0 if loop is None else loop.cached_steps
+        return Images(images, seeds=seed, timings=clock.timings(steps), steps=steps, cached_steps=cached_steps)

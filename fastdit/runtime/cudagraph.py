@@ -4,11 +4,11 @@ A DiT step launches about 2000 kernels; from Python that takes longer than the G
 so the GPU waits between them (measured in benchmarks/RESULTS.md). A CUDA graph
 records the launches once and replays them with one call.
 
-`CudaGraphStep(fn)` wraps fn(*tensors) -> tensor. Its first call runs fn on a side stream (compiling, building
-cuDNN plans, returning the real output) and then records fn into a graph over private copies of the
-arguments; each later call copies its arguments into those copies and replays. Later arguments must have the
+`CudaGraphStep(fn)` wraps fn(*tensors) -> a tensor or a tuple of tensors. Its first call runs fn on a side stream
+(compiling, building cuDNN plans, returning the real output) and then records fn into a graph over private copies
+of the arguments; each later call copies its arguments into those copies and replays. Later arguments must have the
 first call's shapes and dtypes; whoever holds one `CudaGraphStep` keys it by them (fastdit.pipelines.qwenimage). The
-returned tensor is the graph's memory: the next call overwrites it.
+returned tensors are the graph's memory: the next call overwrites them.
 
 An argument that is the very tensor object copied in last time is not copied again: what stays fixed for all the
 steps of a call (text states; Qwen-Image 2.1's prefix K/V cache, gigabytes) is copied once per call, not once per
@@ -27,14 +27,14 @@ from fastdit.errors import FastditError
 
 
 class CudaGraphStep:
-    def __init__(self, fn: Callable[..., Tensor], warmup: int = 1):
+    def __init__(self, fn: Callable[..., Tensor | tuple[Tensor, ...]], warmup: int = 1):
         self.fn, self.warmup = fn, warmup
         self.graph: torch.cuda.CUDAGraph | None = None
         self.inputs: list[Tensor | None] = []
         self.sources: list[weakref.ref | None] = []  # the tensor last copied into each input
-        self.output: Tensor | None = None
+        self.output: Tensor | tuple[Tensor, ...] | None = None
 
-    def __call__(self, *args: Tensor | None) -> Tensor:
+    def __call__(self, *args: Tensor | None) -> Tensor | tuple[Tensor, ...]:
         if self.graph is None:
             return self._capture(args)
         for i, (static, arg) in enumerate(zip(self.inputs, args, strict=True)):
@@ -44,7 +44,7 @@ class CudaGraphStep:
         self.graph.replay()
         return self.output
 
-    def _capture(self, args) -> Tensor:
+    def _capture(self, args) -> Tensor | tuple[Tensor, ...]:
         if any(a is not None and not a.is_cuda for a in args):
             raise FastditError("CUDA graphs need the step's tensors on a CUDA device")
         # None stays None (an absent optional input); clone keeps the strides of dense tensors.
@@ -57,7 +57,8 @@ class CudaGraphStep:
             for _ in range(self.warmup):
                 out = self.fn(*self.inputs)
         main.wait_stream(side)
-        out.record_stream(main)  # allocated on the side stream, used and freed on this one
+        for t in out if isinstance(out, tuple) else (out,):
+            t.record_stream(main)  # allocated on the side stream, used and freed on this one
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             self.output = self.fn(*self.inputs)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 
+from fastdit.cache.cli import add_cache_arguments, check_cache_fits
 from fastdit.cli.common import (
     TINY_RANDOM,
     ModelOptions,
@@ -39,6 +40,7 @@ def _size(text: str) -> tuple[int, int]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser.add_argument_group("model"))
+    add_cache_arguments(parser.add_argument_group("step cache"))
     add_parallel_arguments(parser, "parallelism (one process per GPU; gloo on CPU; rank 0 serves HTTP)")
     add_lora_arguments(parser)
     server = parser.add_argument_group("server")
@@ -114,6 +116,7 @@ def serve_main(args: argparse.Namespace) -> int:
     try:
         path = str(resolve_model(args.model))  # a Hub download happens here, once, before any rank starts
         read_loras(model.loras, path)  # a missing, corrupt or mismatched LoRA stops the server before it loads
+        check_cache_fits(model.cache, path)
         if parallel_requested(tp, sp, cfg):
             ranks.check(path, model, tp, sp, cfg)  # degrees against the devices and the model's heads
     except BaseException:

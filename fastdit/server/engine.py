@@ -370,6 +370,7 @@ class Engine:
         self.metrics.batch_images.observe(len(prompts))
         self.metrics.batch_requests.observe(len(jobs))
         self.metrics.images_generated.inc(len(prompts))
+        self.metrics.cached_steps.inc(getattr(images, "cached_steps", 0))
         results, start = [], 0
         for job in jobs:
             results.append(images[start : start + job.n])

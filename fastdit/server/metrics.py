@@ -110,6 +110,9 @@ class Metrics:
             "Wall time of one pipeline call (text encoding, denoising, VAE decode).",
             [0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300],
         )
+        self.cached_steps = Counter(
+            "fastdit_cached_steps_total", "Denoising steps whose middle DiT blocks the step cache (--cache) skipped."
+        )
         self.batch_images = Histogram("fastdit_batch_images", "Images per pipeline call.", [1, 2, 4, 8, 16, 32, 64])
         self.batch_requests = Histogram(
             "fastdit_batch_requests", "Requests merged into one pipeline call.", [1, 2, 4, 8, 16, 32, 64]
@@ -122,6 +125,7 @@ class Metrics:
             self.requests,
             self.dropped,
             self.images_generated,
+            self.cached_steps,
             self.step_seconds,
             self.batch_seconds,
             self.batch_images,

@@ -54,6 +54,8 @@ def load_generator(model_path: str, options: ModelOptions, parallel=None) -> Gen
         pipe.compile()
     if options.cuda_graph:
         pipe.enable_cuda_graph()
+    if options.cache is not None:
+        pipe.enable_step_cache(options.cache)
     return serve_loras(pipe, options)  # the --lora adapters, and calls that choose among them
 
 
