@@ -28,6 +28,8 @@ class BenchConfig:
     iters: int = 10
     dtype: str = "bf16"
     seed: int = 0
+    task: str = "t2i"  # "edit": the Edit-2511 step with reference images (fastdit.bench.edit)
+    refs: int = 1
 
     @classmethod
     def from_args(cls, args) -> BenchConfig:

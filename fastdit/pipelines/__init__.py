@@ -17,6 +17,8 @@ from fastdit.pipelines.folder import read_model_index
 # model_index.json _class_name -> (module, class) of the fastdit pipeline that runs it.
 PIPELINES = {
     "QwenImagePipeline": ("fastdit.pipelines.qwenimage", "QwenImagePipeline"),
+    "QwenImageEditPipeline": ("fastdit.pipelines.edit", "QwenImageEditPipeline"),
+    "QwenImageEditPlusPipeline": ("fastdit.pipelines.edit", "QwenImageEditPlusPipeline"),
 }
 
 

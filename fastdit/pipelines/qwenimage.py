@@ -167,7 +167,7 @@ class QwenImagePipeline(DiTPipeline):
         recorded in an earlier call with the same shapes (`key`) reads this call's values."""
         transformer = self.transformer  # not self: a graph held by the pipeline must not keep it alive in a cycle
 
-        def forward(x, txt, mask, timestep, cos, sin, mod_img, mod_txt, mod_final):
+        def forward(x, txt, mask, timestep, cos, sin, mod_img, mod_txt, mod_final, mod_ref):
             return transformer(
                 hidden_states=x,
                 encoder_hidden_states=txt,
@@ -176,7 +176,7 @@ class QwenImagePipeline(DiTPipeline):
                 img_shapes=img_shapes,
                 rope=Rope(cos, sin),
                 txt_lens=txt_lens,
-                modulation=StepModulation(mod_img, mod_txt, mod_final),
+                modulation=StepModulation(mod_img, mod_txt, mod_final, mod_ref),
             )
 
         run = self.graphed(key, forward)
