@@ -14,6 +14,8 @@ from fastdit.errors import CheckpointError, ConfigError, FastditError
 _LAZY = {
     "load_pipeline": "fastdit.pipelines",
     "QwenImagePipeline": "fastdit.pipelines.qwenimage",
+    "QwenImageEditPipeline": "fastdit.pipelines.edit",
+    "QwenImageEditPlusPipeline": "fastdit.pipelines.edit",
     "load_transformer": "fastdit.load",
     "QwenImageTransformer": "fastdit.models.qwenimage",
     "DiTConfig": "fastdit.models.qwenimage",

@@ -120,3 +120,23 @@ def dtype_name(name: str, on_cuda: bool) -> str:
     if name not in DTYPE_NAMES:
         raise InputError("dtype", f"must be one of {', '.join(DTYPE_NAMES)}, got {name!r}")
     return DTYPE_NAMES[name] or ("bfloat16" if on_cuda else "float32")
+
+
+# Reference images of an edit: each is resized to a pixel area (`vae_image_area`, `vl_image_area`) before encoding.
+MIN_IMAGE_AREA = 32 * 32
+MAX_IMAGE_AREA = 2048 * 2048
+
+
+def check_image_area(value, field: str) -> int:
+    """A pixel area reference images are resized to: an integer in [32 * 32, 2048 * 2048]."""
+    return check_int(value, field, MIN_IMAGE_AREA, MAX_IMAGE_AREA)
+
+
+def check_image_count(count: int, max_images: int) -> int:
+    """The number of reference images of an edit: 1 to `max_images` (what the model's layout takes)."""
+    if count < 1:
+        raise InputError("image", "must be one image or a non-empty list of images")
+    if count > max_images:
+        plural = "image" if max_images == 1 else "images"
+        raise InputError("image", f"has {count} images; this model takes at most {max_images} {plural}")
+    return count

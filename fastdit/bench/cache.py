@@ -56,8 +56,8 @@ def bench_cache_schedule(run: BenchConfig, device: torch.device, dtype: torch.dt
     sigmas = torch.linspace(1.0, 1.0 / run.steps, run.steps, device=device)
 
     def forward_with(loop):
-        def forward(x, enc, cos, sin, mod_img, mod_txt, mod_final):
-            modulation = StepModulation(mod_img, mod_txt, mod_final)
+        def forward(x, enc, cos, sin, mod_img, mod_txt, mod_final, mod_ref):
+            modulation = StepModulation(mod_img, mod_txt, mod_final, mod_ref)
             return model(x, enc, None, t, rope=Rope(cos, sin), modulation=modulation, cache=loop)
 
         return forward

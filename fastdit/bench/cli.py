@@ -13,6 +13,7 @@ import sys
 from contextlib import nullcontext, suppress
 
 from fastdit.bench.config import BenchConfig
+from fastdit.bench.edit import add_edit_arguments, bench_edit, check_edit_run, default_text_len, print_edit_warmup
 from fastdit.bench.family import QWEN21, add_family_arguments, model_config
 from fastdit.cache.cli import cache_spec
 from fastdit.cli.common import ATTENTION_CHOICES, add_parallel_arguments, parallel_degrees, parallel_requested
@@ -115,7 +116,9 @@ def add_parser(subparsers):
     p.add_argument("--preset", choices=PRESET_NAMES, default="qwen-image", help="model size (tiny: for tests)")
     p.add_argument("--height", type=int, default=1024)
     p.add_argument("--width", type=int, default=1024)
-    p.add_argument("--text-len", type=int, default=128, help="text tokens per prompt")
+    p.add_argument(
+        "--text-len", type=int, default=None, help="text tokens per prompt (default 128; 330 with --task edit)"
+    )
     p.add_argument("--batch", type=int, default=1, help="prompts per step (CFG doubles the DiT batch)")
     p.add_argument("--no-cfg", action="store_true", help="time a batch without the uncond half")
     p.add_argument(
@@ -205,6 +208,7 @@ def add_parser(subparsers):
     add_parallel_arguments(p, "parallelism: the DiT step on tp x sp x cfg ranks (one process per GPU; gloo on CPU)")
     add_lora_bench_arguments(p)
     add_family_arguments(p)
+    add_edit_arguments(p)
     p.set_defaults(func=bench_main)
     return p
 
@@ -267,6 +271,8 @@ def bench_main(args) -> int:
     from fastdit.bench.timing import matmul_ceiling
     from fastdit.bench.vae import bench_vae
 
+    if args.text_len is None:
+        args.text_len = default_text_len(args.task)
     run = BenchConfig.from_args(args)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -281,7 +287,10 @@ def bench_main(args) -> int:
     tp, sp, cfg = parallel_degrees(args)
     if run.cache_schedule is not None:
         return _bench_cache(run, device, dtype, args.json, parallel_requested(tp, sp, cfg))
-    if parallel_requested(tp, sp, cfg):
+    check_edit_run(run, parallel_requested(tp, sp, cfg))
+    if run.task == "edit":
+        res = bench_edit(run, device, dtype)
+    elif parallel_requested(tp, sp, cfg):
         res = _bench_parallel(run, device, dtype, tp, sp, cfg, args.master_port)
         if int(os.environ.get("RANK", 0)) != 0:  # under torchrun every rank returns; rank 0 reports
             return 0
@@ -298,6 +307,7 @@ def bench_main(args) -> int:
     res["environment"] = environment(device)
     res["command"] = "fastdit " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("fastdit") else None
     (print_pipeline if run.stage == "pipeline" else print_table)(res)
+    print_edit_warmup(res)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(res, f, indent=2)

@@ -36,6 +36,8 @@ class BenchConfig:
     condition_images: int = 0
     cache_schedule: str | None = None  # fastdit.bench.cache: a fixed step-cache schedule over `steps` steps
     cache: object = None  # a fastdit.cache.StepCache (front / back blocks) for cache_schedule; None: its defaults
+    task: str = "t2i"  # "edit": the Edit-2511 step with reference images (fastdit.bench.edit)
+    refs: int = 1
 
     @classmethod
     def from_args(cls, args) -> BenchConfig:

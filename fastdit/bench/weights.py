@@ -72,6 +72,7 @@ def diffusers_twin(model: QwenImageTransformer) -> nn.Module:
             num_attention_heads=cfg.num_heads,
             joint_attention_dim=cfg.joint_dim,
             axes_dims_rope=tuple(cfg.axes_dims_rope),
+            zero_cond_t=cfg.zero_cond_t,
         )
     ref.load_state_dict(diffusers_state_dict(model.base), assign=True, strict=True)
     return ref.eval().requires_grad_(False)

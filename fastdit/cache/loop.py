@@ -189,11 +189,11 @@ class StepFunctions:
             0, self.front_end, r_img, r_txt, temb, Rope(cos, sin), key_mask, self.txt_lens, mod
         )
         if self.ws.now is None:
-            return (*r_img, *r_txt)
+            return (*r_img[:3], *r_txt[:3])  # (x, gate, update) each: no reference tokens here
         stats = self._measure(img, r_img, self.ws.now, self.ws.ref, self.valid)
         if self.group is not None:
             stats = funcol.wait_tensor(funcol.all_reduce(stats, "sum", self.group))
-        return (*r_img, *r_txt, stats)
+        return (*r_img[:3], *r_txt[:3], stats)
 
     def _finish(self, r_img, r_txt, temb, rope, key_mask, mod):
         r_img, r_txt = self.model.run_segment(
@@ -275,7 +275,7 @@ class CachedLoop:
             # asynchronous copy, so a step whose decision needs no measurement does not wait for the GPU.
             self._weights = torch.zeros(self.steps, ws.slots, pin_memory=img.is_cuda)
         fn = ws.functions
-        mods = (None, None, None) if modulation is None else tuple(modulation)
+        mods = (None, None, None) if modulation is None else tuple(modulation)[:3]  # no reference tokens here
         shared = (temb, *rope, key_mask, *mods)
         front = fn.front(img, txt, *shared)  # (img x, gate, update, txt x, gate, update[, statistic])
         streams, stats = front[:6], front[6] if len(front) > 6 else None

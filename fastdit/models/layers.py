@@ -74,6 +74,77 @@ class Linear(nn.Linear):
         return self((x8.float() * scale).to(self.weight.dtype))
 
 
+# ---------------------------------------------------------------------------------------------------------
+# AdaLN modulation. With `zero_cond_t` (Qwen-Image-Edit-2511) the image stream holds two kinds of tokens: the
+# target's, modulated at the step's t, and the reference images', modulated at t = 0. A per-token bool `index`
+# (1, S, 1), True for reference tokens, picks between the two vectors; without it nothing is selected.
+
+
+class ModulationOut(NamedTuple):
+    shift: Tensor  # (B, 1, dim)
+    scale: Tensor
+    gate: Tensor
+
+
+class Modulation(nn.Module):
+    """SiLU -> Linear(dim, 6*dim): (shift, scale, gate) for the attention half and for the MLP half."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.lin = Linear(dim, 6 * dim)
+
+    def forward(self, temb: Tensor) -> tuple[ModulationOut, ModulationOut]:
+        return self.split(self.lin(F.silu(temb)))
+
+    @staticmethod
+    def split(vec: Tensor) -> tuple[ModulationOut, ModulationOut]:
+        """(B, 6 * dim) -> 6 x (B, 1, dim), in the checkpoint's order: the attention half, the MLP half."""
+        shift1, scale1, gate1, shift2, scale2, gate2 = vec[:, None, :].chunk(6, dim=-1)
+        return ModulationOut(shift1, scale1, gate1), ModulationOut(shift2, scale2, gate2)
+
+
+def per_token(index: Tensor | None, vec: Tensor, ref: Tensor | None) -> Tensor:
+    """`vec` (B, 1, dim), or with a token `index` (1, S, 1) each token's vector: `ref`'s (1, 1, dim) where index is
+    True. Compiled, the select fuses into the kernel that reads the vector (no (B, S, dim) tensor is stored); eager,
+    it is one more pass."""
+    return vec if index is None else torch.where(index, ref, vec)
+
+
+def modulate(
+    x: Tensor, mod: ModulationOut, eps: float, ref: ModulationOut | None = None, index: Tensor | None = None
+) -> Tensor:
+    """LayerNorm without affine, then x * (1 + scale) + shift; per token from `mod` or `ref` with an `index`."""
+    scale = per_token(index, mod.scale, None if ref is None else ref.scale)
+    shift = per_token(index, mod.shift, None if ref is None else ref.shift)
+    return F.layer_norm(x, x.shape[-1:], eps=eps) * (1 + scale) + shift
+
+
+class Residual(NamedTuple):
+    """A residual stream x + gate * update whose last update is not added yet: x, update (B, S, dim), gate
+    (B, 1, dim). A block hands its MLP update to the next block (or the final layer) this way, which adds it
+    in its first kernel, the LayerNorm + modulation pass that reads x anyway: at each block boundary the
+    stream is read and written once instead of twice. `ref_gate` (1, 1, dim): the reference tokens' gate,
+    applied where the token index is True (zero_cond_t); None without reference tokens."""
+
+    x: Tensor
+    gate: Tensor
+    update: Tensor
+    ref_gate: Tensor | None = None
+
+    @classmethod
+    def start(cls, x: Tensor, gate_rows: int, ref_table: Tensor | None = None) -> Residual:
+        """x with nothing pending: a zero update, and zero gates shaped and strided like the gates blocks hand
+        over ((gate_rows, 1, dim) out of a (gate_rows, 6 * dim) modulation vector; the reference gate out of one
+        layer's row of `ref_table` (num_layers, 1, 6 * dim), given with reference tokens), so that one compiled
+        graph serves every block."""
+        gate = Modulation.split(x.new_zeros(gate_rows, 6 * x.shape[-1]))[1].gate
+        ref = None if ref_table is None else Modulation.split(torch.zeros_like(ref_table)[0])[1].gate
+        return cls(x, gate, torch.zeros_like(x), ref)
+
+    def total(self, index: Tensor | None = None) -> Tensor:
+        return self.x + per_token(index, self.gate, self.ref_gate) * self.update
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()

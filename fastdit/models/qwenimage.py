@@ -8,6 +8,9 @@ is the numerical reference):
   of the sequence: its valid keys are a prefix, so per-sample attention takes views, not copies).
 - AdaLN-Zero style modulation from the timestep embedding: shift/scale before attention and MLP, gate on
   the residual. LayerNorms have no affine weights; Q and K get an RMSNorm per head.
+- `zero_cond_t` (Qwen-Image-Edit-2511): the image tokens of reference images (every image after the first in
+  a sample's layout) are modulated at t = 0, the target's at t; the text stream and the final norm at t. The
+  blocks pick per token with a bool `index`, so the target / reference boundary is data, not graph structure.
 - 3-axis RoPE (frame, height, width) on interleaved channel pairs. Image rows/columns are centred around
   zero; text tokens sit on the diagonal just past the largest image index. Tables are real cos/sin,
   computed by pure functions outside the blocks.
@@ -30,7 +33,18 @@ from torch import Tensor, nn
 
 from fastdit.errors import ConfigError
 from fastdit.kernels.qk_norm_rope import qk_norm_rope
-from fastdit.models.layers import Attention, Linear, RMSNorm, Rope, rope_from_positions, timestep_embedding
+from fastdit.models.layers import (
+    Attention,
+    Linear,
+    Modulation,
+    Residual,
+    RMSNorm,
+    Rope,
+    modulate,
+    per_token,
+    rope_from_positions,
+    timestep_embedding,
+)
 
 # ---------------------------------------------------------------------------------------------------------
 # Config
@@ -49,11 +63,12 @@ class DiTConfig:
     rope_theta: float = 10000.0
     eps: float = 1e-6
     mlp_ratio: int = 4
+    zero_cond_t: bool = False  # reference-image tokens modulated at t = 0 (Qwen-Image-Edit-2511)
 
     def __post_init__(self):
         for f in fields(self):
             v = getattr(self, f.name)
-            if f.name in ("rope_theta", "eps", "axes_dims_rope"):
+            if f.name in ("rope_theta", "eps", "axes_dims_rope", "zero_cond_t"):
                 continue
             if not isinstance(v, int) or v < 1:
                 raise ConfigError(f"DiTConfig.{f.name} must be a positive integer, got {v!r}")
@@ -81,7 +96,7 @@ class DiTConfig:
     @classmethod
     def from_diffusers(cls, cfg: dict) -> DiTConfig:
         """Build from a diffusers `QwenImageTransformer2DModel` config.json dict."""
-        unsupported = [k for k in ("zero_cond_t", "use_additional_t_cond", "use_layer3d_rope") if cfg.get(k)]
+        unsupported = [k for k in ("use_additional_t_cond", "use_layer3d_rope") if cfg.get(k)]
         if unsupported:
             raise ConfigError(f"unsupported Qwen-Image variant: {', '.join(unsupported)} set in config.json")
         if cfg.get("guidance_embeds"):
@@ -96,6 +111,7 @@ class DiTConfig:
                 out_channels=cfg.get("out_channels") or cfg.get("in_channels", 64),
                 patch_size=cfg.get("patch_size", 2),
                 axes_dims_rope=tuple(cfg.get("axes_dims_rope", (16, 56, 56))),
+                zero_cond_t=bool(cfg.get("zero_cond_t", False)),
             )
         except TypeError as e:
             raise ConfigError(f"bad transformer config: {e}") from None
@@ -120,6 +136,16 @@ def normalize_img_shapes(img_shapes) -> list[tuple[int, int, int]]:
     if not out or any(len(s) != 3 or min(s) < 1 for s in out):
         raise ConfigError(f"img_shapes must be (frames, height, width) tuples in patches, got {img_shapes!r}")
     return out
+
+
+def shared_layout(img_shapes) -> list[tuple[int, int, int]]:
+    """One sample's (f, h, w) list, from it or from a per-sample list whose samples must all share it."""
+    if isinstance(img_shapes, list) and img_shapes and not isinstance(img_shapes[0], int):
+        per_sample = [normalize_img_shapes(s) for s in img_shapes]
+        if any(s != per_sample[0] for s in per_sample):
+            raise ConfigError(f"all samples in a batch must share one image layout, got {img_shapes!r}")
+        return per_sample[0]
+    return normalize_img_shapes(img_shapes)
 
 
 def rope_positions(img_shapes: list[tuple[int, int, int]], txt_len: int, device=None) -> Tensor:
@@ -147,34 +173,6 @@ def rope_tables(img_shapes, txt_len: int, axes_dims: tuple[int, int, int], theta
 
 # ---------------------------------------------------------------------------------------------------------
 # Layers
-
-
-class ModulationOut(NamedTuple):
-    shift: Tensor  # (B, 1, dim)
-    scale: Tensor
-    gate: Tensor
-
-
-class Modulation(nn.Module):
-    """SiLU -> Linear(dim, 6*dim): (shift, scale, gate) for the attention half and for the MLP half."""
-
-    def __init__(self, dim: int):
-        super().__init__()
-        self.lin = Linear(dim, 6 * dim)
-
-    def forward(self, temb: Tensor) -> tuple[ModulationOut, ModulationOut]:
-        return self.split(self.lin(F.silu(temb)))
-
-    @staticmethod
-    def split(vec: Tensor) -> tuple[ModulationOut, ModulationOut]:
-        """(B, 6 * dim) -> 6 x (B, 1, dim), in the checkpoint's order: the attention half, the MLP half."""
-        shift1, scale1, gate1, shift2, scale2, gate2 = vec[:, None, :].chunk(6, dim=-1)
-        return ModulationOut(shift1, scale1, gate1), ModulationOut(shift2, scale2, gate2)
-
-
-def modulate(x: Tensor, mod: ModulationOut, eps: float) -> Tensor:
-    """LayerNorm without affine, then x * (1 + scale) + shift."""
-    return F.layer_norm(x, x.shape[-1:], eps=eps) * (1 + mod.scale) + mod.shift
 
 
 class MLP(nn.Module):
@@ -232,28 +230,6 @@ class JointAttention(nn.Module):
         return self.img_out(img_o), self.txt_out(txt_o)
 
 
-class Residual(NamedTuple):
-    """A residual stream x + gate * update whose last update is not added yet: x, update (B, S, dim), gate
-    (B, 1, dim). A block hands its MLP update to the next block (or the final layer) this way, which adds it
-    in its first kernel, the LayerNorm + modulation pass that reads x anyway: at each block boundary the
-    stream is read and written once instead of twice."""
-
-    x: Tensor
-    gate: Tensor
-    update: Tensor
-
-    @classmethod
-    def start(cls, x: Tensor, gate_rows: int) -> Residual:
-        """x with nothing pending: a zero update, and a zero gate shaped and strided like the gates blocks hand
-        over ((gate_rows, 1, dim) out of a (gate_rows, 6 * dim) modulation vector), so that one compiled graph
-        serves every block."""
-        gate = Modulation.split(x.new_zeros(gate_rows, 6 * x.shape[-1]))[1].gate
-        return cls(x, gate, torch.zeros_like(x))
-
-    def total(self) -> Tensor:
-        return self.x + self.gate * self.update
-
-
 class Block(nn.Module):
     """One dual-stream MMDiT block. Takes and returns the (img, txt) residual streams in that order."""
 
@@ -276,18 +252,23 @@ class Block(nn.Module):
         txt_lens=None,
         img_mod: Tensor | None = None,
         txt_mod: Tensor | None = None,
+        ref_mod: Tensor | None = None,
+        index: Tensor | None = None,
     ) -> tuple[Residual, Residual]:
         # img_mod / txt_mod: this block's (1, 6 * dim) vectors for this step, precomputed (StepModulation).
+        # index (1, S_img, 1) bool: reference tokens, modulated by ref_mod (1, 6 * dim), the t = 0 vectors.
         img_m1, img_m2 = self.img_mod(temb) if img_mod is None else Modulation.split(img_mod)
         txt_m1, txt_m2 = self.txt_mod(temb) if txt_mod is None else Modulation.split(txt_mod)
-        img, txt = img.total(), txt.total()  # the previous block's MLP update, fused into the norms below
-        img_in, txt_in = modulate(img, img_m1, self.eps), modulate(txt, txt_m1, self.eps)
+        ref_m1, ref_m2 = Modulation.split(ref_mod) if index is not None else (None, None)
+        img, txt = img.total(index), txt.total()  # the previous block's MLP update, fused into the norms below
+        img_in, txt_in = modulate(img, img_m1, self.eps, ref_m1, index), modulate(txt, txt_m1, self.eps)
         img_a, txt_a = self.attn(img_in, txt_in, rope, key_mask, txt_lens)
-        img = img + img_m1.gate * img_a
+        img = img + per_token(index, img_m1.gate, None if ref_m1 is None else ref_m1.gate) * img_a
         txt = txt + txt_m1.gate * txt_a
-        img_u = self.img_mlp(modulate(img, img_m2, self.eps))
+        img_u = self.img_mlp(modulate(img, img_m2, self.eps, ref_m2, index))
         txt_u = self.txt_mlp(modulate(txt, txt_m2, self.eps))
-        return Residual(img, img_m2.gate, img_u), Residual(txt, txt_m2.gate, txt_u)
+        img_ref_gate = None if ref_m2 is None else ref_m2.gate
+        return Residual(img, img_m2.gate, img_u, img_ref_gate), Residual(txt, txt_m2.gate, txt_u)
 
 
 class TimestepEmbedder(nn.Module):
@@ -310,10 +291,13 @@ class FinalLayer(nn.Module):
         self.mod = Linear(dim, 2 * dim)
         self.proj = Linear(dim, out_dim)
 
-    def forward(self, x: Residual, temb: Tensor | None, mod: Tensor | None = None) -> Tensor:
-        # mod: this step's (1, 2 * dim) vector, precomputed (StepModulation); else computed from temb.
+    def forward(
+        self, x: Residual, temb: Tensor | None, mod: Tensor | None = None, index: Tensor | None = None
+    ) -> Tensor:
+        # mod: this step's (1, 2 * dim) vector, precomputed (StepModulation); else computed from temb. Every token
+        # is normed at t (zero_cond_t too); `index` only completes the last block's pending residual.
         scale, shift = (self.mod(F.silu(temb)) if mod is None else mod)[:, None, :].chunk(2, dim=-1)
-        x = x.total()
+        x = x.total(index)
         return self.proj(F.layer_norm(x, x.shape[-1:], eps=self.eps) * (1 + scale) + shift)
 
 
@@ -330,6 +314,9 @@ class StepModulation(NamedTuple):
     img: Tensor  # (num_layers, 1, 6 * dim)
     txt: Tensor  # (num_layers, 1, 6 * dim)
     final: Tensor  # (1, 2 * dim)
+    # zero_cond_t: the image-stream vectors at t = 0 for reference tokens, (num_layers, 1, 6 * dim); one tensor
+    # shared by every step's entry. None for models without zero_cond_t.
+    ref: Tensor | None = None
 
 
 @dataclass
@@ -365,14 +352,19 @@ class QwenImageTransformer(nn.Module):
 
     def make_rope(self, img_shapes, txt_len: int, device=None) -> Rope:
         """RoPE tables for a batch whose samples all share `img_shapes` (one sample's (f, h, w) list)."""
-        shapes = img_shapes
-        if isinstance(img_shapes, list) and img_shapes and not isinstance(img_shapes[0], int):
-            # A per-sample list: every sample must have the same layout.
-            per_sample = [normalize_img_shapes(s) for s in img_shapes]
-            if any(s != per_sample[0] for s in per_sample):
-                raise ConfigError(f"all samples in a batch must share one image layout, got {img_shapes!r}")
-            shapes = per_sample[0]
-        return rope_tables(shapes, txt_len, self.cfg.axes_dims_rope, self.cfg.rope_theta, device)
+        return rope_tables(shared_layout(img_shapes), txt_len, self.cfg.axes_dims_rope, self.cfg.rope_theta, device)
+
+    def modulation_index(self, img_shapes, device=None) -> Tensor | None:
+        """zero_cond_t: the (S_img,) bool token index, True for reference-image tokens (every image after a
+        sample's first), which are modulated at t = 0. None without zero_cond_t or without reference images:
+        then the blocks do no per-token work at all."""
+        if not self.cfg.zero_cond_t:
+            return None
+        shapes = shared_layout(img_shapes)
+        if len(shapes) < 2:
+            return None
+        sizes = [f * h * w for f, h, w in shapes]
+        return torch.arange(sum(sizes), device=device) >= sizes[0]
 
     def prepare(
         self,
@@ -404,11 +396,23 @@ class QwenImageTransformer(nn.Module):
         it), as T `StepModulation`s: one GEMM of T rows per layer instead of one GEMV per layer and step.
         Pass table[i] as `forward(..., modulation=)` for a step whose samples all have timesteps[i]."""
         dtype = self.img_in.weight.dtype  # the compute dtype (block linears may be fp8, img_in never is)
-        act = F.silu(self.time_embed(timesteps.to(dtype), dtype))  # (T, dim)
-        img = torch.stack([block.img_mod.lin(act) for block in self.blocks])  # (L, T, 6 * dim)
-        txt = torch.stack([block.txt_mod.lin(act) for block in self.blocks])
-        final = self.final.mod(act)  # (T, 2 * dim)
-        return [StepModulation(img[:, i : i + 1], txt[:, i : i + 1], final[i : i + 1]) for i in range(len(act))]
+        n = len(timesteps)
+        if self.cfg.zero_cond_t:  # one more row: t = 0, the reference tokens' image-stream vectors
+            timesteps = torch.cat([timesteps, timesteps.new_zeros(1)])
+        act = F.silu(self.time_embed(timesteps.to(dtype), dtype))  # (T (+ 1), dim)
+        img = torch.stack([block.img_mod.lin(act) for block in self.blocks])  # (L, T (+ 1), 6 * dim)
+        txt = torch.stack([block.txt_mod.lin(act[:n]) for block in self.blocks])
+        final = self.final.mod(act[:n])  # (T, 2 * dim)
+        ref = img[:, n:] if self.cfg.zero_cond_t else None  # (L, 1, 6 * dim)
+        return [StepModulation(img[:, i : i + 1], txt[:, i : i + 1], final[i : i + 1], ref) for i in range(n)]
+
+    @torch.no_grad()
+    def reference_modulation(self) -> Tensor:
+        """zero_cond_t: every block's image-stream vectors at t = 0, (num_layers, 1, 6 * dim), for a forward
+        without a `modulation_table` entry."""
+        dtype = self.img_in.weight.dtype
+        act = F.silu(self.time_embed(torch.zeros(1, device=self.img_in.weight.device), dtype))
+        return torch.stack([block.img_mod.lin(act) for block in self.blocks])
 
     def forward(
         self,
@@ -421,6 +425,7 @@ class QwenImageTransformer(nn.Module):
         txt_lens: tuple[int, ...] | None = None,
         modulation: StepModulation | None = None,
         cache=None,
+        mod_index: Tensor | None = None,
     ) -> Tensor:
         """(B, S_img, in_channels) latents, (B, S_txt, joint_dim) text states, (B, S_txt) mask, (B,) sigma,
         per-sample (frames, h, w) in patches -> (B, S_img, patch^2 * out_channels) velocity.
@@ -428,11 +433,14 @@ class QwenImageTransformer(nn.Module):
         Optional: `rope` precomputed by `make_rope`; `txt_lens`, the valid text length of each sample as
         host ints, when the mask is padding at the end of the text (then attention needs no mask);
         `modulation`, this step's entry of `modulation_table` (every sample must be at that timestep);
+        `mod_index`, `modulation_index(img_shapes)` precomputed (zero_cond_t; derived from img_shapes if absent);
         `cache`, a step cache's loop for this call (see `run_blocks`).
         """
+        if mod_index is None and img_shapes is not None and self.cfg.zero_cond_t:
+            mod_index = self.modulation_index(img_shapes, hidden_states.device)
         t = timestep if modulation is None else None  # the table replaces the time embedding
         x = self.prepare(hidden_states, encoder_hidden_states, encoder_hidden_states_mask, t, img_shapes, rope)
-        return self.run_blocks(x.img, x.txt, x.temb, x.rope, x.key_mask, txt_lens, modulation, cache)
+        return self.run_blocks(x.img, x.txt, x.temb, x.rope, x.key_mask, txt_lens, modulation, cache, mod_index)
 
     def run_blocks(
         self,
@@ -444,16 +452,27 @@ class QwenImageTransformer(nn.Module):
         txt_lens=None,
         modulation: StepModulation | None = None,
         cache=None,
+        mod_index: Tensor | None = None,
     ) -> Tensor:
         """The blocks and the final layer over prepared inputs: (B, S_img, dim) -> (B, S_img, out_dim).
         Needs `temb` unless `modulation` is given. `cache` (fastdit.cache.CachedLoop): runs the blocks as
-        segments through `run_segment`, deciding per step whether the middle ones run."""
+        segments through `run_segment`, deciding per step whether the middle ones run. `mod_index` (S_img,) bool:
+        reference tokens (zero_cond_t), modulated at t = 0."""
         if cache is not None:
+            if mod_index is not None:
+                raise ConfigError("the step cache does not run with zero_cond_t reference tokens (Edit-2511) yet")
             return cache.run(self, img, txt, temb, rope, key_mask, txt_lens, modulation)
+        index, ref = None, None
+        if mod_index is not None:
+            if not self.cfg.zero_cond_t:
+                raise ConfigError("mod_index selects t = 0 modulation for reference tokens: a zero_cond_t model only")
+            index = mod_index.view(1, -1, 1)
+            ref = self.reference_modulation() if modulation is None or modulation.ref is None else modulation.ref
         gate_rows = temb.shape[0] if modulation is None else 1  # the table's vectors serve the whole batch
-        img, txt = Residual.start(img, gate_rows), Residual.start(txt, gate_rows)
-        img, txt = self.run_segment(0, len(self.blocks), img, txt, temb, rope, key_mask, txt_lens, modulation)
-        return self.final(img, temb, None if modulation is None else modulation.final)
+        img, txt = Residual.start(img, gate_rows, ref), Residual.start(txt, gate_rows)
+        refs = None if index is None else (ref, index)
+        img, txt = self.run_segment(0, len(self.blocks), img, txt, temb, rope, key_mask, txt_lens, modulation, refs)
+        return self.final(img, temb, None if modulation is None else modulation.final, index)
 
     def run_segment(
         self,
@@ -466,9 +485,12 @@ class QwenImageTransformer(nn.Module):
         key_mask: Tensor | None,
         txt_lens=None,
         modulation: StepModulation | None = None,
+        refs: tuple[Tensor, Tensor] | None = None,
     ) -> tuple[Residual, Residual]:
-        """Blocks [start, end) over the (img, txt) residual streams."""
+        """Blocks [start, end) over the (img, txt) residual streams. `refs`: (the t = 0 table (L, 1, 6 * dim), the
+        token index (1, S_img, 1)) with zero_cond_t reference tokens."""
         for i, block in islice(enumerate(self.blocks), start, end):
             mods = (None, None) if modulation is None else (modulation.img[i], modulation.txt[i])
-            img, txt = block(img, txt, temb, rope, key_mask, txt_lens, *mods)
+            ref = (None, None) if refs is None else (refs[0][i], refs[1])
+            img, txt = block(img, txt, temb, rope, key_mask, txt_lens, *mods, *ref)
         return img, txt

@@ -125,6 +125,9 @@ class ParallelTransformer(nn.Module):
         # With sharded modulation each layer all-gathers: every rank must call this together (the pipeline does).
         return self.model.modulation_table(timesteps)
 
+    def modulation_index(self, img_shapes, device=None) -> Tensor | None:
+        return self.model.modulation_index(img_shapes, device)
+
     def forward(
         self,
         hidden_states: Tensor,
@@ -136,10 +139,13 @@ class ParallelTransformer(nn.Module):
         txt_lens: tuple[int, ...] | None = None,
         modulation: StepModulation | None = None,
         cache=None,
+        mod_index: Tensor | None = None,
     ) -> Tensor:
         st = self.state
         if rope is None:
             rope = self.model.make_rope(img_shapes, encoder_hidden_states.shape[1], hidden_states.device)
+        if mod_index is None and img_shapes is not None and self.cfg.zero_cond_t:
+            mod_index = self.model.modulation_index(img_shapes, hidden_states.device)
         b = hidden_states.shape[0]
         split = st.cfg > 1 and b % st.cfg == 0
         if split:
@@ -155,7 +161,7 @@ class ParallelTransformer(nn.Module):
             if txt_lens is not None:
                 txt_lens = tuple(txt_lens[rows])
         local = (hidden_states, encoder_hidden_states, encoder_hidden_states_mask, timestep, rope, txt_lens)
-        out = self._forward_local(*local, modulation, cache)
+        out = self._forward_local(*local, modulation, cache, mod_index)
         if split:
             out = all_gather(out.contiguous(), 0, st.cfg_group)  # (B, S_img, out_dim), rank order
         if split or st.sp > 1:
@@ -173,16 +179,30 @@ class ParallelTransformer(nn.Module):
         txt_lens=None,
         modulation: StepModulation | None = None,
         cache=None,
+        mod_index: Tensor | None = None,
     ):
         """One cfg part. With sp ranks, pad S_img to a multiple of sp, run tokens [r * L, (r + 1) * L) here.
 
         `cache` (fastdit.cache.CachedLoop): its statistics count this rank's real image tokens and are summed over
-        every rank, so that all ranks skip the same steps (and the collectives of the blocks skipped)."""
+        every rank, so that all ranks skip the same steps (and the collectives of the blocks skipped).
+        The per-token modulation index (zero_cond_t) is split with the tokens: a rank's part may hold target and
+        reference tokens both (the boundary falls where it falls); padded tokens get the target's modulation, and
+        their keys are masked and their outputs dropped, so it does not matter which."""
         st, model = self.state, self.model
         group = dist.group.WORLD if st.world_size > 1 else None
         if st.sp == 1:
             cache = None if cache is None else cache.shard(None, group)
-            return model(hidden, enc, mask, timestep, rope=rope, txt_lens=txt_lens, modulation=modulation, cache=cache)
+            return model(
+                hidden,
+                enc,
+                mask,
+                timestep,
+                rope=rope,
+                txt_lens=txt_lens,
+                modulation=modulation,
+                cache=cache,
+                mod_index=mod_index,
+            )
         b, s_img = hidden.shape[:2]
         n_txt = enc.shape[1]
         local = -(-s_img // st.sp)
@@ -205,7 +225,7 @@ class ParallelTransformer(nn.Module):
             img_mask = (torch.arange(local * st.sp, device=hidden.device) < s_img).expand(b, -1)
             key_mask = torch.cat([img_mask, txt_mask], dim=1)
         txt_lens = None if pad else txt_lens  # padded image keys need the mask
-        # (B, L, out_dim)
-        out = model.run_blocks(inp.img, inp.txt, inp.temb, rope_local, key_mask, txt_lens, modulation, cache)
+        index = None if mod_index is None else _pad_tokens(mod_index, pad, 0)[mine]  # (L,) bool
+        out = model.run_blocks(inp.img, inp.txt, inp.temb, rope_local, key_mask, txt_lens, modulation, cache, index)
         out = all_gather(out.contiguous(), 1, st.sp_group)  # (B, sp * L, out_dim)
         return out[:, :s_img]

@@ -18,6 +18,8 @@ from fastdit.pipelines.folder import read_model_index
 PIPELINES = {
     "QwenImagePipeline": ("fastdit.pipelines.qwenimage", "QwenImagePipeline"),
     "QwenImage21Pipeline": ("fastdit.pipelines.qwenimage21", "QwenImage21Pipeline"),
+    "QwenImageEditPipeline": ("fastdit.pipelines.edit", "QwenImageEditPipeline"),
+    "QwenImageEditPlusPipeline": ("fastdit.pipelines.edit", "QwenImageEditPlusPipeline"),
 }
 
 

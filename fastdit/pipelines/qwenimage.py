@@ -178,7 +178,7 @@ class QwenImagePipeline(DiTPipeline):
         step cache (`cached_loop`), which graphs its own segments."""
         transformer = self.transformer  # not self: a graph held by the pipeline must not keep it alive in a cycle
 
-        def forward(x, txt, mask, timestep, cos, sin, mod_img, mod_txt, mod_final):
+        def forward(x, txt, mask, timestep, cos, sin, mod_img, mod_txt, mod_final, mod_ref):
             return transformer(
                 hidden_states=x,
                 encoder_hidden_states=txt,
@@ -187,7 +187,7 @@ class QwenImagePipeline(DiTPipeline):
                 img_shapes=img_shapes,
                 rope=Rope(cos, sin),
                 txt_lens=txt_lens,
-                modulation=StepModulation(mod_img, mod_txt, mod_final),
+                modulation=StepModulation(mod_img, mod_txt, mod_final, mod_ref),
                 cache=loop,
             )
 

@@ -48,6 +48,34 @@ def backend(options: dict | None = None):
     return functools.partial(_compile, options=options)
 
 
+# The inputs of the compiled regions (`Block.forward`, `FinalLayer.forward` of fastdit.models.qwenimage, by their
+# parameter names) whose sizes count tokens: the image and text streams' sequence dims, the RoPE tables, the key
+# mask, the zero_cond_t token index, and the valid text length of each sample.
+TOKEN_DIM_SOURCES = ",".join(
+    [
+        r"L\['(img|txt|x)'\]\.(x|update):1",
+        r"L\['rope'\]\.(cos|sin):0",
+        r"L\['key_mask'\]:1",
+        r"L\['index'\]:1",
+        r"L\['txt_lens'\]\[\d+\]",
+    ]
+)
+
+
+def dynamic_tokens():
+    """A context in which compiled DiT regions trace their token counts as symbolic: the first compile serves every
+    image size, reference-image size and text length that follows, with no recompile. The other sizes (batch,
+    width, heads) stay static. Pipelines whose token counts change from call to call (editing: reference images
+    and their text tokens) run the DiT inside it; outside a compile it does nothing but set a config value.
+
+    Run the DiT under torch.inference_mode, as the pipelines do: there no tensor is a view of another, while under
+    no_grad the first block's input is a view of the embedding GEMM's output (the later blocks' are not), and
+    symbolic shapes guard on a view's base: the first block would get a graph of its own."""
+    import torch.compiler.config
+
+    return torch.compiler.config.patch(dynamic_sources=TOKEN_DIM_SOURCES)
+
+
 def compile_blocks(model: nn.Module, **compile_kwargs) -> nn.Module:
     """Regional compilation: compile one block's code, reused by every block (warm-up of one, not 60).
 

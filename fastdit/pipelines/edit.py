@@ -1,0 +1,257 @@
+"""Image editing with Qwen-Image-Edit (one image) and Edit-2509 / Edit-2511 (several): reference images + prompt ->
+an edited image, on the same fast DiT as text-to-image.
+
+Images match diffusers' `QwenImageEditPipeline` / `QwenImageEditPlusPipeline` for the same seed. The call is
+text-to-image's loop with a different step plan:
+
+- Conditioning: Qwen2.5-VL sees the prompt and the reference images (fastdit.pipelines.vl_text); the image
+  tokens are part of the text stream, so the prompt and the negative prompt differ in length and are padded to
+  one batch (the text-to-image padding: per-sample unmasked attention from the valid lengths).
+- Reference latents: each image's VAE posterior mode, normalised and packed at its own size, appended after the
+  noise tokens at every step (never denoised). RoPE puts reference k at frame k; the scheduler's shift counts
+  the target's tokens only.
+- Edit-2511 (`zero_cond_t`): reference tokens modulated at t = 0. The per-token index and the t = 0 vectors (one
+  table for all steps) are part of the plan, next to the per-step modulation table.
+- With true CFG, conditional and unconditional rows run as ONE DiT forward, as in text-to-image.
+- Compiled, the token counts are traced as symbolic (fastdit.runtime.compile.dynamic_tokens): a new reference
+  size or prompt length reuses the compiled blocks instead of compiling them again.
+
+Layouts: Qwen-Image-Edit takes one image, resized to `vae_image_area` for both the VL encoder and the VAE (its
+vision span inline before the prompt); Edit-2509 / 2511 take up to `max_images`, each resized to
+`vl_image_area` for the encoder and to `vae_image_area` for the VAE ("Picture k:" before each span). The output
+size defaults to the first (Edit) / last (2509 / 2511) image's aspect ratio at `vae_image_area`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from fastdit.checkpoint import default_device, read_json
+from fastdit.kernels.attention import resolve_backend
+from fastdit.load import load_transformer
+from fastdit.models.layers import Rope, set_attention_backend
+from fastdit.models.qwenimage import StepModulation
+from fastdit.pipelines.base import DiTPipeline, StageClock
+from fastdit.pipelines.edit_inputs import reference_images, resize, sized, to_pixels
+from fastdit.pipelines.folder import check_pipeline_folder
+from fastdit.pipelines.latents import decode, encode, initial_noise, pack_latents, to_pil, unpack_latents
+from fastdit.pipelines.loop import Images, denoise
+from fastdit.pipelines.qwenimage import load_components, negative_prompts, resolve_cfg
+from fastdit.pipelines.scheduler import check_scheduler_config, flow_match_sigmas
+from fastdit.pipelines.text import pad_embeds
+from fastdit.pipelines.vl_text import check_prompt_lengths, encode_vl_prompts, inline_images, numbered_images
+from fastdit.runtime.compile import dynamic_tokens
+from fastdit.validation import check_image_area, check_prompts, check_seed, check_size, check_steps
+
+log = logging.getLogger("fastdit")
+
+COMPONENTS = ("processor", "scheduler", "text_encoder", "tokenizer", "transformer", "vae")
+DEFAULT_VAE_IMAGE_AREA = 1024 * 1024
+DEFAULT_VL_IMAGE_AREA = 384 * 384
+
+
+class EditPipeline(DiTPipeline):
+    """What both edit layouts share; `QwenImageEditPipeline` and `QwenImageEditPlusPipeline` say how images are
+    sized and shown to the encoder (`prepare_images`, `image_prefix`) and how many there may be (`max_images`)."""
+
+    max_images = 1
+
+    def __init__(self, *, transformer, text_encoder, tokenizer, processor, vae, scheduler_config: dict, device, dtype):
+        super().__init__(transformer=transformer, device=device, dtype=dtype)
+        check_scheduler_config(scheduler_config)
+        self.text_encoder = text_encoder
+        self.tokenizer = tokenizer
+        self.processor = processor
+        self.vae = vae
+        self.scheduler_config = dict(scheduler_config)
+        self.latent_channels = vae.config.z_dim
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        *,
+        dtype: torch.dtype = torch.bfloat16,
+        device: str | torch.device | None = None,
+        parallel=None,
+        quantize: str | None = None,
+        attention: str = "auto",
+    ):
+        """Load a diffusers-format edit pipeline folder, every component checked before anything is loaded.
+        `parallel`, `quantize`, `attention`: as `QwenImagePipeline.from_pretrained`."""
+        from fastdit.tiny.vl import allow_vl_processors_without_torchvision
+
+        root = Path(path)
+        classes = check_pipeline_folder(root, COMPONENTS)
+        scheduler_config = read_json(root / "scheduler" / "scheduler_config.json")
+        check_scheduler_config(scheduler_config)
+        device = torch.device(device) if device is not None else default_device()
+        resolve_backend(attention, device)  # an unavailable backend fails before any weight is read
+        transformer = load_transformer(
+            root / "transformer", dtype=dtype, device=device, quantize=quantize, parallel=parallel
+        )
+        set_attention_backend(transformer.base, attention)
+        allow_vl_processors_without_torchvision()  # images only: the processor's video slot needs no torchvision
+        parts = load_components(root, classes, dtype, device)
+        return cls(transformer=transformer, scheduler_config=scheduler_config, device=device, dtype=dtype, **parts)
+
+    def image_prefix(self, count: int) -> str:
+        """The user content before the prompt for `count` images."""
+        raise NotImplementedError
+
+    def prepare_images(
+        self, images: list[Image.Image], vae_image_area: int, vl_image_area: int
+    ) -> tuple[list[Image.Image], list[Image.Image], tuple[int, int]]:
+        """RGB references -> (encoder images, VAE images, default output (width, height))."""
+        raise NotImplementedError
+
+    def dit_step(self, key, txt, txt_mask, txt_lens, rope: Rope, modulation, mod_index) -> Callable:
+        """The DiT at step i as `step(x, i)` for `denoise`: everything but x fixed for the call and passed as
+        arguments of the (possibly CUDA-graphed) call, so a graph recorded for the same shapes (`key`) serves."""
+        transformer = self.transformer  # not self: a graph held by the pipeline must not keep it alive in a cycle
+
+        def forward(x, txt, mask, timestep, cos, sin, mod_img, mod_txt, mod_final, mod_ref, index):
+            return transformer(
+                hidden_states=x,
+                encoder_hidden_states=txt,
+                encoder_hidden_states_mask=mask,
+                timestep=timestep,
+                rope=Rope(cos, sin),
+                txt_lens=txt_lens,
+                modulation=StepModulation(mod_img, mod_txt, mod_final, mod_ref),
+                mod_index=index,
+            )
+
+        run = self.graphed(key, forward)
+        timestep = torch.zeros(txt.shape[0], device=self.device)  # unused with the table; a fixed graph input
+
+        def step(x: torch.Tensor, i: int) -> torch.Tensor:
+            with dynamic_tokens():  # token counts symbolic where compiled: one graph for every size
+                return run(x, txt, txt_mask, timestep, *rope, *modulation[i], mod_index)
+
+        return step
+
+    def encode_references(self, vae_images: list[Image.Image]) -> tuple[torch.Tensor, list[tuple[int, int, int]]]:
+        """VAE images -> (1, N_ref, C * 4) tokens (posterior mode, normalised, packed per image, concatenated) and
+        each image's (1, h, w) token grid."""
+        tokens, grids = [], []
+        for im in vae_images:
+            latents = encode(self.vae, to_pixels(im).to(self.device))  # (1, C, 1, h, w)
+            tokens.append(pack_latents(latents.movedim(2, 1)).to(self.dtype))
+            grids.append((1, latents.shape[-2] // 2, latents.shape[-1] // 2))
+        return torch.cat(tokens, dim=1), grids
+
+    @torch.inference_mode()
+    def __call__(
+        self,
+        image: Image.Image | list[Image.Image],
+        prompt: str | list[str],
+        *,
+        negative_prompt: str | list[str] | None = None,
+        true_cfg_scale: float | None = None,
+        num_inference_steps: int = 50,
+        seed: int | list[int] | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        vae_image_area: int = DEFAULT_VAE_IMAGE_AREA,
+        vl_image_area: int = DEFAULT_VL_IMAGE_AREA,
+        progress: Callable[[int, int], None] | None = None,
+        show_progress: bool = True,
+    ) -> Images:
+        """Edit `image` (one PIL image or a list) as each prompt says: one output image per prompt.
+
+        `true_cfg_scale`: None -> 4.0 with a negative prompt, else off (CFG needs both a scale > 1 and a negative
+        prompt). `height` / `width`: the output size (multiples of 16); each defaults to the layout's image at
+        `vae_image_area`. `seed`: one int for the batch, or one per prompt."""
+        clock = StageClock(self.device)
+        images = reference_images(image, self.max_images)
+        prompts = check_prompts(prompt)
+        negatives = negative_prompts(negative_prompt, len(prompts))
+        cfg = resolve_cfg(true_cfg_scale, negatives)
+        steps = check_steps(num_inference_steps)
+        seed = check_seed(seed, len(prompts))
+        check_image_area(vae_image_area, "vae_image_area")
+        check_image_area(vl_image_area, "vl_image_area")
+        vl_images, vae_images, (default_w, default_h) = self.prepare_images(images, vae_image_area, vl_image_area)
+        height, width = check_size(default_h if height is None else height, default_w if width is None else width)
+        check_prompt_lengths(self.tokenizer, prompts, "prompt")
+        if cfg is not None:
+            check_prompt_lengths(self.tokenizer, negatives, "negative_prompt")
+
+        # 1. Text + images: one encoder call for prompts and negatives; (B', L, D), conditional rows first.
+        texts = prompts + (negatives if cfg is not None else [])
+        prefix = self.image_prefix(len(vl_images))
+        rows = encode_vl_prompts(self.text_encoder, self.processor, texts, vl_images, prefix, self.device)
+        txt, txt_mask = pad_embeds(rows, self.dtype)
+        txt_lens = tuple(r.shape[0] for r in rows)
+        if bool(txt_mask.all()):  # nothing padded: attention runs unmasked, its fast path
+            txt_mask, txt_lens = None, None
+        clock.lap("text_encode_s")
+
+        # 2. Reference latents (every row the same), then the noise: (B, N, C * 4) tokens on an h/2 x w/2 grid.
+        refs, ref_grids = self.encode_references(vae_images)
+        refs = refs.expand(txt.shape[0], -1, -1)
+        clock.lap("vae_encode_s")
+        lat_h, lat_w = height // 8, width // 8
+        noise = initial_noise(seed, (len(prompts), 1, self.latent_channels, lat_h, lat_w), self.dtype)
+        latents = pack_latents(noise).to(self.device)
+        layout = [(1, lat_h // 2, lat_w // 2), *ref_grids]  # target first; reference k at RoPE frame k
+        img_shapes = [layout] * txt.shape[0]
+        rope = self.transformer.make_rope(img_shapes, txt.shape[1], self.device)
+        mod_index = self.transformer.modulation_index(img_shapes, self.device)  # None unless zero_cond_t
+        schedule = flow_match_sigmas(steps, latents.shape[1], self.scheduler_config)  # target tokens only
+        timesteps = (schedule[:steps] * 1000).to(self.device, latents.dtype) / 1000
+        modulation = self.transformer.modulation_table(timesteps)
+
+        # 3. Flow-match Euler sampling; the reference tokens ride along after the noise tokens.
+        key = ("edit", tuple(latents.shape), tuple(layout), cfg is not None, tuple(txt.shape), txt_mask is not None)
+        step = self.dit_step((*key, txt_lens), txt, txt_mask, txt_lens, rope, modulation, mod_index)
+        latents = denoise(
+            step, latents, schedule, cfg_scale=cfg, appended=refs, progress=progress, show_progress=show_progress
+        )
+        clock.lap("denoise_s")
+
+        # 4. VAE decode.
+        out = to_pil(decode(self.vae, unpack_latents(latents, lat_h, lat_w)))
+        clock.lap("vae_decode_s")
+        return Images(out, seeds=seed, timings=clock.timings(steps), steps=steps)
+
+
+class QwenImageEditPipeline(EditPipeline):
+    """Qwen-Image-Edit: one reference image, its vision span inline before the prompt. The image is resized once,
+    to `vae_image_area`, and that one image is both the VL encoder's and the VAE's (`vl_image_area` is not used)."""
+
+    max_images = 1
+
+    def image_prefix(self, count: int) -> str:
+        return inline_images(count)
+
+    def prepare_images(self, images, vae_image_area, vl_image_area):
+        if vl_image_area != DEFAULT_VL_IMAGE_AREA:
+            log.warning("vl_image_area is not used by Qwen-Image-Edit: its image is encoded at vae_image_area")
+        (im,) = images
+        width, height = sized(im, vae_image_area, "vae_image_area", 0)
+        condition = resize(im, width, height)
+        return [condition], [condition], (width, height)
+
+
+class QwenImageEditPlusPipeline(EditPipeline):
+    """Qwen-Image-Edit-2509 / 2511: up to `max_images` reference images, "Picture k:" before each vision span; each
+    image resized from the original to `vl_image_area` for the encoder and to `vae_image_area` for the VAE."""
+
+    max_images = 3  # the released models are trained for 1 to 3 images
+
+    def image_prefix(self, count: int) -> str:
+        return numbered_images(count)
+
+    def prepare_images(self, images, vae_image_area, vl_image_area):
+        vl_images, vae_images = [], []
+        for k, im in enumerate(images):
+            vl_images.append(resize(im, *sized(im, vl_image_area, "vl_image_area", k)))
+            vae_images.append(resize(im, *sized(im, vae_image_area, "vae_image_area", k)))
+        return vl_images, vae_images, vae_images[-1].size
