@@ -12,6 +12,8 @@ import sys
 from contextlib import nullcontext, suppress
 
 from fastdit.bench.config import BenchConfig
+from fastdit.bench.memory_cli import STAGES as MEMORY_STAGES
+from fastdit.bench.memory_cli import add_memory_bench_arguments, memory_bench_main
 from fastdit.cli.common import ATTENTION_CHOICES, add_parallel_arguments, parallel_degrees, parallel_requested
 from fastdit.errors import FastditError
 
@@ -25,6 +27,8 @@ share of the matmul ceiling measured in the same run. `--compare diffusers` runs
 QwenImageTransformer2DModel on the very same weights (views of ours: no extra memory), eager and compiled, and
 prints the ratios. `--stage vae|text-encoder` times those stages instead. `--tp / --sp / --cfg-parallel` time the
 DiT step on that many ranks (one process per GPU, each with its shard of the random weights; rank 0 reports).
+`--stage pipeline` times whole images per memory plan under `--memory-cap-gb` against diffusers' offloading;
+`--stage quant` the quantization recipes' step time and error against bf16, and the int4 GEMM kernels.
 """
 
 
@@ -97,7 +101,7 @@ def add_parser(subparsers):
         description=DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--stage", choices=["dit", "vae", "text-encoder"], default="dit")
+    p.add_argument("--stage", choices=["dit", "vae", "text-encoder", *MEMORY_STAGES], default="dit")
     p.add_argument("--preset", choices=PRESET_NAMES, default="qwen-image", help="model size (tiny: for tests)")
     p.add_argument("--height", type=int, default=1024)
     p.add_argument("--width", type=int, default=1024)
@@ -165,6 +169,7 @@ def add_parser(subparsers):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, metavar="FILE", help="write all numbers and the environment here")
     add_parallel_arguments(p, "parallelism: the DiT step on tp x sp x cfg ranks (one process per GPU; gloo on CPU)")
+    add_memory_bench_arguments(p)
     p.set_defaults(func=bench_main)
     return p
 
@@ -205,6 +210,8 @@ def bench_main(args) -> int:
     from fastdit.bench.stages import bench_text_encoder, bench_vae
     from fastdit.bench.timing import matmul_ceiling
 
+    if args.stage in MEMORY_STAGES:  # whole images under memory plans; quantization recipes (fastdit.bench.memory_cli)
+        return memory_bench_main(args, DTYPES[args.dtype], environment)
     run = BenchConfig.from_args(args)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():

@@ -31,6 +31,7 @@ from fastdit.cli.common import (
     torch_device,
     torch_dtype,
 )
+from fastdit.cli.memory import add_memory_arguments, memory_plan
 from fastdit.validation import (
     SEED_LIMIT,
     InputError,
@@ -71,6 +72,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         ),
     )
     add_model_arguments(p)
+    add_memory_arguments(p)
     p.add_argument("--prompt", required=True, help="what to draw")
     p.add_argument(
         "--negative-prompt",
@@ -177,6 +179,9 @@ def run_generate(run: GenerateRun, parallel=None) -> int:
     device = parallel.device if parallel is not None else torch_device(run.options.device)
     dtype = torch_dtype(run.options.dtype, run.options.device)
     folder = resolve_model(run.model)
+    cfg = run.negative_prompt is not None and (run.cfg_scale is None or run.cfg_scale > 1)
+    size = dict(height=run.height, width=run.width, images=len(run.seeds), cfg=cfg)
+    plan = memory_plan(run.options, folder, device=device, dtype=dtype, parallel=parallel, **size)
     t0 = time.perf_counter()
     pipe = load_pipeline(
         folder,
@@ -185,6 +190,7 @@ def run_generate(run: GenerateRun, parallel=None) -> int:
         parallel=parallel,
         quantize=run.options.quantize,
         attention=run.options.attention,
+        **({} if plan is None else {"memory": plan}),
     )
     if run.options.compile:
         pipe.compile()

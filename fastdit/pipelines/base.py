@@ -14,6 +14,7 @@ from collections.abc import Callable
 import torch
 
 from fastdit.errors import FastditError
+from fastdit.memory.place import Placement
 from fastdit.runtime.compile import compile_blocks
 from fastdit.runtime.cudagraph import CudaGraphStep
 
@@ -51,6 +52,8 @@ class DiTPipeline:
         self.cuda_graph = False  # see enable_cuda_graph
         self._graph_key, self._graph = None, None
         self._graph_lock = threading.Lock()
+        # The run-time side of a memory plan (fastdit.memory): brackets text encoding and VAE decoding.
+        self.memory = Placement()
 
     def compile(self):
         """Compile the DiT block by block (`fastdit.compile_blocks`): full-graph, one warm-up for all blocks.

@@ -21,6 +21,7 @@ from fastdit.cli.common import (
     positive_int,
     resolve_model,
 )
+from fastdit.cli.memory import add_memory_arguments
 from fastdit.errors import FastditError
 from fastdit.runtime.env import under_torchrun
 
@@ -36,7 +37,9 @@ def _size(text: str) -> tuple[int, int]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_model_arguments(parser.add_argument_group("model"))
+    model = parser.add_argument_group("model")
+    add_model_arguments(model)
+    add_memory_arguments(model)
     add_parallel_arguments(parser, "parallelism (one process per GPU; gloo on CPU; rank 0 serves HTTP)")
     server = parser.add_argument_group("server")
     server.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s)")
