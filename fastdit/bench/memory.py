@@ -191,8 +191,10 @@ def run_fastdit(parts: Parts, plan_name: str, recipe_name: str, budget, run, dev
         )
         if plan.offload_text:
             text = OnDemand(list(parts.text_encoder.modules()), device)
-        else:
-            parts.text_encoder.to(device)
+        else:  # device copies in new Parameters: the host ones (restored below) stay as they are
+            for module, name, p in host_params:
+                module._parameters[name] = torch.nn.Parameter(p.detach().to(device), requires_grad=False)
+            parts.text_encoder.to(device)  # the buffers
         parts.vae.to(device)
         pipe = QwenImagePipeline(
             transformer=dit,

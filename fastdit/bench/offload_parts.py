@@ -57,13 +57,16 @@ class Parts:
     scheduler_config: dict
 
 
-def _fill_parts_on(device: torch.device, module: nn.Module, seed: int) -> None:
-    """Random fastdit DiT weights (fastdit.bench.weights.fill_random_) for a model built on meta: each top-level part
-    is materialised on `device`, filled there, then moved to host memory."""
-    parts = [(n, m) for n, m in module.named_children() if n != "blocks"] + list(enumerate(module.blocks))
-    for i, (_, part) in enumerate(parts):
+def _fill_parts_on(device: torch.device, model: QwenImageTransformer, seed: int) -> None:
+    """Random DiT weights as fastdit.bench.weights.random_dit draws them, for a model built on meta: each top-level
+    part (each block) is materialised on `device`, filled there and moved to host memory. A part is filled under its
+    own name (`holder`), so the initialisation rules that go by name (norms, modulation) apply as in the whole model."""
+    parts = [(n, m) for n, m in model.named_children() if n != "blocks"] + [("block", b) for b in model.blocks]
+    for i, (name, part) in enumerate(parts):
+        holder = nn.Module()
+        holder.add_module(name, part)
         part.to_empty(device=device)
-        fill_random_(part, device, seed + i)
+        fill_random_(holder, device, seed + i)
         part.to("cpu")
 
 
