@@ -52,7 +52,7 @@ def test_quant_stage_on_cpu(tmp_path, capsys):
     int4 GEMM at each block-linear shape (the torch path here: equal to the dequantized product)."""
     out = tmp_path / "quant.json"
     argv = ["bench", "--stage", "quant", *TINY, "--text-len", "8", "--warmup", "0", "--iters", "1"]
-    assert main([*argv, "--recipes", "fp8,fp8-fast,int4", "--json", str(out)]) == 0
+    assert main([*argv, "--recipes", "bf16,fp8,fp8-fast,int4", "--json", str(out)]) == 0
     res = json.loads(out.read_text())
     runs = res["runs"]
     assert set(runs) == {"bf16 eager", "fp8 eager", "fp8-fast eager", "int4 eager"}
