@@ -6,12 +6,18 @@
 2. build the model on the meta device;
 3. with several ranks, swap in this rank's tensor / sequence-parallel layers (fastdit.parallel) and take
    the slice of every tensor it reads from their types (`shard_plan`);
-4. for a folder written by `fastdit quantize`, swap in empty fp8 layers for its e4m3 tensors (fastdit.quant);
+4. for a folder written by `fastdit quantize`, swap in empty quantized layers for its fp8 / int4 tensors
+   (fastdit.quant);
 5. stream the tensors in (fastdit.checkpoint), every key and shape checked first;
-6. quantize a float folder's block linears when `quantize` asks for it (after sharding: each rank its own);
+6. quantize a float folder's block linears as the `quantize` recipe says (fastdit.quant.recipes; after sharding:
+   each rank its own);
 7. wrap a parallel model in its family's wrapper (`ParallelTransformer`, ...), which has the single-device model's call.
 
-The checkpoint reader, fp8 and parallel code do not know about each other; only this module does.
+With a memory plan that stages on the host (fastdit.memory: the DiT, or its float form, does not fit the GPU),
+step 5 reads into host memory and the plan places the model on the device block by block, quantizing each block
+on the way (step 6), so the GPU never holds more than one float block.
+
+The checkpoint reader, quantization, parallel and memory code do not know about each other; only this module does.
 """
 
 from __future__ import annotations
@@ -33,15 +39,26 @@ from fastdit.models.qwenimage_keys import checkpoint_keys
 from fastdit.parallel.qwenimage21 import ParallelQwenImage21, parallelize_qwenimage21
 from fastdit.parallel.state import ParallelState
 from fastdit.parallel.transformer import ParallelTransformer, check_parallel_config, parallelize, shard_plan
-from fastdit.quant.checkpoint import check_fp8_checkpoint, folder_quantization
-from fastdit.quant.fp8 import BLOCK_LINEARS, check_fp8_device, parse_mode, quantize_model
+from fastdit.quant.checkpoint import check_quantized_checkpoint, folder_quantization
+from fastdit.quant.fp8 import BLOCK_LINEARS, MODULATION
+from fastdit.quant.recipes import (
+    BlockRoles,
+    Recipe,
+    block_quantizer,
+    check_tensor_parallel,
+    parse_quantize,
+    quantize_blocks,
+    saved_recipe,
+)
 
 
 @dataclass(frozen=True)
 class Family:
     """A DiT architecture as the loader sees it: its config, its module, its checkpoint-name table, the block
-    linears fp8 quantizes (paths inside a block), and how fastdit.parallel shards it: `parallelize(model, state,
-    shard_modulation=)` swaps the layers of a model on meta, `wrapper(model, state)` gives it the model's call."""
+    linears quantization replaces (paths inside a block), and how fastdit.parallel shards it: `parallelize(model,
+    state, shard_modulation=)` swaps the layers of a model on meta, `wrapper(model, state)` gives it the model's
+    call. `mlp_out` (the MLPs' second linears) and `modulation` (per-block modulation projections) are the roles
+    quantization recipes treat apart (fastdit.quant.recipes)."""
 
     config_from_diffusers: Callable[[dict], object]
     model: type[nn.Module]
@@ -49,11 +66,22 @@ class Family:
     block_linears: tuple[str, ...]
     parallelize: Callable[..., nn.Module] = parallelize
     wrapper: Callable[[nn.Module, ParallelState], nn.Module] = ParallelTransformer
+    mlp_out: tuple[str, ...] = ()
+    modulation: tuple[str, ...] = ()
+
+    @property
+    def roles(self) -> BlockRoles:
+        return BlockRoles(self.block_linears, self.mlp_out, self.modulation)
 
 
 FAMILIES: dict[str, Family] = {
     "QwenImageTransformer2DModel": Family(
-        DiTConfig.from_diffusers, QwenImageTransformer, checkpoint_keys, BLOCK_LINEARS
+        DiTConfig.from_diffusers,
+        QwenImageTransformer,
+        checkpoint_keys,
+        BLOCK_LINEARS,
+        mlp_out=("img_mlp.fc2", "txt_mlp.fc2"),
+        modulation=MODULATION,
     ),
     "QwenImage21Transformer2DModel": Family(
         QwenImage21Config.from_diffusers,
@@ -62,6 +90,7 @@ FAMILIES: dict[str, Family] = {
         ("qkv", "out", "mlp.gate_up", "mlp.down"),
         parallelize_qwenimage21,
         ParallelQwenImage21,
+        mlp_out=("mlp.down",),
     ),
 }
 
@@ -90,23 +119,29 @@ def quantized_keys(num_layers: int, modules: tuple[str, ...], keys=checkpoint_ke
     return [k for i in range(num_layers) for m in modules for k in keys(f"blocks.{i}.{m}.weight")]
 
 
-def _check_fp8(folder: Path, saved: dict | None, quantize: str | None, dtype, device) -> bool | None:
-    """Whether fp8 is emulated (None: no fp8), after the device and dtype checks, before any tensor is read."""
-    if saved is None and quantize is None:
-        return None
-    emulate = parse_mode(quantize or "fp8")
-    if not emulate:
-        try:
-            check_fp8_device(device)
-        except FastditError as e:
-            if saved is None:
-                raise
-            raise FastditError(
-                f"{folder} holds fp8 (e4m3) weights written by `fastdit quantize`; they need a CUDA GPU with fp8 "
-                f"tensor cores (compute capability >= 8.9): {e}"
-            ) from None
-        if dtype != torch.bfloat16:
-            raise FastditError(f"fp8 layers compute in bfloat16; load with dtype=torch.bfloat16, not {dtype}")
+def check_quantization(folder: Path, saved: dict | None, recipe: Recipe | None, dtype, device) -> bool:
+    """Whether fp8 is emulated, after the device and dtype checks, before any tensor is read."""
+    if saved is None and recipe is None:
+        return False
+    emulate = recipe is not None and recipe.emulate
+    method = saved["method"] if saved is not None else recipe.method
+    if recipe is not None and saved is not None and recipe.method != method:
+        raise FastditError(
+            f"{folder} holds {method} weights written by `fastdit quantize`; it cannot run as {recipe.name}"
+        )
+    if method == "int4" or emulate:
+        return emulate
+    try:
+        (recipe or Recipe("fp8-fast")).check_device(device)
+    except FastditError as e:
+        if saved is None:
+            raise
+        raise FastditError(
+            f"{folder} holds fp8 (e4m3) weights written by `fastdit quantize`; they need a CUDA GPU with fp8 "
+            f"tensor cores (compute capability >= 8.9): {e}"
+        ) from None
+    if dtype != torch.bfloat16:
+        raise FastditError(f"fp8 layers compute in bfloat16; load with dtype=torch.bfloat16, not {dtype}")
     return emulate
 
 
@@ -118,11 +153,15 @@ def load_transformer(
     quantize: str | None = None,
     parallel: ParallelState | None = None,
     shard_modulation: bool | None = None,
+    memory=None,
 ) -> nn.Module:
     """Load a diffusers-format DiT folder (or a pipeline root holding `transformer/`).
 
-    `quantize="fp8"` runs the block linears in fp8 (fastdit.quant; "fp8-emulated" for CPU tests); a folder written
-    by `fastdit quantize` (config.json has a `quantization` entry) loads as fp8 without being asked.
+    `quantize`: a recipe of fastdit.quant.recipes ("fp8", "fp8-fast", "fp8-blockwise", "int4"; the fp8 ones as
+    "...-emulated" for CPU tests); a folder written by `fastdit quantize` (config.json has a `quantization` entry)
+    loads quantized without being asked.
+    `memory`: a fastdit.memory.MemoryPlan (anything with `stage_on_host` and `place(model, device, quantize)`);
+    when it stages on the host, the weights are read into host memory and the plan puts them on `device`.
     `parallel`: this rank's `ParallelState`; with several ranks each rank builds its parallel layers, reads only
     its slices, and gets a `ParallelTransformer`. `shard_modulation` (default: when tp > 1) also splits the
     modulation linears (a third of the weights) at one all-gather per stream and block.
@@ -132,13 +171,17 @@ def load_transformer(
     device = torch.device(device) if device is not None else (parallel.device if parallel else default_device())
     sharded = parallel is not None and parallel.world_size > 1
     saved = folder_quantization(folder)
-    emulate = _check_fp8(folder, saved, quantize, dtype, device)
+    recipe = parse_quantize(quantize)
+    emulate = check_quantization(folder, saved, recipe, dtype, device)
+    saved_layers = saved_recipe(saved)[1] if saved is not None else {}
+    layers = recipe.layers(family.roles) if recipe is not None else {}
+    check_tensor_parallel(recipe, saved_layers | layers, sharded)
     if sharded:
         check_parallel_config(cfg, parallel.tp, parallel.sp)
         if shard_modulation is None:
             shard_modulation = parallel.tp > 1
-        if saved is not None and any(m.endswith("_mod.lin") for m in saved["modules"]):
-            shard_modulation = False  # an all-gathered sharded layer cannot be fp8
+        if any(m in family.modulation for m in saved_layers | layers):
+            shard_modulation = False  # an all-gathered sharded layer cannot be quantized
     with torch.device("meta"):
         model = family.model(cfg)
     plan = lambda name: None  # noqa: E731
@@ -146,12 +189,19 @@ def load_transformer(
         family.parallelize(model, parallel, shard_modulation=shard_modulation)
         plan = shard_plan(model, parallel)  # from the parallel layer types, before fp8 layers replace them
     if saved is not None:
-        modules = tuple(saved["modules"])
-        check_fp8_checkpoint(folder, quantized_keys(cfg.num_layers, modules, family.checkpoint_keys))
-        quantize_model(model, emulate=emulate, modules=modules)  # empty e4m3 layers for the loader
+        keys = quantized_keys(cfg.num_layers, tuple(saved_layers), family.checkpoint_keys)
+        check_quantized_checkpoint(folder, keys, saved["method"])
+        quantize_blocks(model, saved_layers, emulate)  # empty quantized layers for the loader
+    if memory is not None and memory.stage_on_host:
+        if sharded:
+            raise ConfigError("memory plans that offload the DiT run on one device, not under --tp / --sp / --cfg")
+        cpu = torch.device("cpu")
+        load_state_dict_into(model, folder, dtype=dtype, device=cpu, shard_plan=plan, key_map=family.checkpoint_keys)
+        model = model.eval().requires_grad_(False)
+        memory.place(model, device, block_quantizer(layers, emulate) if layers else None)
+        return model
     load_state_dict_into(model, folder, dtype=dtype, device=device, shard_plan=plan, key_map=family.checkpoint_keys)
     model = model.eval().requires_grad_(False)
-    if emulate is not None:
-        # A float folder's block linears (a no-op on layers already fp8).
-        quantize_model(model, emulate=emulate, modules=family.block_linears)
+    if layers:
+        quantize_blocks(model, layers, emulate)  # a float folder's layers (a no-op on layers already quantized)
     return family.wrapper(model, parallel) if sharded else model

@@ -88,9 +88,10 @@ def test_emulated_linear_error_is_that_of_e4m3():
 
 
 def test_quantized_tiny_dit_is_close_to_float(ckpt):
-    """All 8 block linears in fp8 (emulated): cosine similarity >= 0.99 with the float32 output."""
+    """All 8 block linears in fp8 (fp8-fast, emulated): cosine similarity >= 0.99 with the float32 output. The
+    `fp8` recipe swaps the same layers but the MLPs' second linears, which stay in float."""
     ref = load_transformer(ckpt, dtype=torch.float32, device="cpu")
-    q = load_transformer(ckpt, dtype=torch.float32, device="cpu", quantize="fp8-emulated")
+    q = load_transformer(ckpt, dtype=torch.float32, device="cpu", quantize="fp8-fast-emulated")
     for block in q.blocks:
         for path in BLOCK_LINEARS:
             assert isinstance(block.get_submodule(path), Fp8Linear), path
@@ -98,6 +99,11 @@ def test_quantized_tiny_dit_is_close_to_float(ckpt):
     with torch.no_grad():
         a, b = ref(*inputs()), q(*inputs())
     assert cosine(b, a) >= 0.99, cosine(b, a)
+    safe = load_transformer(ckpt, dtype=torch.float32, device="cpu", quantize="fp8-emulated")
+    for block in safe.blocks:
+        for path in BLOCK_LINEARS:
+            float_kept = path in ("img_mlp.fc2", "txt_mlp.fc2")
+            assert isinstance(block.get_submodule(path), nn.Linear if float_kept else Fp8Linear), path
 
 
 def test_fp8_without_emulation_is_refused_on_cpu(ckpt):
@@ -120,7 +126,8 @@ def test_quantize_cli_round_trip_and_size(ckpt, tmp_path, capsys):
     (fp8 on meta, no float copy), gives exactly the quantize-at-load output, and its quantized weights take
     about half the bytes of bf16 ones."""
     out = tmp_path / "fp8"
-    assert main(["quantize", "--model", str(ckpt), "--output", str(out), "--shard-size-gb", "0.0001"]) == 0
+    argv = ["quantize", "--model", str(ckpt), "--output", str(out), "--shard-size-gb", "0.0001"]
+    assert main([*argv, "--format", "fp8-fast"]) == 0
     assert "wrote" in capsys.readouterr().out
     where = weight_map(out)
     assert len(set(where.values())) > 1  # sharded, with an index
@@ -153,8 +160,8 @@ def test_quantize_cli_round_trip_and_size(ckpt, tmp_path, capsys):
 
     with pytest.raises(FastditError, match="compute capability"):  # the parallel loader checks the same way
         load_transformer(out, parallel=single_device("cpu"), dtype=torch.bfloat16, device="cpu")
-    saved = load_transformer(out, dtype=torch.bfloat16, device="cpu", quantize="fp8-emulated")
-    at_load = load_transformer(ckpt, dtype=torch.bfloat16, device="cpu", quantize="fp8-emulated")
+    saved = load_transformer(out, dtype=torch.bfloat16, device="cpu", quantize="fp8-fast-emulated")
+    at_load = load_transformer(ckpt, dtype=torch.bfloat16, device="cpu", quantize="fp8-fast-emulated")
     assert saved.blocks[0].attn.img_qkv.weight.dtype == FP8
     assert saved.blocks[0].attn.img_qkv.weight_scale.dtype == torch.float32
     for (name, p), (name2, p2) in zip(saved.named_parameters(), at_load.named_parameters(), strict=True):
@@ -199,14 +206,14 @@ def test_saved_fp8_checkpoint_loads_sharded_under_tensor_parallelism(ckpt, tmp_p
     from fastdit import load_transformer
 
     out = tmp_path / "fp8"
-    assert main(["quantize", "--model", str(ckpt), "--output", str(out)]) == 0
-    one = load_transformer(out, dtype=torch.float32, device="cpu", quantize="fp8-emulated")
+    assert main(["quantize", "--model", str(ckpt), "--output", str(out), "--format", "fp8-fast"]) == 0
+    one = load_transformer(out, dtype=torch.float32, device="cpu", quantize="fp8-fast-emulated")
     x = torch.randn(2, 7, one.cfg.dim, generator=torch.Generator().manual_seed(0))
     partials = []
     for rank in range(2):
         # A stand-in group: loading needs none, and the all-reduce below is done by hand.
         state = ParallelState(tp=2, sp=1, cfg=1, tp_rank=rank, tp_group="stand-in")
-        par = load_transformer(out, parallel=state, dtype=torch.float32, device="cpu", quantize="fp8-emulated")
+        par = load_transformer(out, parallel=state, dtype=torch.float32, device="cpu", quantize="fp8-fast-emulated")
         for path in BLOCK_LINEARS:
             mine, full = par.model.blocks[1].get_submodule(path), one.blocks[1].get_submodule(path)
             assert isinstance(mine, Fp8Linear) and mine.weight.dtype == FP8, path
@@ -368,3 +375,21 @@ def test_gelu_quantize_rows_kernel_on_gpu(width):
     compiled = torch.compile(gelu_quantize_rows, fullgraph=True, dynamic=True)
     cv, cs = compiled(h)
     assert torch.equal(cv.float(), v.float()) and torch.equal(cs, s)
+
+
+def test_recipes_choose_layers_by_role():
+    """fp8 keeps the MLPs' second linears in float, fp8-fast quantizes every block linear, fp8-blockwise gives the
+    MLPs' second linears 1 x 128 / 128 x 128 scales, int4 adds the modulation; bad names are one-line errors."""
+    from fastdit.load import FAMILIES
+    from fastdit.quant.recipes import FP8, FP8_BLOCK, INT4, parse_quantize
+
+    roles = FAMILIES["QwenImageTransformer2DModel"].roles
+    fc2 = {"img_mlp.fc2", "txt_mlp.fc2"}
+    assert parse_quantize("fp8").layers(roles) == {p: FP8 for p in BLOCK_LINEARS if p not in fc2}
+    assert parse_quantize("fp8-fast").layers(roles) == dict.fromkeys(BLOCK_LINEARS, FP8)
+    blockwise = parse_quantize("fp8-blockwise-emulated")
+    assert blockwise.emulate and {p for p, k in blockwise.layers(roles).items() if k == FP8_BLOCK} == fc2
+    assert parse_quantize("int4").layers(roles) == dict.fromkeys(BLOCK_LINEARS + ("img_mod.lin", "txt_mod.lin"), INT4)
+    for bad in ("int4-emulated", "fp4", "FP8"):
+        with pytest.raises(FastditError, match="quantize must be one of"):
+            parse_quantize(bad)

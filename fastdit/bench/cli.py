@@ -15,6 +15,8 @@ from contextlib import nullcontext, suppress
 from fastdit.bench.config import BenchConfig
 from fastdit.bench.edit import add_edit_arguments, bench_edit, check_edit_run, default_text_len, print_edit_warmup
 from fastdit.bench.family import QWEN21, add_family_arguments, model_config
+from fastdit.bench.memory_cli import STAGES as MEMORY_STAGES
+from fastdit.bench.memory_cli import add_memory_bench_arguments, memory_bench_main
 from fastdit.cache.cli import cache_spec
 from fastdit.cli.common import ATTENTION_CHOICES, add_parallel_arguments, parallel_degrees, parallel_requested
 from fastdit.cli.lora import add_lora_bench_arguments
@@ -112,7 +114,7 @@ def add_parser(subparsers):
         description=DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--stage", choices=["dit", "vae", "text-encoder", "pipeline"], default="dit")
+    p.add_argument("--stage", choices=["dit", "vae", "text-encoder", *MEMORY_STAGES], default="dit")
     p.add_argument("--preset", choices=PRESET_NAMES, default="qwen-image", help="model size (tiny: for tests)")
     p.add_argument("--height", type=int, default=1024)
     p.add_argument("--width", type=int, default=1024)
@@ -209,6 +211,7 @@ def add_parser(subparsers):
     add_lora_bench_arguments(p)
     add_family_arguments(p)
     add_edit_arguments(p)
+    add_memory_bench_arguments(p)
     p.set_defaults(func=bench_main)
     return p
 
@@ -273,6 +276,8 @@ def bench_main(args) -> int:
 
     if args.text_len is None:
         args.text_len = default_text_len(args.task)
+    if args.stage in MEMORY_STAGES:  # whole images under memory plans; quantization recipes (fastdit.bench.memory_cli)
+        return memory_bench_main(args, DTYPES[args.dtype], environment)
     run = BenchConfig.from_args(args)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():

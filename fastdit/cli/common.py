@@ -65,13 +65,14 @@ class ModelOptions:
     loras: tuple = ()  # fastdit.cli.lora.LoraSpec of each --lora
     fuse_lora: bool = False
     cache: StepCache | None = None  # --cache, where the subcommand has it (fastdit.cache.cli)
+    memory: str | None = None  # a fastdit.memory plan name (fastdit.cli.memory adds --memory)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> ModelOptions:
         loras = tuple(getattr(args, "lora", None) or ())  # LoRA flags: fastdit.cli.lora.add_lora_arguments
         return cls(
             args.dtype, args.device, args.quantize, args.attention, args.compile, args.cuda_graph,
-            loras, getattr(args, "fuse_lora", False), getattr(args, "cache", None),
+            loras, getattr(args, "fuse_lora", False), getattr(args, "cache", None), getattr(args, "memory", None),
         )  # fmt: skip
 
 
@@ -82,10 +83,13 @@ def add_model_arguments(parser, dtype_help: str = "auto: bfloat16 on CUDA, float
     parser.add_argument("--device", default=None, help="torch device, e.g. cuda:0 (default: cuda if available)")
     parser.add_argument(
         "--quantize",
-        choices=["fp8"],
+        choices=["fp8", "fp8-fast", "fp8-blockwise", "int4"],
         default=None,
-        help="run the DiT's block linears in fp8 e4m3 (CUDA, compute capability >= 8.9); a folder written by "
-        "`fastdit quantize` is fp8 without this flag",
+        help="quantize the DiT (fastdit.quant.recipes): fp8 = fp8 e4m3 block linears, the MLPs' second linears kept "
+        "in bf16 (CUDA, compute capability >= 8.9); fp8-fast = every block linear in fp8 (faster); fp8-blockwise = "
+        "fp8 with the MLPs' second linears in 1x128 / 128x128-scaled fp8 (Hopper); int4 = weight-only int4 for the "
+        "block linears and modulation (any GPU; the DiT in < 11.5 GB). A folder written by `fastdit quantize` is "
+        "quantized without this flag",
     )
     parser.add_argument(
         "--attention",
@@ -196,11 +200,11 @@ def check_model_options(options: ModelOptions, tp: int = 1, sp: int = 1) -> None
         return
     from fastdit.checkpoint import default_device
     from fastdit.kernels.attention import resolve_backend
-    from fastdit.quant.fp8 import check_fp8_device
+    from fastdit.quant.recipes import parse_quantize
 
     device = torch_device(options.device) or default_device()
     if options.quantize is not None:
-        check_fp8_device(device)
+        parse_quantize(options.quantize).check_device(device)
     resolve_backend(options.attention, device)
 
 

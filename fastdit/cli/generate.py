@@ -33,6 +33,7 @@ from fastdit.cli.common import (
     torch_dtype,
 )
 from fastdit.cli.lora import add_lora_arguments, apply_loras, check_lora_flags, read_loras
+from fastdit.cli.memory import add_memory_arguments, memory_plan
 from fastdit.cli.scheduler import add_scheduler_arguments, scheduler_notes
 from fastdit.validation import (
     SEED_LIMIT,
@@ -75,6 +76,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         ),
     )
     add_model_arguments(p)
+    add_memory_arguments(p)
     p.add_argument("--prompt", required=True, help="what to draw")
     p.add_argument(
         "--negative-prompt",
@@ -198,6 +200,9 @@ def run_generate(run: GenerateRun, parallel=None) -> int:
     folder = resolve_model(run.model)
     loras = read_loras(run.options.loras, folder)  # read and checked before the pipeline loads
     check_cache_fits(run.options.cache, folder)
+    cfg = run.negative_prompt is not None and (run.cfg_scale is None or run.cfg_scale > 1)
+    size = dict(height=run.height, width=run.width, images=len(run.seeds), cfg=cfg)
+    plan = memory_plan(run.options, folder, device=device, dtype=dtype, parallel=parallel, **size)
     t0 = time.perf_counter()
     pipe = load_pipeline(
         folder,
@@ -206,6 +211,7 @@ def run_generate(run: GenerateRun, parallel=None) -> int:
         parallel=parallel,
         quantize=run.options.quantize,
         attention=run.options.attention,
+        **({} if plan is None else {"memory": plan}),
     )
     apply_loras(pipe, run.options.loras, run.options.fuse_lora, loras)
     if run.options.compile:

@@ -20,6 +20,7 @@ from fastdit.cache.config import StepCache
 from fastdit.cache.loop import CachedLoop, Workspace
 from fastdit.errors import ConfigError, FastditError
 from fastdit.lora.pipeline import LoraPipelineMixin
+from fastdit.memory.place import Placement
 from fastdit.pipelines.vae import compile_decoder
 from fastdit.runtime.compile import compile_blocks
 from fastdit.runtime.cudagraph import CudaGraphStep
@@ -62,6 +63,8 @@ class DiTPipeline(LoraPipelineMixin):
         self.compiled = False  # see compile
         self.step_cache: StepCache | None = None  # see enable_step_cache
         self._cache_key, self._cache_workspace = None, None
+        # The run-time side of a memory plan (fastdit.memory): brackets text encoding and VAE decoding.
+        self.memory = Placement()
 
     def compile(self, *, vae: bool | None = None):
         """Compile the DiT block by block (`fastdit.compile_blocks`): full-graph, one warm-up for all blocks.

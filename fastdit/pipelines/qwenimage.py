@@ -37,6 +37,7 @@ from fastdit.checkpoint import default_device, read_json
 from fastdit.errors import CheckpointError, FastditError
 from fastdit.kernels.attention import resolve_backend
 from fastdit.load import load_transformer
+from fastdit.memory import attach, plan_memory
 from fastdit.models.layers import Rope, set_attention_backend
 from fastdit.models.qwenimage import StepModulation
 from fastdit.pipelines.base import DiTPipeline, StageClock
@@ -88,8 +89,11 @@ def negative_prompts(negative_prompt, count: int) -> list[str] | None:
     return negatives
 
 
-def load_components(root: Path, classes: dict[str, str], dtype: torch.dtype, device: torch.device) -> dict:
-    """The text encoder, tokenizer, processor and VAE a pipeline folder lists, loaded with their libraries."""
+def load_components(
+    root: Path, classes: dict[str, str], dtype: torch.dtype, device: torch.device, host: tuple[str, ...] = ()
+) -> dict:
+    """The text encoder, tokenizer, processor and VAE a pipeline folder lists, loaded with their libraries; the
+    components named in `host` into host memory (a memory plan brings them to `device` when they run)."""
     import diffusers
     import transformers
 
@@ -106,9 +110,11 @@ def load_components(root: Path, classes: dict[str, str], dtype: torch.dtype, dev
             if name in ("tokenizer", "processor"):
                 out[name] = loader.from_pretrained(root / name)
             elif library == "transformers":
-                out[name] = loader.from_pretrained(root / name, dtype=dtype).to(device).eval()
+                target = "cpu" if name in host else device
+                out[name] = loader.from_pretrained(root / name, dtype=dtype).to(target).eval()
             else:
-                out[name] = loader.from_pretrained(root / name, torch_dtype=dtype).to(device).eval()
+                target = "cpu" if name in host else device
+                out[name] = loader.from_pretrained(root / name, torch_dtype=dtype).to(target).eval()
     except (OSError, ValueError) as e:
         if isinstance(e, FastditError):
             raise
@@ -138,6 +144,7 @@ class QwenImagePipeline(DiTPipeline):
         parallel=None,
         quantize: str | None = None,
         attention: str = "auto",
+        memory=None,
     ):
         """Load a diffusers-format pipeline folder (model_index.json + one folder per part), every component
         checked before anything is loaded.
@@ -147,6 +154,8 @@ class QwenImagePipeline(DiTPipeline):
         `quantize`: "fp8" runs the DiT's block linears in fp8 e4m3 (fastdit.quant; "fp8-emulated" for CPU tests);
         a transformer folder written by `fastdit quantize` is fp8 without it.
         `attention`: the DiT's attention backend (fastdit.kernels.attention.BACKENDS; "int8" and "fp8" are 8-bit).
+        `memory`: a memory plan (fastdit.memory.PLANS name or a MemoryPlan): where the weights live; one that
+        cannot fit raises PlanError before any weight is read. None: every part on `device`.
         """
         root = Path(path)
         classes = check_pipeline_folder(root, COMPONENTS)
@@ -154,12 +163,14 @@ class QwenImagePipeline(DiTPipeline):
         check_scheduler_config(scheduler_config)
         device = torch.device(device) if device is not None else default_device()
         resolve_backend(attention, device)  # an unavailable backend fails before any weight is read
+        plan = plan_memory(memory, root, dtype=dtype, device=device, quantize=quantize, parallel=parallel, say=log.info)
         transformer = load_transformer(
-            root / "transformer", dtype=dtype, device=device, quantize=quantize, parallel=parallel
+            root / "transformer", dtype=dtype, device=device, quantize=quantize, parallel=parallel, memory=plan
         )
         set_attention_backend(transformer.base, attention)
-        parts = load_components(root, classes, dtype, device)
-        return cls(
+        host = ("text_encoder",) if plan is not None and plan.offload_text else ()
+        parts = load_components(root, classes, dtype, device, host)
+        pipe = cls(
             transformer=transformer,
             text_encoder=parts["text_encoder"],
             tokenizer=parts["tokenizer"],
@@ -168,6 +179,8 @@ class QwenImagePipeline(DiTPipeline):
             device=device,
             dtype=dtype,
         )
+        pipe.memory = attach(plan, pipe.text_encoder, device)
+        return pipe
 
     def dit_step(
         self, key, img_shapes, txt: torch.Tensor, txt_mask, txt_lens, rope: Rope, modulation, loop=None
@@ -242,7 +255,8 @@ class QwenImagePipeline(DiTPipeline):
 
         # 1. Text: one encoder call for prompts and negatives, rows repeated per image (prompt-major).
         texts = prompts + (negatives if cfg is not None else [])
-        rows = encode_prompts(self.text_encoder, self.tokenizer, texts, self.device)
+        with self.memory.text_encoder():
+            rows = encode_prompts(self.text_encoder, self.tokenizer, texts, self.device)
         rows = [r for r in rows for _ in range(num_images_per_prompt)]
         # (B', L, D) with B' = 2 * num_images under CFG: conditional rows first, then unconditional.
         txt, txt_mask = pad_embeds(rows, self.dtype)
@@ -273,7 +287,8 @@ class QwenImagePipeline(DiTPipeline):
         clock.lap("denoise_s")
 
         # 4. VAE decode: undo the latent normalisation, decode the single frame.
-        images = to_pil(decode(self.vae, unpack_latents(latents, lat_h, lat_w)))
+        with self.memory.vae(self.vae, num_images * height * width):
+            images = to_pil(decode(self.vae, unpack_latents(latents, lat_h, lat_w)))
         clock.lap("vae_decode_s")
         cached_steps = 0 if loop is None else loop.cached_steps
         return Images(images, seeds=seed, timings=clock.timings(steps), steps=steps, cached_steps=cached_steps)

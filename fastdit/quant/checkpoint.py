@@ -1,10 +1,12 @@
-"""fp8 checkpoints: `fastdit quantize` writes them, the loader reads their layout from config.json.
+"""Quantized checkpoints (fp8 or int4): `fastdit quantize` writes them, the loader reads their layout from config.json.
 
-A float transformer checkpoint is streamed one tensor at a time into safetensors shards: the weights of the
-quantized modules as e4m3 plus `<key>_scale` float32 (out,) tensors under the original names, everything else
-in the float dtype, and a `quantization` entry in config.json naming the modules. Loading such a folder builds
-the fp8 layers on meta and streams the e4m3 tensors in: no float copy of the quantized weights ever exists.
-Which keys a model's modules have is the model's table, passed in (`quantized_keys`).
+A float transformer checkpoint is streamed one tensor at a time into safetensors shards, everything that is not
+quantized in the float dtype, and a `quantization` entry in config.json names the method and the modules:
+- fp8: each quantized weight as e4m3 under its own name, plus `<key>_scale` float32 (out,);
+- int4: each quantized `<module>.weight` becomes `<module>.qweight` (out, in / 2) uint8 and `<module>.weight_scale`,
+  `<module>.weight_offset` (out, in / 128) in the float dtype (fastdit.kernels.w4a16 has the format).
+Loading such a folder builds the quantized layers on meta and streams the stored tensors in: no float copy of the
+quantized weights ever exists. Which keys a model's modules have is the model's table, passed in (`quantized_keys`).
 """
 
 from __future__ import annotations
@@ -23,6 +25,9 @@ from torch import Tensor
 from fastdit.checkpoint import read_json, resolve_transformer_dir, weight_map
 from fastdit.errors import CheckpointError, FastditError
 from fastdit.kernels.fp8_rows import FP8, quantize_rows
+from fastdit.kernels.w4a16 import GROUP, group_size, quantize_int4
+
+METHODS = ("fp8", "int4")
 
 
 def folder_quantization(folder: Path) -> dict | None:
@@ -31,18 +36,31 @@ def folder_quantization(folder: Path) -> dict | None:
     q = read_json(cfg_file).get("quantization")
     if q is None:
         return None
-    if not isinstance(q, dict) or q.get("method") != "fp8" or not isinstance(q.get("modules"), list):
-        raise CheckpointError(f"{cfg_file}: unsupported quantization entry {q!r} (fastdit writes method 'fp8')")
+    if not isinstance(q, dict) or q.get("method") not in METHODS or not isinstance(q.get("modules"), list):
+        raise CheckpointError(f"{cfg_file}: unsupported quantization entry {q!r} (fastdit writes methods {METHODS})")
+    if q["method"] == "int4" and q.get("group_size") != GROUP:
+        raise CheckpointError(f"{cfg_file}: int4 checkpoints have group_size {GROUP}, this one {q.get('group_size')!r}")
     return q
 
 
-def check_fp8_checkpoint(folder: Path, quantized_keys: list[str]) -> None:
-    """Header reads only: each quantized weight is stored as e4m3 and each scale as float32."""
+def stored_tensors(key: str, method: str) -> list[tuple[str, str | None]]:
+    """The (name, safetensors dtype or None for the float dtype) a quantized weight `key` is stored as."""
+    if method == "int4":
+        base = key.removesuffix(".weight")
+        return [(base + ".qweight", "U8"), (base + ".weight_scale", None), (base + ".weight_offset", None)]
+    return [(key, "F8_E4M3"), (key + "_scale", "F32")]
+
+
+def check_quantized_checkpoint(folder: Path, quantized_keys: list[str], method: str = "fp8") -> None:
+    """Header reads only: each quantized weight is stored as its method stores it (e4m3 + float32 scales, or
+    packed uint8 + scales and offsets)."""
     where = weight_map(folder)
     for key in quantized_keys:
-        for name, want in ((key, "F8_E4M3"), (key + "_scale", "F32")):
+        for name, want in stored_tensors(key, method):
             if name not in where:
                 raise CheckpointError(f"missing key in quantized checkpoint {folder}: {name}")
+            if want is None:
+                continue
             with safe_open(str(where[name]), framework="pt") as f:
                 got = f.get_slice(name).get_dtype()
             if got != want:
@@ -71,11 +89,13 @@ def quantize_checkpoint(
     dtype: torch.dtype = torch.bfloat16,
     device: str | torch.device = "cpu",
     max_shard_bytes: int = 5 * 2**30,
+    method: str = "fp8",
+    recipe: str | None = None,
 ) -> Path:
-    """Write an fp8 copy of a float transformer checkpoint; returns the new transformer folder.
+    """Write an fp8 or int4 (`method`) copy of a float transformer checkpoint; returns the new transformer folder.
 
-    `quantized_keys` are the checkpoint keys stored in fp8 (the weights of the model's `modules`, which are
-    recorded in config.json for the loader). Streams: one tensor at a time is read (cast to `dtype`, quantized
+    `quantized_keys` are the checkpoint keys stored quantized (the weights of the model's `modules`, which are
+    recorded in config.json for the loader, with the `recipe` name they came from). Streams: one tensor at a time is read (cast to `dtype`, quantized
     on `device` when it is one of `quantized_keys`) and at most one shard (`max_shard_bytes`) is held before
     it is written. Everything else is stored in `dtype`. `src` may be a pipeline root: then `dst` becomes one
     too, with `transformer/` quantized and the other parts symlinked to the originals. Everything is written
@@ -94,7 +114,7 @@ def quantize_checkpoint(
         raise FastditError(f"--output {out_root}: cannot write there ({e.strerror or e})") from None
     try:
         out = staging / "transformer" if is_pipeline else staging
-        _write_quantized(folder, out, set(quantized_keys), modules, dtype, device, max_shard_bytes)
+        _write_quantized(folder, out, set(quantized_keys), modules, dtype, device, max_shard_bytes, method, recipe)
         if is_pipeline:  # the other parts are unchanged: link them instead of copying gigabytes
             for entry in sorted(src_root.iterdir()):
                 if entry.name == "transformer":
@@ -120,6 +140,8 @@ def _write_quantized(
     dtype: torch.dtype,
     device,
     max_shard_bytes: int,
+    method: str,
+    recipe: str | None,
 ) -> None:
     where = weight_map(folder)
     missing = sorted(quantized - where.keys())
@@ -132,11 +154,20 @@ def _write_quantized(
         with safe_open(str(f), framework="pt") as h:
             for key in h.keys():  # noqa: SIM118 (safe_open handles are not dicts)
                 shapes[key] = h.get_slice(key).get_shape()
+
+    def stored_bytes(key: str) -> int:
+        shape = shapes[key]
+        if key not in quantized:
+            return _tensor_bytes(shape, dtype)
+        if method == "int4":
+            groups = shape[1] // group_size(shape[1])
+            return _tensor_bytes([shape[0], shape[1] // 2], torch.uint8) + 2 * _tensor_bytes([shape[0], groups], dtype)
+        return _tensor_bytes(shape, FP8) + _tensor_bytes(shape[:1], torch.float32)
+
     shards: list[list[str]] = [[]]
     size = 0
     for key in sorted(where):
-        n = _tensor_bytes(shapes[key], FP8 if key in quantized else dtype)
-        n += _tensor_bytes(shapes[key][:1], torch.float32) if key in quantized else 0
+        n = stored_bytes(key)
         if shards[-1] and size + n > max_shard_bytes:
             shards.append([])
             size = 0
@@ -154,7 +185,10 @@ def _write_quantized(
         for key in keys:
             with safe_open(str(where[key]), framework="pt", device=str(device)) as h:
                 t = h.get_tensor(key).to(dtype)
-            if key in quantized:
+            if key in quantized and method == "int4":
+                names = [name for name, _ in stored_tensors(key, method)]
+                tensors.update(zip(names, (x.cpu() for x in quantize_int4(t, dtype)), strict=True))
+            elif key in quantized:
                 w, scale = quantize_rows(t)
                 tensors[key], tensors[key + "_scale"] = w.cpu(), scale.squeeze(1).cpu()
             else:
@@ -164,18 +198,32 @@ def _write_quantized(
         index |= dict.fromkeys(tensors, name)
         del tensors
     if len(names) > 1:
-        total = sum(_tensor_bytes(shapes[k], FP8 if k in quantized else dtype) for k in where)
+        total = sum(stored_bytes(k) for k in where)
         (out / "diffusion_pytorch_model.safetensors.index.json").write_text(
             json.dumps({"metadata": {"total_size": total}, "weight_map": dict(sorted(index.items()))}, indent=2)
         )
 
     raw = read_json(folder / "config.json")
     raw["torch_dtype"] = str(dtype).removeprefix("torch.")
-    raw["quantization"] = {
-        "method": "fp8",
-        "format": "float8_e4m3fn",
-        "weights": "per output channel, float32 scale in <key>_scale",
-        "activations": "per token, dynamic",
-        "modules": list(modules),
-    }
+    if method == "int4":
+        raw["quantization"] = {
+            "method": "int4",
+            "group_size": GROUP,
+            "format": "uint8 pairs: in each group of G (128; 64 or 32 where 128 does not divide a layer's input), "
+            "byte j holds element j (low nibble) and j + G / 2 (high)",
+            "weights": "w = q * weight_scale + weight_offset per group, in <module>.qweight / .weight_scale / "
+            ".weight_offset",
+            "activations": "not quantized",
+            "modules": list(modules),
+        }
+    else:
+        raw["quantization"] = {
+            "method": "fp8",
+            "format": "float8_e4m3fn",
+            "weights": "per output channel, float32 scale in <key>_scale",
+            "activations": "per token, dynamic",
+            "modules": list(modules),
+        }
+    if recipe is not None:
+        raw["quantization"]["recipe"] = recipe
     (out / "config.json").write_text(json.dumps(raw, indent=2) + "\n")

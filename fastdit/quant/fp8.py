@@ -11,7 +11,9 @@ Scheme (per GEMM y = x @ W.T + b):
 
 What is quantized: the block linears (`BLOCK_LINEARS`: fused QKV, attention out-projections, MLPs): about
 two thirds of the weights and almost all the FLOPs. Modulation (`MODULATION`, one third of the weights but
-only B rows of activations), norms, attention, img_in / txt_in / final stay in bf16 unless asked.
+only B rows of activations), norms, attention, img_in / txt_in / final stay in bf16 unless asked. Which of the
+block linears a `quantize=` value swaps is its recipe's choice (fastdit.quant.recipes: `fp8` keeps the MLPs'
+second linears in bf16, `fp8-fast` swaps all of them).
 
 Where fp8 cannot run (CPU, GPUs below 8.9) `FastditError` is raised; nothing falls back silently. Tests
 use the explicit emulation mode (`emulate=True`, or the mode string "fp8-emulated"): the same fp8 rounding
@@ -48,16 +50,6 @@ BLOCK_LINEARS = (
     "txt_mlp.fc2",
 )
 MODULATION = ("img_mod.lin", "txt_mod.lin")
-
-# `quantize=` values: mode -> emulate. "fp8-emulated" is for tests: float math, never a speed-up.
-MODES = {"fp8": False, "fp8-emulated": True}
-
-
-def parse_mode(quantize: str) -> bool:
-    """A `quantize=` value -> whether it is the emulated variant; anything else is a FastditError."""
-    if quantize not in MODES:
-        raise FastditError(f"quantize must be one of {', '.join(repr(m) for m in MODES)} or None, got {quantize!r}")
-    return MODES[quantize]
 
 
 def check_fp8_device(device: str | torch.device) -> None:
@@ -191,7 +183,7 @@ class Fp8Linear(nn.Module):
         return y.reshape(*shape[:-1], y.shape[-1])
 
 
-def _fp8_layer(layer: nn.Module, emulate: bool, fast_accum: bool) -> Fp8Linear:
+def fp8_layer(layer: nn.Module, emulate: bool, fast_accum: bool) -> Fp8Linear:
     """The fp8 replacement of a (possibly sharded) linear layer; on meta an empty one for the loader to fill."""
     if isinstance(layer, Fp8Linear):
         return layer
@@ -237,5 +229,5 @@ def quantize_model(
         for path in modules:
             parent_name, _, leaf = path.rpartition(".")
             parent = block.get_submodule(parent_name)
-            setattr(parent, leaf, _fp8_layer(getattr(parent, leaf), emulate, fast_accum))
+            setattr(parent, leaf, fp8_layer(getattr(parent, leaf), emulate, fast_accum))
     return model

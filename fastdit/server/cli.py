@@ -23,6 +23,7 @@ from fastdit.cli.common import (
     resolve_model,
 )
 from fastdit.cli.lora import add_lora_arguments, check_lora_flags, read_loras
+from fastdit.cli.memory import add_memory_arguments
 from fastdit.cli.scheduler import add_scheduler_arguments
 from fastdit.errors import FastditError
 from fastdit.runtime.env import under_torchrun
@@ -39,7 +40,9 @@ def _size(text: str) -> tuple[int, int]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_model_arguments(parser.add_argument_group("model"))
+    model = parser.add_argument_group("model")
+    add_model_arguments(model)
+    add_memory_arguments(model)
     add_cache_arguments(parser.add_argument_group("step cache"))
     add_parallel_arguments(parser, "parallelism (one process per GPU; gloo on CPU; rank 0 serves HTTP)")
     add_lora_arguments(parser)

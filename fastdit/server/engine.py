@@ -12,7 +12,8 @@
   client went away is marked `abandoned`, and a batch whose jobs are all abandoned stops at the next
   step.
 - A failing batch of several jobs is retried one job at a time, so an exception (CUDA OOM, bad input)
-  fails only the request that causes it.
+  fails only the request that causes it. The failed call's memory is given back first: its frames (and the
+  tensors they hold) are cleared from the exception's traceback, then the allocator's cache is emptied.
 - The generator is loaded and warmed up on the worker thread, so the server can answer /health (503)
   while a large checkpoint loads. A generator that raises `GeneratorBroken` (it can run no more calls)
   stops the engine as a load failure does.
@@ -26,6 +27,7 @@ import math
 import secrets
 import threading
 import time
+import traceback
 import uuid
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -306,7 +308,7 @@ class Engine:
             self._fail(e)
             return
         except Exception as e:
-            _free_accelerator_memory()
+            _free_accelerator_memory(e)
             if len(jobs) == 1:
                 if isinstance(e, FastditError):  # bad input that slipped past the app's checks: one line
                     log.warning("request %s refused: %s", jobs[0].id, e)
@@ -378,8 +380,10 @@ class Engine:
         return results
 
 
-def _free_accelerator_memory() -> None:
-    """After a failure (often CUDA OOM), give cached blocks back before the next batch."""
+def _free_accelerator_memory(error: BaseException) -> None:
+    """After a failure (often CUDA OOM), give its memory back before the next batch: the exception (kept in the
+    job's future for the answer) would otherwise hold the failed call's frames and their tensors alive."""
+    traceback.clear_frames(error.__traceback__)
     try:
         import torch
     except ImportError:

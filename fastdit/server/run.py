@@ -38,17 +38,21 @@ def load_generator(model_path: str, options: ModelOptions, parallel=None) -> Gen
     """Build the pipeline (this rank's shard of it, given a `ParallelState`); runs on the engine thread of rank 0
     and the main thread of the other ranks."""
     from fastdit.cli.common import torch_device
+    from fastdit.cli.memory import memory_plan
     from fastdit.pipelines import load_pipeline
     from fastdit.server.lora import serve_loras
 
     device = parallel.device if parallel is not None else torch_device(options.device)
+    dtype = torch_dtype(options.dtype, options.device)
+    plan = memory_plan(options, model_path, device=device, dtype=dtype, parallel=parallel)
     pipe = load_pipeline(
         model_path,
-        dtype=torch_dtype(options.dtype, options.device),
+        dtype=dtype,
         device=device,
         parallel=parallel,
         quantize=options.quantize,
         attention=options.attention,
+        **({} if plan is None else {"memory": plan}),
     )
     if options.compile:
         pipe.compile()

@@ -1,0 +1,45 @@
+"""`--memory`: the memory plan of `generate` and `serve` (fastdit.memory), and the plan a run gets from it."""
+
+from __future__ import annotations
+
+from fastdit.cli.common import note
+
+MEMORY_HELP = (
+    "where the weights live (default: auto): full = every part on the GPU; offload-text = the text encoder in "
+    "host memory, on the GPU only while it encodes, and the VAE decoding in tiles when a whole image would not fit; "
+    "offload-blocks = also the DiT's modulation in host memory and as many DiT blocks on the GPU as fit, the rest "
+    "streamed from pinned host memory ahead of use; auto = the first that fits the GPU's free memory (one line says "
+    "which). A plan that cannot fit is refused before any weight is read"
+)
+
+
+def add_memory_arguments(parser) -> None:
+    parser.add_argument(
+        "--memory", choices=["auto", "full", "offload-text", "offload-blocks"], default="auto", help=MEMORY_HELP
+    )
+
+
+def memory_plan(options, folder, *, device, dtype, parallel=None, height=1024, width=1024, images=1, cfg=True):
+    """The MemoryPlan (or None) for a run's ModelOptions on the pipeline folder `folder`; `auto` says its choice
+    in one line. Raises fastdit.memory.PlanError (one line) when the asked plan cannot fit."""
+    if options.memory is None:
+        return None
+    from pathlib import Path
+
+    import torch
+
+    from fastdit.checkpoint import default_device
+    from fastdit.memory import Workload, plan_memory
+
+    device = torch.device(device) if device is not None else default_device()
+    workload = Workload(height=height, width=width, images=images, cfg=cfg)
+    return plan_memory(
+        options.memory,
+        Path(folder),
+        dtype=dtype,
+        device=device,
+        quantize=options.quantize,
+        workload=workload,
+        parallel=parallel,
+        say=note,
+    )
