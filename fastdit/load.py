@@ -16,15 +16,17 @@ The checkpoint reader, fp8 and parallel code do not know about each other; only 
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from torch import nn
 
-from fastdit.checkpoint import default_device, load_state_dict_into, read_json, resolve_transformer_dir
+from fastdit.checkpoint import default_device, load_state_dict_into, read_json, resolve_transformer_dir, weight_map
 from fastdit.errors import CheckpointError, ConfigError, FastditError
 from fastdit.models.qwenimage import DiTConfig, QwenImageTransformer
 from fastdit.models.qwenimage21 import QwenImage21Config, QwenImage21Transformer
@@ -94,16 +96,35 @@ def _check_fp8(folder: Path, saved: dict | None, quantize: str | None, dtype, de
     if not emulate:
         try:
             check_fp8_device(device)
-        except FastditError as e:
+        except FastditError:
             if saved is None:
                 raise
+            where = str(device)
+            if device.type == "cuda" and torch.cuda.is_available():
+                where += f" ({torch.cuda.get_device_name(device)})"
             raise FastditError(
-                f"{folder} holds fp8 (e4m3) weights written by `fastdit quantize`; they need a CUDA GPU with fp8 "
-                f"tensor cores (compute capability >= 8.9): {e}"
+                f"{folder} holds fp8 (e4m3) weights written by `fastdit quantize`: they run only on a CUDA GPU with "
+                f"fp8 tensor cores (compute capability >= 8.9: Ada, Hopper or newer), not on {where}; here, load "
+                "the float folder it was quantized from"
             ) from None
         if dtype != torch.bfloat16:
             raise FastditError(f"fp8 layers compute in bfloat16; load with dtype=torch.bfloat16, not {dtype}")
     return emulate
+
+
+def _check_size_against_weights(model: nn.Module, folder: Path) -> None:
+    """A config.json describing a much bigger model than the weights beside it (another model's config, or an
+    empty one, which means the full-size defaults) is named as the problem, rather than the keys it lacks."""
+    wanted = sum(p.numel() for p in model.parameters())
+    stored = 0
+    for f in sorted(set(weight_map(folder).values())):
+        with safe_open(str(f), framework="pt") as h:
+            stored += sum(math.prod(h.get_slice(k).get_shape()) for k in h.keys())  # noqa: SIM118
+    if wanted > stored * 3 // 2:  # a few missing tensors are reported by name when loading
+        raise CheckpointError(
+            f"{folder / 'config.json'} describes a DiT of {wanted:,} parameters, but the weights in {folder} hold "
+            f"{stored:,} values: the config does not belong to these weights"
+        )
 
 
 def load_transformer(
@@ -141,6 +162,7 @@ def load_transformer(
             shard_modulation = False  # an all-gathered sharded layer cannot be fp8
     with torch.device("meta"):
         model = family.model(cfg)
+    _check_size_against_weights(model, folder)
     plan = lambda name: None  # noqa: E731
     if sharded:
         parallelize(model, parallel, shard_modulation=shard_modulation)

@@ -223,8 +223,8 @@ def test_batching_is_visible_in_metrics(tiny_server):
         answers = [future.result() for future in futures]
     assert [answer.status_code for answer in answers] == [200] * 4
     after = tiny_server.metrics()
-    merged = after["fastdit_batch_requests_count"] - after['fastdit_batch_requests_bucket{le="2"}']
-    merged -= before["fastdit_batch_requests_count"] - before['fastdit_batch_requests_bucket{le="2"}']
+    merged = after["fastdit_batch_requests_count"] - after['fastdit_batch_requests_bucket{le="2.0"}']
+    merged -= before["fastdit_batch_requests_count"] - before['fastdit_batch_requests_bucket{le="2.0"}']
     assert merged == 1, "one pipeline call should have served the 4 queued requests"
     assert after["fastdit_images_generated_total"] - before["fastdit_images_generated_total"] == 4
     assert after["fastdit_step_seconds_count"] > before["fastdit_step_seconds_count"]
@@ -459,7 +459,7 @@ def test_engine_failure_is_500_for_that_request_only(serve):
         _wait_for(lambda: fake.calls[-1:] == [["busy"]], what="the busy call")
         good = pool.submit(httpx.post, url, json={"prompt": "good", **body}, timeout=30)
         bad = pool.submit(httpx.post, url, json={"prompt": "FAIL batched", **body}, timeout=30)
-        _wait_for(lambda: server.engine.metrics.queue_depth._read() == 2, what="2 queued requests")
+        _wait_for(lambda: server.metrics()["fastdit_queue_depth"] == 2, what="2 queued requests")
         gate.set()
         assert busy.result().status_code == 200
         assert good.result().status_code == 200

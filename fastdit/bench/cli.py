@@ -10,12 +10,19 @@ import os
 import platform
 import sys
 from contextlib import nullcontext, suppress
+from dataclasses import replace
 
 from fastdit.bench.config import BenchConfig
-from fastdit.cli.common import ATTENTION_CHOICES, add_parallel_arguments, parallel_degrees, parallel_requested
+from fastdit.cli.common import (
+    ATTENTION_CHOICES,
+    ATTENTION_HELP,
+    add_parallel_arguments,
+    parallel_degrees,
+    parallel_requested,
+)
 from fastdit.errors import FastditError
+from fastdit.validation import DTYPE_NAMES, dtype_name
 
-DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 PRESET_NAMES = ["qwen-image", "tiny"]
 DESCRIPTION = """Time one denoising step of the full-size DiT with random weights (no download).
 
@@ -97,10 +104,21 @@ def add_parser(subparsers):
         description=DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--stage", choices=["dit", "vae", "text-encoder"], default="dit")
-    p.add_argument("--preset", choices=PRESET_NAMES, default="qwen-image", help="model size (tiny: for tests)")
-    p.add_argument("--height", type=int, default=1024)
-    p.add_argument("--width", type=int, default=1024)
+    p.add_argument(
+        "--stage",
+        choices=["dit", "vae", "text-encoder"],
+        default="dit",
+        help="what to time: one DiT denoising step (default), the VAE decode, or the text encoder",
+    )
+    p.add_argument(
+        "--preset",
+        choices=PRESET_NAMES,
+        default="qwen-image",
+        help="model size: qwen-image (default; the full 20.4B DiT, a GPU with about 48 GB in bf16) or tiny (a 2-layer "
+        "model for tests; the only one that runs on a CPU)",
+    )
+    p.add_argument("--height", type=int, default=1024, help="image height in pixels (default: 1024)")
+    p.add_argument("--width", type=int, default=1024, help="image width in pixels (default: 1024)")
     p.add_argument("--text-len", type=int, default=128, help="text tokens per prompt")
     p.add_argument("--batch", type=int, default=1, help="prompts per step (CFG doubles the DiT batch)")
     p.add_argument("--no-cfg", action="store_true", help="time a batch without the uncond half")
@@ -148,7 +166,7 @@ def add_parser(subparsers):
         "--attention",
         choices=(*ATTENTION_CHOICES, "math"),
         default="auto",
-        help="attention backend (int8: fastdit's 8-bit kernel; fp8: cuDNN's)",
+        help=ATTENTION_HELP + "; math: the unfused reference (slow)",
     )
     p.add_argument(
         "--quantize", choices=["fp8"], default=None, help="fp8 (e4m3) block linears (fastdit.quant.fp8; CUDA >= 8.9)"
@@ -158,11 +176,13 @@ def add_parser(subparsers):
         action="store_true",
         help="also profile two steps of each run: GPU kernel time per step and the share in NCCL collectives",
     )
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--iters", type=int, default=10)
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="default: bf16")
-    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps before the timed ones (default: 3)")
+    p.add_argument("--iters", type=int, default=10, help="timed steps; the median is reported (default: 10)")
+    p.add_argument(
+        "--dtype", choices=list(DTYPE_NAMES), default="auto", help="auto: bfloat16 on CUDA, float32 otherwise"
+    )
+    p.add_argument("--device", default=None, help="torch device (default: cuda; cpu needs --preset tiny)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random weights and inputs (default: 0)")
     p.add_argument("--json", default=None, metavar="FILE", help="write all numbers and the environment here")
     add_parallel_arguments(p, "parallelism: the DiT step on tp x sp x cfg ranks (one process per GPU; gloo on CPU)")
     p.set_defaults(func=bench_main)
@@ -198,6 +218,32 @@ def _bench_rank(state, run: BenchConfig, dtype) -> dict:
     return bench_dit(run, state.device, dtype, state)
 
 
+def check_device_and_preset(device: str | None, preset: str, cuda_available: bool) -> None:
+    """The full-size model runs on a CUDA GPU only; without one, bench needs --device cpu and the tiny preset (the
+    full-size DiT alone is 41 GB in bf16: building it on a CPU takes the machine's memory)."""
+    try:
+        kind = torch_device_type(device) if device else ("cuda" if cuda_available else None)
+    except RuntimeError as e:
+        raise FastditError(f"--device {device}: {e}") from None
+    if kind is None:
+        raise FastditError(
+            "fastdit bench times the full-size model on a CUDA GPU, and none is visible here; on a CPU give "
+            "--device cpu --preset tiny"
+        )
+    if kind == "cuda" and not cuda_available:
+        raise FastditError(f"--device {device}: no CUDA GPU is visible")
+    if kind != "cuda" and preset != "tiny":
+        raise FastditError(
+            f"--preset {preset} is the full-size model, too big for --device {device}; use --preset tiny"
+        )
+
+
+def torch_device_type(device: str) -> str:
+    import torch
+
+    return torch.device(device).type
+
+
 def bench_main(args) -> int:
     import torch
 
@@ -206,16 +252,16 @@ def bench_main(args) -> int:
     from fastdit.bench.timing import matmul_ceiling
 
     run = BenchConfig.from_args(args)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise FastditError("--device cuda asked for, but no CUDA GPU is visible")
+    check_device_and_preset(args.device, run.preset, torch.cuda.is_available())
+    device = torch.device(args.device or "cuda")
+    run = replace(run, dtype=dtype_name(run.dtype, device.type == "cuda"))
     if min(run.height, run.width, run.text_len, run.batch, run.iters) < 1 or run.warmup < 0:
         raise FastditError("--height, --width, --text-len, --batch and --iters must be >= 1")
     if run.cuda_graph and (device.type != "cuda" or run.stage != "dit"):
         raise FastditError("--cuda-graph times the DiT step on a CUDA GPU (--stage dit, --device cuda)")
     if run.profile and (device.type != "cuda" or run.stage != "dit"):
         raise FastditError("--profile reads the GPU's kernel times of the DiT step (--stage dit, --device cuda)")
-    dtype = getattr(torch, DTYPES[run.dtype])
+    dtype = getattr(torch, run.dtype)
     tp, sp, cfg = parallel_degrees(args)
     if parallel_requested(tp, sp, cfg):
         res = _bench_parallel(run, device, dtype, tp, sp, cfg, args.master_port)

@@ -35,6 +35,12 @@ FLAGS = {
     "dtype": "--dtype",
 }
 ATTENTION_CHOICES = ("auto", "sdpa", "cudnn", "flash", "flash_attn", "int8", "fp8")
+ATTENTION_HELP = (
+    "attention kernel of the DiT (default: auto = cuDNN on CUDA, else PyTorch SDPA). flash: PyTorch's bundled "
+    "FlashAttention-2; flash_attn: the separate flash-attn package (FlashAttention-3 if installed); int8: fastdit's "
+    "8-bit kernel (INT8 Q.K, FP8 P.V; compute capability >= 8.9); fp8: cuDNN's fp8 attention (Hopper, needs "
+    "pip install 'fastdit[fp8-attention]'); int8 and fp8 are approximate"
+)
 # owner/name as the Hugging Face Hub spells repo ids.
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -79,15 +85,7 @@ def add_model_arguments(parser, dtype_help: str = "auto: bfloat16 on CUDA, float
         help="run the DiT's block linears in fp8 e4m3 (CUDA, compute capability >= 8.9); a folder written by "
         "`fastdit quantize` is fp8 without this flag",
     )
-    parser.add_argument(
-        "--attention",
-        choices=ATTENTION_CHOICES,
-        default="auto",
-        help="attention kernel of the DiT (default: auto = cuDNN on CUDA, else PyTorch SDPA). flash: PyTorch's "
-        "bundled FlashAttention-2; flash_attn: the flash-attn package (FA3 if installed); int8: fastdit's 8-bit "
-        "kernel (INT8 Q.K, FP8 P.V; compute capability >= 8.9); fp8: cuDNN's fp8 attention (Hopper, needs "
-        'pip install "fastdit[fp8-attention]"); int8 and fp8 are approximate',
-    )
+    parser.add_argument("--attention", choices=ATTENTION_CHOICES, default="auto", help=ATTENTION_HELP)
     parser.add_argument(
         "--compile",
         action="store_true",

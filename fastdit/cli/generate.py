@@ -121,8 +121,14 @@ def prepare(args: argparse.Namespace) -> GenerateRun:
             check_int(args.seed, "seed", 0, SEED_LIMIT - 1)
     except InputError as e:
         raise flag_error(e) from None
-    if cfg is not None and cfg > 1 and args.negative_prompt is None:
+    negative = args.negative_prompt
+    # Said here with the flags' names; the pipeline then gets a consistent pair and has nothing to warn about.
+    if cfg is not None and cfg > 1 and negative is None:
         note(f"--cfg-scale {args.cfg_scale:g} has no effect without --negative-prompt: CFG is off")
+        cfg = None
+    elif cfg == 1 and negative is not None:
+        note("--negative-prompt has no effect with --cfg-scale 1: CFG is off")
+        negative = None
     first = args.seed if args.seed is not None else secrets.randbelow(SEED_LIMIT)
     seeds = image_seeds(first, args.num_images)
     paths = output_paths(args.output, args.num_images, seeds)
@@ -132,7 +138,7 @@ def prepare(args: argparse.Namespace) -> GenerateRun:
     options = ModelOptions.from_args(args)
     check_model_options(options, args.tp, args.sp)
     return GenerateRun(
-        args.model, options, args.prompt, args.negative_prompt, args.height, args.width, args.steps,
+        args.model, options, args.prompt, negative, args.height, args.width, args.steps,
         cfg, seeds, paths, timings,
     )  # fmt: skip
 

@@ -303,7 +303,7 @@ def create_app(
         lifespan=lifespan,
     )
     app.add_middleware(
-        _RequestGuard, max_body_bytes=max_body_bytes, count_status=lambda s: metrics.requests.inc(1, str(s))
+        _RequestGuard, max_body_bytes=max_body_bytes, count_status=lambda s: metrics.requests.labels(str(s)).inc()
     )
     app.mount("/static", StaticFiles(directory=str(STATIC)), name="static")
 
@@ -389,7 +389,7 @@ def create_app(
     def client_gone(job: Job) -> None:
         stage = engine.cancel(job)
         if stage != "done":
-            metrics.dropped.inc(1, stage)
+            metrics.dropped.labels(stage).inc()
             log.info("client of request %s went away (%s)", job.id, stage)
 
     def job_images(future: asyncio.Future) -> list[Image.Image]:

@@ -22,6 +22,7 @@ from fastdit.cli.common import (
     resolve_model,
 )
 from fastdit.errors import FastditError
+from fastdit.extras import require_extra
 from fastdit.runtime.env import under_torchrun
 
 
@@ -64,7 +65,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="size of the 2-step warmup run before /health turns 200 (default: 512x512)",
     )
     server.add_argument("--no-warmup", action="store_true", help="skip the warmup run")
-    server.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    server.add_argument(
+        "--log-level", default="info", choices=["debug", "info", "warning", "error"], help="(default: info)"
+    )
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -94,6 +97,7 @@ def server_options(args: argparse.Namespace):
 
 
 def serve_main(args: argparse.Namespace) -> int:
+    require_extra("serve", "fastdit serve")  # before the imports below, which need it
     from fastdit.server import ranks
     from fastdit.server.run import bind_socket, load_generator, run_server
 
