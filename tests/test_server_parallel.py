@@ -142,7 +142,7 @@ def test_tp2_serves_and_a_dead_follower_stops_the_server(tiny_cache, tiny_pipe, 
         _stop(process)
     text = log.read_text()
     errors = [line for line in text.splitlines() if line.startswith("fastdit: error:")]
-    assert code == 2, text
+    assert code == 1, text  # not bad input (that is 2): a rank died
     assert len(errors) == 1 and errors[0].startswith("fastdit: error: rank 1 failed"), text
     assert "server stopped" in errors[0] and "Traceback" not in text, text
 

@@ -24,6 +24,7 @@ import asyncio
 import base64
 import collections
 import contextlib
+import html
 import io
 import json
 import logging
@@ -40,6 +41,7 @@ from PIL import Image
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from fastdit.errors import FastditError
+from fastdit.server.auth import ApiKeyGuard
 from fastdit.server.engine import Engine, EngineClosed, Job, QueueFull
 from fastdit.server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from fastdit.server.schema import (
@@ -156,8 +158,10 @@ def create_app(
     max_side: int = 2048,
     max_body_bytes: int = 1 << 20,
     stored_image_bytes: int = 512 << 20,
+    api_key: str | None = None,
 ) -> FastAPI:
-    """The server around `engine`. The app's lifespan starts the engine and stops it on shutdown."""
+    """The server around `engine`. The app's lifespan starts the engine and stops it on shutdown. With `api_key`,
+    /v1/* needs `Authorization: Bearer <api_key>` (fastdit.server.auth)."""
     metrics = engine.metrics
     store = _ImageStore(stored_image_bytes)
     started = int(time.time())
@@ -178,6 +182,8 @@ def create_app(
     app.add_middleware(
         _RequestGuard, max_body_bytes=max_body_bytes, count_status=lambda s: metrics.requests.labels(str(s)).inc()
     )
+    if api_key is not None:
+        app.add_middleware(ApiKeyGuard, api_key=api_key)  # outermost: before the body is read
     app.mount("/static", StaticFiles(directory=str(STATIC)), name="static")
 
     @app.exception_handler(ApiError)
@@ -354,12 +360,15 @@ def create_app(
     async def list_models():
         return {"object": "list", "data": [{"id": model_id, "object": "model", "created": started}]}
 
-    @app.get("/health", responses={503: {"description": "Loading, warming up, or failed to load"}})
+    @app.get("/health", responses={503: {"description": "Loading, warming up, failed to load, or dead"}})
     async def health():
         if engine.ready.is_set():
             return {"status": "ok"}
-        status = "failed" if engine.load_error is not None else "loading"
-        return JSONResponse({"status": status}, status_code=503)
+        if engine.load_error is None:
+            return JSONResponse({"status": "loading"}, status_code=503)
+        # failed to load, or dead after a sticky device error; the process is on its way out
+        error = f"{type(engine.load_error).__name__}: {engine.load_error}"
+        return JSONResponse({"status": "failed", "error": error}, status_code=503)
 
     @app.get("/metrics", response_class=Response, responses={200: {"content": {METRICS_CONTENT_TYPE: {}}}})
     async def prometheus_metrics() -> Response:
@@ -367,6 +376,7 @@ def create_app(
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def index() -> HTMLResponse:
-        return HTMLResponse((STATIC / "index.html").read_text(encoding="utf-8"))
+        page = (STATIC / "index.html").read_text(encoding="utf-8")
+        return HTMLResponse(page.replace("{{MODEL}}", html.escape(model_id)))
 
     return app

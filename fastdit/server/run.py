@@ -31,6 +31,8 @@ class ServerOptions:
     max_size: int = 2048
     warmup: Warmup | None = Warmup()
     log_level: str = "info"
+    stored_image_bytes: int = 512 << 20  # PNGs kept for response_format="url"
+    api_key: str | None = None  # required as a bearer token on /v1/* when set
 
 
 def load_generator(model_path: str, options: ModelOptions, parallel=None) -> Generator:
@@ -106,7 +108,13 @@ def run_server(sock: socket.socket, load: Callable[[], Generator], options: Serv
         warmup=options.warmup,
         on_load_error=stop_on_load_error,
     )
-    app = create_app(engine, model_id=options.model_id, max_side=options.max_size)
+    app = create_app(
+        engine,
+        model_id=options.model_id,
+        max_side=options.max_size,
+        stored_image_bytes=options.stored_image_bytes,
+        api_key=options.api_key,
+    )
     log_config = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)
     log_config["loggers"]["fastdit"] = {"handlers": ["default"], "level": options.log_level.upper(), "propagate": False}
     config = uvicorn.Config(app, log_config=log_config, log_level=options.log_level, timeout_graceful_shutdown=30)
