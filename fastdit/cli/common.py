@@ -14,6 +14,7 @@ from pathlib import Path
 
 from fastdit.errors import FastditError
 from fastdit.runtime.env import under_torchrun
+from fastdit.runtime.prepare import exclusive
 from fastdit.validation import DTYPE_NAMES, InputError, dtype_name
 
 TINY_RANDOM = "tiny-random"
@@ -229,7 +230,8 @@ def resolve_model(model: str) -> Path:
 
     note(f"{model} is not a local folder; fetching it from the Hugging Face Hub as a repo id")
     try:
-        return Path(snapshot_download(model))
+        with exclusive(f"hub-{model}"):  # under torchrun: one rank downloads, the others wait for it
+            return Path(snapshot_download(model))
     except Exception as e:  # network, auth, missing repo: all mean "could not fetch it"
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise FastditError(
