@@ -137,3 +137,12 @@ def test_help_explains_flash_vs_flash_attn_and_the_cfg_default():
         assert "flash: PyTorch's bundled FlashAttention-2; flash_attn: the separate flash-attn package" in text
     generate = " ".join(_subcommands()["generate"].format_help().split())
     assert "default: 4.0 with a negative prompt, off without one" in generate
+
+
+def test_dtype_spellings_are_the_same_everywhere():
+    """generate, serve and bench accept the same --dtype spellings (fastdit.validation.DTYPE_NAMES), default auto."""
+    from fastdit.validation import DTYPE_NAMES
+
+    for command in ("generate", "serve", "bench"):
+        (action,) = [a for a in _subcommands()[command]._actions if a.dest == "dtype"]
+        assert list(action.choices) == list(DTYPE_NAMES) and action.default == "auto", command

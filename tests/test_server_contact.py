@@ -158,3 +158,21 @@ def test_image_store_is_bounded_in_bytes():
     third = store.put(b"c" * 50)
     assert store.get(first) is None and store.get(second) is not None and store.get(third) is not None
     assert store.size == 80 <= store.capacity
+
+
+def test_serve_warns_about_an_open_public_bind(tmp_path, monkeypatch, capsys):
+    """Binding beyond 127.0.0.1 without a key gets a one-line note; with FASTDIT_API_KEY set it does not; an
+    empty key is refused."""
+    from fastdit.cli.main import main
+
+    argv = ["serve", "--model", str(tmp_path / "absent"), "--host", "0.0.0.0", "--port", "0", "--device", "cpu"]
+    monkeypatch.delenv("FASTDIT_API_KEY", raising=False)
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "serving on 0.0.0.0 without --api-key" in err and "no such folder" in err, err
+    monkeypatch.setenv("FASTDIT_API_KEY", "sekrit")
+    assert main(argv) == 2
+    assert "without --api-key" not in capsys.readouterr().err
+    monkeypatch.setenv("FASTDIT_API_KEY", " ")
+    assert main(argv) == 2
+    assert "FASTDIT_API_KEY is empty" in capsys.readouterr().err
