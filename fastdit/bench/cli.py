@@ -114,7 +114,7 @@ def add_parser(subparsers):
         "--preset",
         choices=PRESET_NAMES,
         default="qwen-image",
-        help="model size: qwen-image (default; the full 20.4B DiT, a GPU with about 48 GB in bf16) or tiny (a 2-layer "
+        help="model size: qwen-image (default; the full 20.4B DiT: 41 GB of weights in bf16, a GPU) or tiny (a 2-layer "
         "model for tests; the only one that runs on a CPU)",
     )
     p.add_argument("--height", type=int, default=1024, help="image height in pixels (default: 1024)")
@@ -221,8 +221,10 @@ def _bench_rank(state, run: BenchConfig, dtype) -> dict:
 def check_device_and_preset(device: str | None, preset: str, cuda_available: bool) -> None:
     """The full-size model runs on a CUDA GPU only; without one, bench needs --device cpu and the tiny preset (the
     full-size DiT alone is 41 GB in bf16: building it on a CPU takes the machine's memory)."""
+    import torch
+
     try:
-        kind = torch_device_type(device) if device else ("cuda" if cuda_available else None)
+        kind = torch.device(device).type if device else ("cuda" if cuda_available else None)
     except RuntimeError as e:
         raise FastditError(f"--device {device}: {e}") from None
     if kind is None:
@@ -236,12 +238,6 @@ def check_device_and_preset(device: str | None, preset: str, cuda_available: boo
         raise FastditError(
             f"--preset {preset} is the full-size model, too big for --device {device}; use --preset tiny"
         )
-
-
-def torch_device_type(device: str) -> str:
-    import torch
-
-    return torch.device(device).type
 
 
 def bench_main(args) -> int:

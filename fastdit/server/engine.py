@@ -16,7 +16,7 @@
 - The generator is loaded and warmed up on the worker thread, so the server can answer /health (503)
   while a large checkpoint loads. A generator that raises `GeneratorBroken` (it can run no more calls), or
   a sticky device error (a CUDA device-side assert or illegal address: every later kernel fails too), stops
-  the engine as a load failure does: /health reports it dead and the process exits non-zero, so that a
+  the engine as a load failure does: /health reports "failed" and the process exits non-zero, so that a
   supervisor restarts it.
 """
 
