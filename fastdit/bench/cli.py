@@ -24,6 +24,7 @@ from fastdit.errors import FastditError
 from fastdit.validation import DTYPE_NAMES, dtype_name
 
 PRESET_NAMES = ["qwen-image", "tiny"]
+SHORT_DTYPE = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 DESCRIPTION = """Time one denoising step of the full-size DiT with random weights (no download).
 
 One step = one DiT forward over the CFG batch (cond + uncond batched). Times come from CUDA events (host clock
@@ -250,14 +251,15 @@ def bench_main(args) -> int:
     run = BenchConfig.from_args(args)
     check_device_and_preset(args.device, run.preset, torch.cuda.is_available())
     device = torch.device(args.device or "cuda")
-    run = replace(run, dtype=dtype_name(run.dtype, device.type == "cuda"))
+    torch_name = dtype_name(run.dtype, device.type == "cuda")
+    run = replace(run, dtype=SHORT_DTYPE[torch_name])  # results name dtypes the short way: bf16, fp16, fp32
     if min(run.height, run.width, run.text_len, run.batch, run.iters) < 1 or run.warmup < 0:
         raise FastditError("--height, --width, --text-len, --batch and --iters must be >= 1")
     if run.cuda_graph and (device.type != "cuda" or run.stage != "dit"):
         raise FastditError("--cuda-graph times the DiT step on a CUDA GPU (--stage dit, --device cuda)")
     if run.profile and (device.type != "cuda" or run.stage != "dit"):
         raise FastditError("--profile reads the GPU's kernel times of the DiT step (--stage dit, --device cuda)")
-    dtype = getattr(torch, run.dtype)
+    dtype = getattr(torch, torch_name)
     tp, sp, cfg = parallel_degrees(args)
     if parallel_requested(tp, sp, cfg):
         res = _bench_parallel(run, device, dtype, tp, sp, cfg, args.master_port)
