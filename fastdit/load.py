@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from fastdit.checkpoint import default_device, load_state_dict_into, read_json, resolve_transformer_dir, weight_map
@@ -113,14 +113,17 @@ def _check_fp8(folder: Path, saved: dict | None, quantize: str | None, dtype, de
 
 
 def _check_size_against_weights(model: nn.Module, folder: Path) -> None:
-    """A config.json describing a much bigger model than the weights beside it (another model's config, or an
-    empty one, which means the full-size defaults) is named as the problem, rather than the keys it lacks."""
+    """A config.json describing a far bigger model than the weights beside it (another model's config, or an
+    empty one, which means the full-size defaults) is named as the problem, rather than the 1800 keys it lacks."""
     wanted = sum(p.numel() for p in model.parameters())
     stored = 0
     for f in sorted(set(weight_map(folder).values())):
-        with safe_open(str(f), framework="pt") as h:
-            stored += sum(math.prod(h.get_slice(k).get_shape()) for k in h.keys())  # noqa: SIM118
-    if wanted > stored * 3 // 2:  # a few missing tensors are reported by name when loading
+        try:
+            with safe_open(str(f), framework="pt") as h:
+                stored += sum(math.prod(h.get_slice(k).get_shape()) for k in h.keys())  # noqa: SIM118
+        except (SafetensorError, OSError, ValueError):
+            return  # an unreadable file: the loader names it
+    if wanted > 10 * stored:  # closer mismatches are reported key by key (missing keys, shape mismatches)
         raise CheckpointError(
             f"{folder / 'config.json'} describes a DiT of {wanted:,} parameters, but the weights in {folder} hold "
             f"{stored:,} values: the config does not belong to these weights"
