@@ -16,3 +16,8 @@ class ConfigError(FastditError):
 class LoraError(FastditError):
     """A LoRA file or state dict that cannot be read or does not fit the model. The message names the file and
     the layer (in diffusers' naming) to fix."""
+
+
+class RunFailed(Exception):
+    """A run stopped for a reason outside the user's input (a rank died, the device failed). Not a FastditError:
+    the command prints it in one line and exits 1, as opposed to 2 for bad input."""

@@ -22,15 +22,17 @@ The checkpoint reader, quantization, parallel and memory code do not know about 
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from fastdit.checkpoint import default_device, load_state_dict_into, read_json, resolve_transformer_dir
+from fastdit.checkpoint import default_device, load_state_dict_into, read_json, resolve_transformer_dir, weight_map
 from fastdit.errors import CheckpointError, ConfigError, FastditError
 from fastdit.models.qwenimage import DiTConfig, QwenImageTransformer
 from fastdit.models.qwenimage21 import QwenImage21Config, QwenImage21Transformer
@@ -133,16 +135,38 @@ def check_quantization(folder: Path, saved: dict | None, recipe: Recipe | None, 
         return emulate
     try:
         (recipe or Recipe("fp8-fast")).check_device(device)
-    except FastditError as e:
+    except FastditError:
         if saved is None:
             raise
+        where = str(device)
+        if device.type == "cuda" and torch.cuda.is_available():
+            where += f" ({torch.cuda.get_device_name(device)})"
         raise FastditError(
-            f"{folder} holds fp8 (e4m3) weights written by `fastdit quantize`; they need a CUDA GPU with fp8 "
-            f"tensor cores (compute capability >= 8.9): {e}"
+            f"{folder} holds fp8 (e4m3) weights written by `fastdit quantize`: they run only on a CUDA GPU with "
+            f"fp8 tensor cores (compute capability >= 8.9: Ada, Hopper or newer), not on {where}; here, load "
+            "the float folder it was quantized from"
         ) from None
     if dtype != torch.bfloat16:
         raise FastditError(f"fp8 layers compute in bfloat16; load with dtype=torch.bfloat16, not {dtype}")
     return emulate
+
+
+def _check_size_against_weights(model: nn.Module, folder: Path) -> None:
+    """A config.json describing a far bigger model than the weights beside it (another model's config, or an
+    empty one, which means the full-size defaults) is named as the problem, rather than the 1800 keys it lacks."""
+    wanted = sum(p.numel() for p in model.parameters())
+    stored = 0
+    for f in sorted(set(weight_map(folder).values())):
+        try:
+            with safe_open(str(f), framework="pt") as h:
+                stored += sum(math.prod(h.get_slice(k).get_shape()) for k in h.keys())  # noqa: SIM118
+        except (SafetensorError, OSError, ValueError):
+            return  # an unreadable file: the loader names it
+    if wanted > 10 * stored:  # closer mismatches are reported key by key (missing keys, shape mismatches)
+        raise CheckpointError(
+            f"{folder / 'config.json'} describes a DiT of {wanted:,} parameters, but the weights in {folder} hold "
+            f"{stored:,} values: the config does not belong to these weights"
+        )
 
 
 def load_transformer(
@@ -184,6 +208,7 @@ def load_transformer(
             shard_modulation = False  # an all-gathered sharded layer cannot be quantized
     with torch.device("meta"):
         model = family.model(cfg)
+    _check_size_against_weights(model, folder)
     plan = lambda name: None  # noqa: E731
     if sharded:
         family.parallelize(model, parallel, shard_modulation=shard_modulation)

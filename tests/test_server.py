@@ -223,8 +223,8 @@ def test_batching_is_visible_in_metrics(tiny_server):
         answers = [future.result() for future in futures]
     assert [answer.status_code for answer in answers] == [200] * 4
     after = tiny_server.metrics()
-    merged = after["fastdit_batch_requests_count"] - after['fastdit_batch_requests_bucket{le="2"}']
-    merged -= before["fastdit_batch_requests_count"] - before['fastdit_batch_requests_bucket{le="2"}']
+    merged = after["fastdit_batch_requests_count"] - after['fastdit_batch_requests_bucket{le="2.0"}']
+    merged -= before["fastdit_batch_requests_count"] - before['fastdit_batch_requests_bucket{le="2.0"}']
     assert merged == 1, "one pipeline call should have served the 4 queued requests"
     assert after["fastdit_images_generated_total"] - before["fastdit_images_generated_total"] == 4
     assert after["fastdit_step_seconds_count"] > before["fastdit_step_seconds_count"]
@@ -345,6 +345,22 @@ def test_web_page_generates_with_progress(tiny_server, tmp_path):
         assert image == [64, 64, False]
         seen = browser.evaluate("window.seen")
         assert any(0 < value < 30 for value in seen), f"no intermediate progress shown: {seen}"
+        assert browser.evaluate("document.getElementById('model').textContent") == "model: test-model"
+        # An error: its text shows in the status area, in the form's wide column (not the label column).
+        browser.evaluate(  # submitted as an event: the input's own max="1000" would stop a click
+            "document.getElementById('steps').value = '5000';"
+            "document.getElementById('form').dispatchEvent(new Event('submit', {cancelable: true}))"
+        )
+        deadline = time.monotonic() + 20
+        while browser.evaluate("document.getElementById('status').dataset.state") != "error":
+            assert time.monotonic() < deadline, "the error was not shown"
+            time.sleep(0.1)
+        status, column, width, label_width = browser.evaluate(
+            "(s => [s.textContent, getComputedStyle(s).gridColumnStart, s.offsetWidth,"
+            " document.querySelector('label[for=prompt]').offsetWidth])(document.getElementById('status'))"
+        )
+        assert status.startswith("400: num_inference_steps must be an integer between 1 and 1000"), status
+        assert column == "2" and width > 3 * label_width, (column, width, label_width)
         shot = browser.send("Page.captureScreenshot", {"format": "png"})["data"]
         (tmp_path / "page.png").write_bytes(base64.b64decode(shot))
     finally:
@@ -394,7 +410,8 @@ BAD_REQUESTS = [
     ({"prompt": "x", "n": 5, "size": "32x32"}, "n"),  # above --max-batch (4)
     ({"prompt": "x", "n": "many"}, "n"),
     ({"prompt": "x", "num_inference_steps": 0}, "num_inference_steps"),
-    ({"prompt": "x", "num_inference_steps": 201}, "num_inference_steps"),
+    ({"prompt": "x", "num_inference_steps": 1001}, "num_inference_steps"),
+    ({"prompt": "x", "true_cfg_scale": 0.2}, "true_cfg_scale"),  # the CLI's rule: 1 (off) to 100
     ({"prompt": "x", "response_format": "gif"}, "response_format"),
     ({"prompt": "x", "true_cfg_scale": -1}, "true_cfg_scale"),
     ({"prompt": "x", "seed": -1}, "seed"),
@@ -459,7 +476,7 @@ def test_engine_failure_is_500_for_that_request_only(serve):
         _wait_for(lambda: fake.calls[-1:] == [["busy"]], what="the busy call")
         good = pool.submit(httpx.post, url, json={"prompt": "good", **body}, timeout=30)
         bad = pool.submit(httpx.post, url, json={"prompt": "FAIL batched", **body}, timeout=30)
-        _wait_for(lambda: server.engine.metrics.queue_depth._read() == 2, what="2 queued requests")
+        _wait_for(lambda: server.metrics()["fastdit_queue_depth"] == 2, what="2 queued requests")
         gate.set()
         assert busy.result().status_code == 200
         assert good.result().status_code == 200

@@ -11,6 +11,7 @@ import os
 import platform
 import sys
 from contextlib import nullcontext, suppress
+from dataclasses import replace
 
 from fastdit.bench.config import BenchConfig
 from fastdit.bench.edit import add_edit_arguments, bench_edit, check_edit_run, default_text_len, print_edit_warmup
@@ -18,13 +19,20 @@ from fastdit.bench.family import QWEN21, add_family_arguments, model_config
 from fastdit.bench.memory_cli import STAGES as MEMORY_STAGES
 from fastdit.bench.memory_cli import add_memory_bench_arguments, memory_bench_main
 from fastdit.cache.cli import cache_spec
-from fastdit.cli.common import ATTENTION_CHOICES, add_parallel_arguments, parallel_degrees, parallel_requested
+from fastdit.cli.common import (
+    ATTENTION_CHOICES,
+    ATTENTION_HELP,
+    add_parallel_arguments,
+    parallel_degrees,
+    parallel_requested,
+)
 from fastdit.cli.lora import add_lora_bench_arguments
 from fastdit.cli.scheduler import add_scheduler_arguments
 from fastdit.errors import FastditError
+from fastdit.validation import DTYPE_NAMES, dtype_name
 
-DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 PRESET_NAMES = ["qwen-image", "tiny"]
+SHORT_DTYPE = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 DESCRIPTION = """Time one denoising step of the full-size DiT with random weights (no download).
 
 One step = one DiT forward over the CFG batch (cond + uncond batched). Times come from CUDA events (host clock
@@ -114,12 +122,25 @@ def add_parser(subparsers):
         description=DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--stage", choices=["dit", "vae", "text-encoder", *MEMORY_STAGES], default="dit")
-    p.add_argument("--preset", choices=PRESET_NAMES, default="qwen-image", help="model size (tiny: for tests)")
-    p.add_argument("--height", type=int, default=1024)
-    p.add_argument("--width", type=int, default=1024)
     p.add_argument(
-        "--text-len", type=int, default=None, help="text tokens per prompt (default 128; 330 with --task edit)"
+        "--stage",
+        choices=["dit", "vae", "text-encoder", "pipeline", *MEMORY_STAGES],
+        default="dit",
+        help="what to time: one DiT denoising step (default), the VAE decode, the text encoder, whole images "
+        "(pipeline: text encoder + --steps DiT steps + VAE), whole images under memory plans (memory), or the "
+        "quantization recipes (quant)",
+    )
+    p.add_argument(
+        "--preset",
+        choices=PRESET_NAMES,
+        default="qwen-image",
+        help="model size: qwen-image (default; the full 20.4B DiT: 41 GB of weights in bf16, a GPU) or tiny (a 2-layer "
+        "model for tests; the only one that runs on a CPU)",
+    )
+    p.add_argument("--height", type=int, default=1024, help="image height in pixels (default: 1024)")
+    p.add_argument("--width", type=int, default=1024, help="image width in pixels (default: 1024)")
+    p.add_argument(
+        "--text-len", type=int, default=None, help="text tokens per prompt (default: 128; 330 with --task edit)"
     )
     p.add_argument("--batch", type=int, default=1, help="prompts per step (CFG doubles the DiT batch)")
     p.add_argument("--no-cfg", action="store_true", help="time a batch without the uncond half")
@@ -174,7 +195,7 @@ def add_parser(subparsers):
         "--attention",
         choices=(*ATTENTION_CHOICES, "math"),
         default="auto",
-        help="attention backend (int8: fastdit's 8-bit kernel; fp8: cuDNN's)",
+        help=ATTENTION_HELP + "; math: the unfused reference (slow)",
     )
     p.add_argument(
         "--quantize", choices=["fp8"], default=None, help="fp8 (e4m3) block linears (fastdit.quant.fp8; CUDA >= 8.9)"
@@ -184,11 +205,13 @@ def add_parser(subparsers):
         action="store_true",
         help="also profile two steps of each run: GPU kernel time per step and the share in NCCL collectives",
     )
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--iters", type=int, default=10)
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="default: bf16")
-    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps before the timed ones (default: 3)")
+    p.add_argument("--iters", type=int, default=10, help="timed steps; the median is reported (default: 10)")
+    p.add_argument(
+        "--dtype", choices=list(DTYPE_NAMES), default="auto", help="auto: bfloat16 on CUDA, float32 otherwise"
+    )
+    p.add_argument("--device", default=None, help="torch device (default: cuda; cpu needs --preset tiny)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random weights and inputs (default: 0)")
     p.add_argument("--json", default=None, metavar="FILE", help="write all numbers and the environment here")
     cache = p.add_argument_group("step cache: DiT seconds per image with a fixed schedule (fastdit.bench.cache)")
     cache.add_argument(
@@ -264,6 +287,28 @@ def _bench_cache(run: BenchConfig, device, dtype, json_path: str | None, paralle
     return 0
 
 
+def check_device_and_preset(device: str | None, preset: str, cuda_available: bool) -> None:
+    """The full-size model runs on a CUDA GPU only; without one, bench needs --device cpu and the tiny preset (the
+    full-size DiT alone is 41 GB in bf16: building it on a CPU takes the machine's memory)."""
+    import torch
+
+    try:
+        kind = torch.device(device).type if device else ("cuda" if cuda_available else None)
+    except RuntimeError as e:
+        raise FastditError(f"--device {device}: {e}") from None
+    if kind is None:
+        raise FastditError(
+            "fastdit bench times the full-size model on a CUDA GPU, and none is visible here; on a CPU give "
+            "--device cpu --preset tiny"
+        )
+    if kind == "cuda" and not cuda_available:
+        raise FastditError(f"--device {device}: no CUDA GPU is visible")
+    if kind != "cuda" and preset != "tiny":
+        raise FastditError(
+            f"--preset {preset} is the full-size model, too big for --device {device}; use --preset tiny"
+        )
+
+
 def bench_main(args) -> int:
     import torch
 
@@ -277,18 +322,19 @@ def bench_main(args) -> int:
     if args.text_len is None:
         args.text_len = default_text_len(args.task)
     if args.stage in MEMORY_STAGES:  # whole images under memory plans; quantization recipes (fastdit.bench.memory_cli)
-        return memory_bench_main(args, DTYPES[args.dtype], environment)
+        return memory_bench_main(args, dtype_name(args.dtype, torch.cuda.is_available()), environment)
     run = BenchConfig.from_args(args)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise FastditError("--device cuda asked for, but no CUDA GPU is visible")
+    check_device_and_preset(args.device, run.preset, torch.cuda.is_available())
+    device = torch.device(args.device or "cuda")
+    torch_name = dtype_name(run.dtype, device.type == "cuda")
+    run = replace(run, dtype=SHORT_DTYPE[torch_name])  # results name dtypes the short way: bf16, fp16, fp32
     if min(run.height, run.width, run.text_len, run.batch, run.iters) < 1 or run.warmup < 0:
         raise FastditError("--height, --width, --text-len, --batch and --iters must be >= 1")
     if run.cuda_graph and (device.type != "cuda" or run.stage not in ("dit", "pipeline")):
         raise FastditError("--cuda-graph times the DiT step on a CUDA GPU (--stage dit or pipeline, --device cuda)")
     if run.profile and (device.type != "cuda" or run.stage != "dit"):
         raise FastditError("--profile reads the GPU's kernel times of the DiT step (--stage dit, --device cuda)")
-    dtype = getattr(torch, DTYPES[run.dtype])
+    dtype = getattr(torch, torch_name)
     tp, sp, cfg = parallel_degrees(args)
     if run.cache_schedule is not None:
         return _bench_cache(run, device, dtype, args.json, parallel_requested(tp, sp, cfg))

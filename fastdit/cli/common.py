@@ -15,6 +15,7 @@ from pathlib import Path
 from fastdit.cache.config import StepCache
 from fastdit.errors import FastditError
 from fastdit.runtime.env import under_torchrun
+from fastdit.runtime.prepare import exclusive
 from fastdit.validation import DTYPE_NAMES, InputError, dtype_name
 
 TINY_RANDOM = "tiny-random"
@@ -36,6 +37,12 @@ FLAGS = {
     "dtype": "--dtype",
 }
 ATTENTION_CHOICES = ("auto", "sdpa", "cudnn", "flash", "flash_attn", "int8", "fp8")
+ATTENTION_HELP = (
+    "attention kernel of the DiT (default: auto = cuDNN on CUDA, else PyTorch SDPA). flash: PyTorch's bundled "
+    "FlashAttention-2; flash_attn: the separate flash-attn package (FlashAttention-3 if installed); int8: fastdit's "
+    "8-bit kernel (INT8 Q.K, FP8 P.V; compute capability >= 8.9); fp8: cuDNN's fp8 attention (Hopper, needs "
+    "pip install 'fastdit[fp8-attention]'); int8 and fp8 are approximate"
+)
 # owner/name as the Hugging Face Hub spells repo ids.
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -91,15 +98,7 @@ def add_model_arguments(parser, dtype_help: str = "auto: bfloat16 on CUDA, float
         "block linears and modulation (any GPU; the DiT in < 11.5 GB). A folder written by `fastdit quantize` is "
         "quantized without this flag",
     )
-    parser.add_argument(
-        "--attention",
-        choices=ATTENTION_CHOICES,
-        default="auto",
-        help="attention kernel of the DiT (default: auto = cuDNN on CUDA, else PyTorch SDPA). flash: PyTorch's "
-        "bundled FlashAttention-2; flash_attn: the flash-attn package (FA3 if installed); int8: fastdit's 8-bit "
-        "kernel (INT8 Q.K, FP8 P.V; compute capability >= 8.9); fp8: cuDNN's fp8 attention (Hopper, needs "
-        'pip install "fastdit[fp8-attention]"); int8 and fp8 are approximate',
-    )
+    parser.add_argument("--attention", choices=ATTENTION_CHOICES, default="auto", help=ATTENTION_HELP)
     parser.add_argument(
         "--compile",
         action="store_true",
@@ -243,7 +242,8 @@ def resolve_model(model: str) -> Path:
 
     note(f"{model} is not a local folder; fetching it from the Hugging Face Hub as a repo id")
     try:
-        return Path(snapshot_download(model))
+        with exclusive(f"hub-{model}"):  # under torchrun: one rank downloads, the others wait for it
+            return Path(snapshot_download(model))
     except Exception as e:  # network, auth, missing repo: all mean "could not fetch it"
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise FastditError(

@@ -138,10 +138,17 @@ def prepare(args: argparse.Namespace) -> GenerateRun:
             check_int(args.seed, "seed", 0, SEED_LIMIT - 1)
     except InputError as e:
         raise flag_error(e) from None
-    if cfg is not None and cfg > 1 and args.negative_prompt is None:
+    negative = args.negative_prompt
+    # Said here with the flags' names; the pipeline then gets a consistent pair and has nothing to warn about.
+    if cfg is not None and cfg > 1 and negative is None:
         note(f"--cfg-scale {args.cfg_scale:g} has no effect without --negative-prompt: CFG is off")
-    for line in scheduler_notes(args.scheduler, args.negative_prompt, cfg):
-        note(line)
+        cfg = None
+    elif cfg == 1 and negative is not None:
+        note("--negative-prompt has no effect with --cfg-scale 1: CFG is off")
+        negative = None
+    for line in scheduler_notes(args.scheduler, negative, cfg):
+        note(line)  # the Lightning schedule without a scale > 1: the negative prompt is not used
+        negative = None
     first = args.seed if args.seed is not None else secrets.randbelow(SEED_LIMIT)
     seeds = image_seeds(first, args.num_images)
     paths = output_paths(args.output, args.num_images, seeds)
@@ -152,7 +159,7 @@ def prepare(args: argparse.Namespace) -> GenerateRun:
     check_model_options(options, args.tp, args.sp)
     check_lora_flags(options.loras, options.fuse_lora)
     return GenerateRun(
-        args.model, options, args.prompt, args.negative_prompt, args.height, args.width, steps,
+        args.model, options, args.prompt, negative, args.height, args.width, steps,
         cfg, seeds, paths, timings, scheduler=args.scheduler,
     )  # fmt: skip
 

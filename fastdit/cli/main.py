@@ -1,7 +1,8 @@
 """The `fastdit` command line: one subcommand per module (generate, bench, serve, quantize, eval-cache).
 
 Bad input (sizes, steps, paths, prompts, incomplete models) exits with status 2 and one line on stderr,
-`fastdit: error: ...`; only fastdit's own errors count as bad input: anything else is a bug and prints its
+`fastdit: error: ...`; only fastdit's own errors (FastditError) count as bad input. A run that failed for another
+known reason (`RunFailed`: a rank died) prints one line and exits 1; anything else is a bug and prints its
 traceback (exit 1). Each subcommand module imports its heavy dependencies when it runs, so `fastdit --help`
 imports no torch, fastapi or uvicorn.
 """
@@ -14,7 +15,7 @@ import sys
 from fastdit.bench import cli as bench_cli
 from fastdit.cli import eval_cache, generate, quantize
 from fastdit.cli.common import Parser
-from fastdit.errors import FastditError
+from fastdit.errors import FastditError, RunFailed
 from fastdit.server import cli as serve_cli
 
 
@@ -35,10 +36,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="fastdit: warning: %(message)s")
     try:
         return int(args.func(args) or 0)
-    except FastditError as e:
+    except (FastditError, RunFailed) as e:
         message = " ".join(str(e).split())  # one line, whatever the message held
         print(f"fastdit: error: {message}", file=sys.stderr)
-        return 2
+        return 2 if isinstance(e, FastditError) else 1
     except KeyboardInterrupt:
         print("fastdit: interrupted", file=sys.stderr)
         return 130

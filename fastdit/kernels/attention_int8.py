@@ -31,6 +31,9 @@ from fastdit.errors import FastditError
 from fastdit.kernels.fp8_rows import FP8, FP8_MAX, MIN_AMAX, missing_fp8_tensor_cores
 
 QUANT_BLOCK = 128  # tokens per Q / K scale; the kernel's BLOCK_M and BLOCK_N divide it
+# Elements of one sample's (S_pad, H, D) slab. Offsets inside a slab are 32-bit, so it must stay below 2**31
+# (a 2048x2048 image: 16896 tokens x 24 heads x 128 = 5.2e7); the batch offset on top is 64-bit (`_bh_offset`).
+MAX_SLAB = 2**31
 P_SCALE = FP8_MAX  # P in [0, 1] is stored as P * 448 in e4m3 (largest finite e4m3), far from subnormals
 LOG2E = 1.4426950408889634
 
@@ -158,6 +161,13 @@ def _launch(kernel, q8, k8, vt8, q_scale, k_scale, v_scale, key_mask, seq_len: i
 
 
 if triton is not None:
+
+    @triton.jit
+    def _bh_offset(b, h, stride_b, stride_h):
+        """Offset of (sample b, head h) in 64 bits: b * stride_b passes 2**31 from a batch of 42 at 2048x2048
+        (CFG doubles the batch), where 32-bit arithmetic would wrap to another sample's memory."""
+        return b.to(tl.int64) * stride_b + h.to(tl.int64) * stride_h
+
     _CONFIGS = [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st)
         for bm, bn, w, st in [
@@ -193,10 +203,10 @@ if triton is not None:
         offs_n = tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, HEAD_DIM)
 
-        q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qs + offs_d[None, :])
+        q = tl.load(Q + _bh_offset(b, h, stride_qb, stride_qh) + offs_m[:, None] * stride_qs + offs_d[None, :])
         q_scale = tl.load(QS + pid_bh * N_QBLK + (pid_m * BLOCK_M) // QBLOCK)
-        k_ptrs = K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_ks + offs_d[None, :]
-        v_ptrs = VT + b * stride_vb + h * stride_vh + offs_d[:, None] * stride_vd + offs_n[None, :] * stride_vn
+        k_ptrs = K + _bh_offset(b, h, stride_kb, stride_kh) + offs_n[:, None] * stride_ks + offs_d[None, :]
+        v_ptrs = VT + _bh_offset(b, h, stride_vb, stride_vh) + offs_d[:, None] * stride_vd + offs_n[None, :] * stride_vn
 
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -225,7 +235,7 @@ if triton is not None:
 
         v_scale = tl.load(VS + pid_bh * HEAD_DIM + offs_d)
         out = acc * (v_scale[None, :] / (l_i[:, None] * P_SCALE))
-        o_ptrs = OUT + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_os + offs_d[None, :]
+        o_ptrs = OUT + _bh_offset(b, h, stride_ob, stride_oh) + offs_m[:, None] * stride_os + offs_d[None, :]
         tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=offs_m[:, None] < S_Q)
 
     @torch.library.triton_op("fastdit::attention_int8", mutates_args=())
@@ -243,13 +253,24 @@ if triton is not None:
         return _launch(kernel, q8, k8, vt8, q_scale, k_scale, v_scale, key_mask, seq_len)
 
 
+def check_slab(s: int, h: int, d: int) -> None:
+    """One sample's padded (S, H, D) must have fewer than MAX_SLAB elements (the kernel's 32-bit in-slab offsets)."""
+    padded = s + (-s % QUANT_BLOCK)
+    if padded * h * d >= MAX_SLAB:
+        raise FastditError(
+            f"8-bit attention supports fewer than 2**31 elements per sample; {padded} tokens x {h} heads x {d} is "
+            "more: use another --attention backend"
+        )
+
+
 def attention_int8(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None = None, pv_fp8: bool = True) -> Tensor:
     """(B, S, H, D) bf16 q, k, v (+ optional (B, S) bool key mask) -> (B, S, H, D) bf16."""
     if triton is None:
         raise FastditError("8-bit attention needs Triton (pip install triton)")
-    d = q.shape[-1]
+    _, s, h, d = q.shape
     if d not in (64, 128, 256):
         raise FastditError(f"8-bit attention supports head dims 64, 128 and 256, got {d}")
+    check_slab(s, h, d)
     q8, k8, vt8, q_scale, k_scale, v_scale = quantize_qkv(q, k, v, key_mask, pv_fp8=pv_fp8)
     mask = None if key_mask is None else key_mask.to(torch.int8).contiguous()
     out = _attention_int8_op(q8, k8, vt8, q_scale, k_scale, v_scale, mask, q.shape[1])

@@ -12,8 +12,8 @@
 
 Everything that can be checked before work starts is (world size against the devices, port in use);
 those errors are `FastditError`s. When a rank fails, the others are terminated (never left hanging in a
-collective) and `launch` raises that rank's error: a `FastditError` from a rank is re-raised as is, any
-other exception as `RankError` carrying the rank's message and traceback.
+collective) and `launch` raises that rank's error: a `FastditError` or `RunFailed` from a rank is re-raised as
+is, any other exception as `RankError` carrying the rank's message and traceback.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from fastdit.errors import FastditError
+from fastdit.errors import FastditError, RunFailed
 from fastdit.parallel.state import ParallelState, check_degrees, make_parallel_state, single_device
 from fastdit.runtime.env import under_torchrun
 
@@ -154,7 +154,7 @@ def _destroy_process_group() -> None:
 
 def _raise_rank_error(rank: int, payload) -> None:
     exc, message, tb = payload
-    if isinstance(exc, FastditError):
+    if isinstance(exc, FastditError | RunFailed):
         raise exc
     raise RankError(rank, message, tb)
 

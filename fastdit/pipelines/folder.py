@@ -3,13 +3,15 @@
 A missing or broken file deep inside a component otherwise surfaces as whatever the loading library does
 with it: a 70-line traceback, or (a text encoder without config.json) transformers building a default-size
 model in host memory until the kernel kills the process. `check_pipeline_folder` reads only small files
-(model_index.json, the components' JSON configs, safetensors headers) and reports the first problem as one
-`CheckpointError` naming the file.
+(model_index.json, the components' JSON configs, safetensors headers), builds the text encoder and VAE on the
+meta device to compare their size with their weights, and reports the first problem as one `CheckpointError`
+naming the file.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from safetensors import SafetensorError, safe_open
@@ -63,11 +65,12 @@ def components(index: dict) -> dict[str, tuple[str, str]]:
     return out
 
 
-def _check_json(path: Path) -> None:
+def _check_json(path: Path):
+    """The parsed content of the JSON file `path`; CheckpointError if it is missing or malformed."""
     if not path.is_file():
         raise CheckpointError(f"{path} is missing")
     try:
-        json.loads(path.read_text())
+        return json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{path} is not valid JSON ({e})") from None
 
@@ -100,7 +103,9 @@ def _check_weights(folder: Path, library: str) -> None:
 
 def _check_tokenizer(folder: Path) -> None:
     if (folder / "tokenizer.json").is_file():
-        _check_json(folder / "tokenizer.json")
+        content = _check_json(folder / "tokenizer.json")
+        if not isinstance(content, dict) or not {"model", "added_tokens"} <= content.keys():
+            raise CheckpointError(f"{folder / 'tokenizer.json'} is not a tokenizers file (no model / added_tokens)")
         return
     if (folder / "vocab.json").is_file() or (folder / "merges.txt").is_file():
         _check_json(folder / "vocab.json")
@@ -128,4 +133,61 @@ def check_pipeline_folder(root: Path, required: tuple[str, ...]) -> dict[str, tu
             _check_tokenizer(folder)
         elif library in _WEIGHTS and "Processor" not in cls and "Scheduler" not in cls:
             _check_weights(folder, library)
+    check_component_sizes(root, parts)
     return parts
+
+
+def _stored_elements(folder: Path, library: str) -> int:
+    """Elements of every tensor in a component's safetensors file(s), from their headers."""
+    single, index_name = _WEIGHTS[library]
+    index = folder / index_name
+    shards = sorted(set(read_json(index)["weight_map"].values())) if index.exists() else [single]
+    total = 0
+    for shard in shards:
+        with safe_open(str(folder / shard), framework="pt") as f:
+            for key in f.keys():  # noqa: SIM118 (safe_open handles are not dicts)
+                total += math.prod(f.get_slice(key).get_shape())
+    return total
+
+
+def check_component_size(folder: Path, library: str, model_class: type) -> None:
+    """The model a component's config.json describes is not much bigger than its weights: a config that belongs to
+    another model, or one the library fills with defaults (an empty one), would otherwise make it build a model
+    of that size, up to the full 7B text encoder, before any weight is compared. Builds the model on the meta
+    device (no memory) and compares its parameter count with the safetensors headers."""
+    import torch
+
+    config_file = folder / "config.json"
+    try:
+        with torch.device("meta"):
+            if library == "transformers":
+                model = model_class._from_config(model_class.config_class.from_pretrained(folder))
+            else:
+                model = model_class.from_config(model_class.load_config(folder))
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:
+        message = " ".join(str(e).split())
+        raise CheckpointError(f"{config_file} does not describe a {model_class.__name__}: {message}") from None
+    wanted = sum(p.numel() for p in model.parameters())
+    stored = _stored_elements(folder, library)
+    if wanted > stored * 3 // 2:  # a few missing tensors are reported by name when loading
+        raise CheckpointError(
+            f"{config_file} describes a model of {wanted:,} parameters ({model_class.__name__}), but the weights in "
+            f"{folder} hold {stored:,} values: the config does not belong to these weights"
+        )
+
+
+def check_component_sizes(root: Path, parts: dict[str, tuple[str, str]]) -> None:
+    """`check_component_size` for every component with weights loaded by transformers or diffusers (the DiT has
+    its own checks in fastdit.load), before any of them loads."""
+    import diffusers
+    import transformers
+
+    for name, (library, cls) in parts.items():
+        if library not in _WEIGHTS or name == "transformer" or "Processor" in cls or "Scheduler" in cls:
+            continue
+        if cls in _TOKENIZER_CLASSES:
+            continue
+        model_class = getattr(transformers if library == "transformers" else diffusers, cls, None)
+        if model_class is None:
+            raise CheckpointError(f"{root / 'model_index.json'}: {library} has no class {cls} (for {name})")
+        check_component_size(root / name, library, model_class)

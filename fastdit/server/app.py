@@ -6,7 +6,7 @@ Routes:
 - POST /v1/images/generations/stream  the same body; answers server-sent events `progress`
                                       ({"step", "total"}), then `result` (the OpenAI response) or
                                       `error` (an OpenAI error plus "status"). Used by the web page.
-- GET  /v1/images/files/{id}.png      images of response_format="url" (the last `stored_images`).
+- GET  /v1/images/files/{id}.png      images of response_format="url" (the latest, up to `stored_image_bytes`).
 - GET  /v1/models, /health (503 until the engine is ready), /metrics (Prometheus text), / (web page).
 
 Every error is OpenAI-shaped, {"error": {"message", "type", "param", "code"}}: invalid input is 400
@@ -24,189 +24,62 @@ import asyncio
 import base64
 import collections
 import contextlib
+import html
 import io
 import json
 import logging
-import re
 import time
 import uuid
 from importlib import resources
-from typing import Any, Literal
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
-from pydantic_core import PydanticCustomError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from fastdit.cli.scheduler import request_sampling
 from fastdit.errors import FastditError
+from fastdit.server.auth import ApiKeyGuard
 from fastdit.server.engine import Engine, EngineClosed, Job, QueueFull
-from fastdit.server.lora import LoraChoice, add_lora_routes, request_loras
+from fastdit.server.lora import add_lora_routes, request_loras
 from fastdit.server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from fastdit.server.schema import (
+    ERROR_RESPONSES,
+    ApiError,
+    ErrorResponse,
+    ImageGenerationRequest,
+    ImagesResponse,
+    ModelList,
+)
 
 log = logging.getLogger("fastdit.server")
 
-MAX_PROMPT_CHARS = 8192
-MAX_N = 10  # OpenAI's limit for n
-MAX_STEPS = 200
-MAX_SEED = 2**53 - 1  # the largest integer JSON parsers that use doubles (JavaScript) keep exactly
 DISCONNECT_POLL_S = 0.2  # how often a waiting handler checks whether its client is still there
 PROGRESS_POLL_S = 0.1
 STATIC = resources.files("fastdit.server") / "static"
-_SIZE = re.compile(r"(\d{1,5})x(\d{1,5})")
-
-
-# ---- errors -------------------------------------------------------------------------------------
-
-
-class ApiError(Exception):
-    """An OpenAI-style error answer."""
-
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        *,
-        param: str | None = None,
-        code: str | None = None,
-        type: str = "invalid_request_error",
-        headers: dict[str, str] | None = None,
-    ):
-        super().__init__(message)
-        self.status, self.headers = status, headers
-        self.body = {"error": {"message": message, "type": type, "param": param, "code": code}}
-
-    def response(self) -> JSONResponse:
-        return JSONResponse(self.body, status_code=self.status, headers=self.headers)
-
-
-class ErrorDetail(BaseModel):
-    message: str
-    type: str
-    param: str | None
-    code: str | None
-
-
-class ErrorResponse(BaseModel):
-    error: ErrorDetail
-
-
-ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    status: {"model": ErrorResponse, "description": text}
-    for status, text in [
-        (400, "Invalid request; error.param names the field"),
-        (413, "Request body too large"),
-        (429, "Queue full; see Retry-After"),
-        (500, "Image generation failed"),
-        (503, "Server shutting down"),
-    ]
-}
-
-
-# ---- request / response models ------------------------------------------------------------------
-
-
-class ImageGenerationRequest(BaseModel):
-    """OpenAI's image generation body. A null field means its default (the `openai` client sends
-    nulls for fields passed as None); unknown OpenAI fields (quality, style, background, ...) are
-    accepted and ignored."""
-
-    # strict: JSON true is not the integer 1, nor "1" a number.
-    model_config = ConfigDict(extra="ignore", strict=True)
-
-    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
-    n: int | None = Field(1, ge=1, le=MAX_N)
-    size: str | None = Field(
-        "1024x1024",
-        description="'WxH' in pixels, each side a multiple of 16; 'auto' means 1024x1024",
-        json_schema_extra={"pattern": f"^(auto|{_SIZE.pattern})$"},  # documented; checked by _size_is_wxh
-    )
-    response_format: Literal["b64_json", "url"] | None = "b64_json"
-    model: str | None = Field(None, description="Accepted and ignored: the server serves one model")
-    user: str | None = Field(None, description="Accepted and ignored")
-    stream: bool | None = Field(None, description="Must be false; use /v1/images/generations/stream")
-    # fastdit extensions
-    negative_prompt: str | None = Field(None, max_length=MAX_PROMPT_CHARS)
-    # Unset: the server's (50 steps, CFG 4.0; with `--scheduler lightning` 8 steps, CFG off).
-    num_inference_steps: int | None = Field(None, ge=1, le=MAX_STEPS)
-    true_cfg_scale: float | None = Field(None, ge=0.0, le=100.0, allow_inf_nan=False)
-    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="Image i of the request uses seed + i")
-    loras: list[LoraChoice] | None = Field(None, description="Preloaded LoRA adapters to apply (GET /v1/loras)")
-
-    @field_validator("prompt")
-    @classmethod
-    def _prompt_not_blank(cls, prompt: str) -> str:
-        if not prompt.strip():
-            raise PydanticCustomError("empty_prompt", "prompt must not be empty")
-        return prompt
-
-    @field_validator("size")
-    @classmethod
-    def _size_is_wxh(cls, size: str | None) -> str | None:
-        if size is None or size == "auto":
-            return size
-        match = _SIZE.fullmatch(size)
-        if match is None:
-            raise PydanticCustomError("invalid_size", "size must be 'WxH' (for example '1024x1024') or 'auto'")
-        if int(match[1]) % 16 or int(match[2]) % 16:
-            raise PydanticCustomError("invalid_size", "size: width and height must be multiples of 16")
-        return size
-
-    @model_validator(mode="after")
-    def _null_means_default(self) -> ImageGenerationRequest:
-        for name, info in type(self).model_fields.items():
-            if getattr(self, name) is None and info.default is not None:
-                setattr(self, name, info.default)
-        return self
-
-    def width_height(self) -> tuple[int, int]:
-        if self.size in (None, "auto"):
-            return 1024, 1024
-        width, height = self.size.split("x")
-        return int(width), int(height)
-
-
-class ImageData(BaseModel):
-    b64_json: str | None = None
-    url: str | None = None
-
-
-class ImagesResponse(BaseModel):
-    created: int
-    data: list[ImageData]
-
-
-class ModelCard(BaseModel):
-    id: str
-    object: Literal["model"] = "model"
-    created: int
-    owned_by: str = "fastdit"
-
-
-class ModelList(BaseModel):
-    object: Literal["list"] = "list"
-    data: list[ModelCard]
 
 
 # ---- helpers ------------------------------------------------------------------------------------
 
 
 class _ImageStore:
-    """The last `capacity` PNGs of response_format="url", by id (oldest evicted first)."""
+    """The latest PNGs of response_format="url", by id, at most `capacity` bytes together (oldest evicted
+    first; a count would not bound memory: one 2048x2048 PNG is up to 12 MB)."""
 
     def __init__(self, capacity: int):
         self.capacity = capacity
+        self.size = 0
         self._pngs: collections.OrderedDict[str, bytes] = collections.OrderedDict()
 
     def put(self, png: bytes) -> str:
         image_id = uuid.uuid4().hex
         self._pngs[image_id] = png
-        while len(self._pngs) > self.capacity:
-            self._pngs.popitem(last=False)
+        self.size += len(png)
+        while self.size > self.capacity:
+            self.size -= len(self._pngs.popitem(last=False)[1])
         return image_id
 
     def get(self, image_id: str) -> bytes | None:
@@ -286,12 +159,14 @@ def create_app(
     model_id: str,
     max_side: int = 2048,
     max_body_bytes: int = 1 << 20,
-    stored_images: int = 256,
+    stored_image_bytes: int = 512 << 20,
+    api_key: str | None = None,
     scheduler: str = "default",
 ) -> FastAPI:
-    """The server around `engine`. The app's lifespan starts the engine and stops it on shutdown."""
+    """The server around `engine`. The app's lifespan starts the engine and stops it on shutdown. With `api_key`,
+    /v1/* needs `Authorization: Bearer <api_key>` (fastdit.server.auth)."""
     metrics = engine.metrics
-    store = _ImageStore(stored_images)
+    store = _ImageStore(stored_image_bytes)
     started = int(time.time())
 
     @contextlib.asynccontextmanager
@@ -308,8 +183,10 @@ def create_app(
         lifespan=lifespan,
     )
     app.add_middleware(
-        _RequestGuard, max_body_bytes=max_body_bytes, count_status=lambda s: metrics.requests.inc(1, str(s))
+        _RequestGuard, max_body_bytes=max_body_bytes, count_status=lambda s: metrics.requests.labels(str(s)).inc()
     )
+    if api_key is not None:
+        app.add_middleware(ApiKeyGuard, api_key=api_key)  # outermost: before the body is read
     app.mount("/static", StaticFiles(directory=str(STATIC)), name="static")
     add_lora_routes(app, engine)
 
@@ -326,6 +203,10 @@ def create_app(
         # A field path starts with a name; ('body', 17) is a position in malformed JSON.
         param = ".".join(str(part) for part in loc) if loc and isinstance(loc[0], str) else None
         message = first.get("msg", "invalid request")
+        content_type = request.headers.get("content-type", "")
+        if loc == [] and "json" not in content_type:  # FastAPI parses a body as JSON only when it says so
+            message = f"send the body as JSON with 'content-type: application/json' (got {content_type or 'none'})"
+            return ApiError(400, message, code="unsupported_content_type").response()
         if first.get("type") == "json_invalid":
             message = f"the body is not valid JSON ({first.get('ctx', {}).get('error', message)})"
         if param and not message.startswith(param):
@@ -346,13 +227,14 @@ def create_app(
                 code="unsupported_value",
             )
         width, height = body.width_height()
-        if not (16 <= width <= max_side and 16 <= height <= max_side):
-            raise ApiError(
-                400,
-                f"size {width}x{height}: each side must be between 16 and {max_side}",
-                param="size",
-                code="invalid_size",
-            )
+        if max(width, height) > max_side:
+            problem = f"too big: each side must be at most {max_side} pixels (the server's --max-size)"
+        elif min(width, height) < 16:
+            problem = "too small: each side must be at least 16 pixels"
+        else:
+            problem = None
+        if problem is not None:
+            raise ApiError(400, f"size {width}x{height} is {problem}", param="size", code="invalid_size")
         if body.n > engine.max_batch:
             raise ApiError(
                 400,
@@ -395,7 +277,7 @@ def create_app(
     def client_gone(job: Job) -> None:
         stage = engine.cancel(job)
         if stage != "done":
-            metrics.dropped.inc(1, stage)
+            metrics.dropped.labels(stage).inc()
             log.info("client of request %s went away (%s)", job.id, stage)
 
     def job_images(future: asyncio.Future) -> list[Image.Image]:
@@ -472,7 +354,7 @@ def create_app(
         if png is None:
             raise ApiError(
                 404,
-                f"no image {name!r} (images are kept for the last {stored_images} requests)",
+                f"no image {name!r} (the server keeps the latest {stored_image_bytes >> 20} MiB of images)",
                 param="name",
                 code="not_found",
             )
@@ -482,12 +364,15 @@ def create_app(
     async def list_models():
         return {"object": "list", "data": [{"id": model_id, "object": "model", "created": started}]}
 
-    @app.get("/health", responses={503: {"description": "Loading, warming up, or failed to load"}})
+    @app.get("/health", responses={503: {"description": "Loading, warming up, failed to load, or dead"}})
     async def health():
         if engine.ready.is_set():
             return {"status": "ok"}
-        status = "failed" if engine.load_error is not None else "loading"
-        return JSONResponse({"status": status}, status_code=503)
+        if engine.load_error is None:
+            return JSONResponse({"status": "loading"}, status_code=503)
+        # failed to load, or dead after a sticky device error; the process is on its way out
+        error = f"{type(engine.load_error).__name__}: {engine.load_error}"
+        return JSONResponse({"status": "failed", "error": error}, status_code=503)
 
     @app.get("/metrics", response_class=Response, responses={200: {"content": {METRICS_CONTENT_TYPE: {}}}})
     async def prometheus_metrics() -> Response:
@@ -495,6 +380,7 @@ def create_app(
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def index() -> HTMLResponse:
-        return HTMLResponse((STATIC / "index.html").read_text(encoding="utf-8"))
+        page = (STATIC / "index.html").read_text(encoding="utf-8")
+        return HTMLResponse(page.replace("{{MODEL}}", html.escape(model_id)))
 
     return app

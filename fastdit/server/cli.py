@@ -17,6 +17,7 @@ from fastdit.cli.common import (
     add_model_arguments,
     add_parallel_arguments,
     check_model_options,
+    note,
     parallel_degrees,
     parallel_requested,
     positive_int,
@@ -26,7 +27,10 @@ from fastdit.cli.lora import add_lora_arguments, check_lora_flags, read_loras
 from fastdit.cli.memory import add_memory_arguments
 from fastdit.cli.scheduler import add_scheduler_arguments
 from fastdit.errors import FastditError
+from fastdit.extras import require_extra
 from fastdit.runtime.env import under_torchrun
+
+API_KEY_ENV = "FASTDIT_API_KEY"  # read when --api-key is not given (fastdit.server.auth)
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -72,8 +76,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="size of the 2-step warmup run before /health turns 200 (default: 512x512)",
     )
     server.add_argument("--no-warmup", action="store_true", help="skip the warmup run")
-    server.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     add_scheduler_arguments(server)
+    server.add_argument(
+        "--stored-images-mb",
+        type=positive_int,
+        default=512,
+        help="memory for the PNGs of response_format=url answers; the oldest are dropped beyond it (default: 512)",
+    )
+    server.add_argument(
+        "--api-key",
+        default=None,
+        help=f"require 'Authorization: Bearer KEY' on /v1/* (or set {API_KEY_ENV}); /health, /metrics and the page "
+        "stay open. Bind beyond 127.0.0.1 only with a key or behind an authenticating proxy",
+    )
+    server.add_argument(
+        "--log-level", default="info", choices=["debug", "info", "warning", "error"], help="(default: info)"
+    )
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -100,15 +118,28 @@ def server_options(args: argparse.Namespace):
         warmup=None if args.no_warmup else Warmup(*args.warmup_size),
         log_level=args.log_level,
         scheduler=args.scheduler,
+        stored_image_bytes=args.stored_images_mb << 20,
+        api_key=api_key(args),
     )
 
 
+def api_key(args: argparse.Namespace) -> str | None:
+    """--api-key, else FASTDIT_API_KEY, else None (no access control)."""
+    key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV)
+    if key is not None and not key.strip():
+        raise FastditError(f"--api-key / {API_KEY_ENV} is empty; give a key or leave both unset")
+    return key
+
+
 def serve_main(args: argparse.Namespace) -> int:
+    require_extra("serve", "fastdit serve")  # before the imports below, which need it
     from fastdit.server import ranks
     from fastdit.server.run import bind_socket, load_generator, run_server
 
     if args.max_size < 16:
         raise FastditError(f"--max-size {args.max_size}: must be at least 16")
+    if api_key(args) is None and args.host not in ("127.0.0.1", "localhost", "::1"):
+        note(f"serving on {args.host} without --api-key: anyone who reaches the port can generate images")
     tp, sp, cfg = parallel_degrees(args)
     model = ModelOptions.from_args(args)
     check_model_options(model, tp, sp)

@@ -15,8 +15,10 @@
   fails only the request that causes it. The failed call's memory is given back first: its frames (and the
   tensors they hold) are cleared from the exception's traceback, then the allocator's cache is emptied.
 - The generator is loaded and warmed up on the worker thread, so the server can answer /health (503)
-  while a large checkpoint loads. A generator that raises `GeneratorBroken` (it can run no more calls)
-  stops the engine as a load failure does.
+  while a large checkpoint loads. A generator that raises `GeneratorBroken` (it can run no more calls), or
+  a sticky device error (a CUDA device-side assert or illegal address: every later kernel fails too), stops
+  the engine as a load failure does: /health reports "failed" and the process exits non-zero, so that a
+  supervisor restarts it.
 """
 
 from __future__ import annotations
@@ -38,10 +40,25 @@ from PIL import Image
 
 from fastdit.errors import FastditError
 from fastdit.server.metrics import Metrics
+from fastdit.validation import SEED_LIMIT, image_seeds
 
 log = logging.getLogger("fastdit.server")
 
-SEED_LIMIT = 2**63  # seeds are drawn from and wrapped into [0, SEED_LIMIT)
+# Messages of CUDA errors after which the context is unusable: every later call fails the same way.
+STICKY_DEVICE_ERRORS = (
+    "device-side assert",
+    "illegal memory access",
+    "illegal address",
+    "illegal instruction",
+    "misaligned address",
+    "unspecified launch failure",
+    "uncorrectable ecc error",
+)
+
+
+def is_sticky_device_error(error: BaseException) -> bool:
+    """Whether `error` left the accelerator unusable for the rest of the process (not an out-of-memory)."""
+    return isinstance(error, RuntimeError) and any(m in str(error).lower() for m in STICKY_DEVICE_ERRORS)
 
 
 class Generator(Protocol):
@@ -128,8 +145,7 @@ class Job:
             self.negative_prompt, self.cfg_scale = None, 1.0
         # One seed per image: image i of a seeded request uses seed + i, so n=4 with seed s gives
         # the same images as four n=1 requests with seeds s..s+3.
-        first = secrets.randbelow(SEED_LIMIT) if self.seed is None else self.seed
-        self.seeds = [(first + i) % SEED_LIMIT for i in range(self.n)]
+        self.seeds = image_seeds(secrets.randbelow(SEED_LIMIT) if self.seed is None else self.seed, self.n)
 
     @property
     def key(self) -> BatchKey:
@@ -267,6 +283,7 @@ class Engine:
     def _fail(self, error: BaseException) -> None:
         """Stop for good: record the error for the CLI, fail the queued jobs, tell the server."""
         self.load_error = error
+        self.ready.clear()
         self.close()
         if self._on_load_error is not None:
             self._on_load_error(error)
@@ -308,6 +325,12 @@ class Engine:
             self._fail(e)
             return
         except Exception as e:
+            if is_sticky_device_error(e):
+                log.error("the device failed, stopping: %s: %s", type(e).__name__, e)
+                for job in jobs:
+                    job.future.set_exception(e)
+                self._fail(e)
+                return
             _free_accelerator_memory(e)
             if len(jobs) == 1:
                 if isinstance(e, FastditError):  # bad input that slipped past the app's checks: one line

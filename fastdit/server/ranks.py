@@ -40,7 +40,7 @@ from datetime import timedelta
 from PIL import Image
 
 from fastdit.cli.common import ModelOptions
-from fastdit.errors import FastditError
+from fastdit.errors import FastditError, RunFailed
 from fastdit.server.engine import GeneratorBroken
 from fastdit.server.run import ServerOptions, load_generator, run_server
 
@@ -114,7 +114,7 @@ def serve(setup: RankSetup, sock: socket.socket | None) -> int:
         lines = str(e).strip().splitlines()
         if len(lines) > 1:  # the rank's traceback: to the log, above the one-line error
             log.error("%s", e)
-        raise FastditError(f"{lines[0]}; the server stopped") from None
+        raise RunFailed(f"{lines[0]}; the server stopped") from None
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
@@ -164,7 +164,7 @@ def _lead(state, setup: RankSetup, sock: socket.socket, control) -> int:
     try:
         code = run_server(sock, load, setup.server)
     except GeneratorBroken as e:  # the launcher terminates the followers, stuck mid-call or not
-        raise FastditError(str(e)) from None
+        raise RunFailed(str(e)) from None
     leader.stop()
     return code
 

@@ -32,6 +32,8 @@ class ServerOptions:
     warmup: Warmup | None = Warmup()
     log_level: str = "info"
     scheduler: str = "default"  # every request's sampling schedule (and its default steps and CFG scale)
+    stored_image_bytes: int = 512 << 20  # PNGs kept for response_format="url"
+    api_key: str | None = None  # required as a bearer token on /v1/* when set
 
 
 def load_generator(model_path: str, options: ModelOptions, parallel=None) -> Generator:
@@ -114,7 +116,14 @@ def run_server(sock: socket.socket, load: Callable[[], Generator], options: Serv
         warmup=options.warmup,
         on_load_error=stop_on_load_error,
     )
-    app = create_app(engine, model_id=options.model_id, max_side=options.max_size, scheduler=options.scheduler)
+    app = create_app(
+        engine,
+        model_id=options.model_id,
+        max_side=options.max_size,
+        stored_image_bytes=options.stored_image_bytes,
+        api_key=options.api_key,
+        scheduler=options.scheduler,
+    )
     log_config = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)
     log_config["loggers"]["fastdit"] = {"handlers": ["default"], "level": options.log_level.upper(), "propagate": False}
     config = uvicorn.Config(app, log_config=log_config, log_level=options.log_level, timeout_graceful_shutdown=30)

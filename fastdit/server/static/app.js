@@ -8,8 +8,14 @@ const $ = (id) => document.getElementById(id);
 function setStatus(state, text) {
   const status = $("status");
   status.dataset.state = state;
-  status.className = state === "error" ? "error" : "";
+  status.classList.toggle("error", state === "error"); // keeps "row": the status stays in the wide column
   status.textContent = text;
+}
+
+function headers() {
+  const h = { "Content-Type": "application/json" };
+  if ($("apikey").value) h.Authorization = `Bearer ${$("apikey").value}`;
+  return h;
 }
 
 function requestBody() {
@@ -59,7 +65,7 @@ async function generate(event) {
   try {
     const response = await fetch("/v1/images/generations/stream", {
       method: "POST",
-      headers: { "Content-Type": "application/json" },
+      headers: headers(),
       body: JSON.stringify(requestBody()),
     });
     if (!response.ok) {
