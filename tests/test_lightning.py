@@ -113,8 +113,8 @@ class _Recorder:
 @pytest.mark.parametrize(
     "scheduler, body, expected",
     [
-        ("default", {}, {"num_inference_steps": 50, "true_cfg_scale": 1.0, "scheduler": "default"}),
-        ("default", {"negative_prompt": " "}, {"num_inference_steps": 50, "true_cfg_scale": 4.0}),
+        ("checkpoint", {}, {"num_inference_steps": 50, "true_cfg_scale": 1.0, "scheduler": "checkpoint"}),
+        ("checkpoint", {"negative_prompt": " "}, {"num_inference_steps": 50, "true_cfg_scale": 4.0}),
         ("lightning", {"negative_prompt": " "}, {"num_inference_steps": 8, "true_cfg_scale": 1.0}),
         ("lightning", {"num_inference_steps": 4}, {"num_inference_steps": 4, "scheduler": "lightning"}),
         (

@@ -62,7 +62,7 @@ class GenerateRun:
     seeds: list[int]
     paths: list[Path]
     timings_json: Path | None = None
-    scheduler: str = "default"
+    scheduler: str = "checkpoint"
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:

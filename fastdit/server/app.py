@@ -161,7 +161,7 @@ def create_app(
     max_body_bytes: int = 1 << 20,
     stored_image_bytes: int = 512 << 20,
     api_key: str | None = None,
-    scheduler: str = "default",
+    scheduler: str = "checkpoint",
 ) -> FastAPI:
     """The server around `engine`. The app's lifespan starts the engine and stops it on shutdown. With `api_key`,
     /v1/* needs `Authorization: Bearer <api_key>` (fastdit.server.auth)."""

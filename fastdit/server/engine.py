@@ -75,7 +75,7 @@ class Generator(Protocol):
         true_cfg_scale: float = 4.0,
         seed: int | list[int] | None = None,
         num_images_per_prompt: int = 1,
-        scheduler: str = "default",
+        scheduler: str = "checkpoint",
         progress: Callable[[int, int], None] | None = None,
         show_progress: bool = True,
     ) -> list[Image.Image]: ...
@@ -128,7 +128,7 @@ class Job:
     cfg_scale: float
     seed: int | None = None  # None: a random seed per image, reported nowhere
     loras: tuple[tuple[str, float], ...] = ()
-    scheduler: str = "default"  # the pipeline's sampling schedule (validation.SCHEDULER_STEPS)
+    scheduler: str = "checkpoint"  # the pipeline's sampling schedule (validation.SCHEDULER_STEPS)
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
     future: Future[list[Image.Image]] = field(default_factory=Future)
     # Written by the worker, read by the app for progress reports.
