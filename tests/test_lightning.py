@@ -81,7 +81,7 @@ def test_lightning_is_one_dit_pass_per_step(tiny_pipe, monkeypatch):
 
 def test_unknown_scheduler_is_an_input_error(tiny_pipe):
     """A scheduler name fastdit does not know is refused, naming the field, before any work."""
-    with pytest.raises(InputError, match="scheduler must be one of default, lightning"):
+    with pytest.raises(InputError, match="scheduler must be one of checkpoint, lightning"):
         tiny_pipe("a cat", scheduler="euler", height=32, width=32)
 
 
