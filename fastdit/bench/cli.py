@@ -148,7 +148,7 @@ def add_parser(subparsers):
         "--steps",
         type=int,
         default=None,
-        help="denoising steps of --stage pipeline (default: the scheduler's) and of --cache-schedule (default: 50)",
+        help="denoising steps of --stage pipeline (the scheduler's when not given) and of --cache-schedule (default: 50)",
     )
     add_scheduler_arguments(p)
     p.add_argument(

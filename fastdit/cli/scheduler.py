@@ -15,9 +15,9 @@ import argparse
 from fastdit.validation import SCHEDULER_STEPS
 
 SCHEDULER_HELP = (
-    "sampling schedule: default (the checkpoint's) or lightning (the Qwen-Image-Lightning LoRAs' schedule: "
-    f"{SCHEDULER_STEPS['lightning']} steps unless asked otherwise, CFG off unless a scale > 1 comes with a negative "
-    "prompt) (default: default)"
+    "sampling schedule: the checkpoint's (default), or lightning: the Qwen-Image-Lightning LoRAs' schedule "
+    f"({SCHEDULER_STEPS['lightning']} steps unless asked otherwise, CFG off unless a scale > 1 comes with a negative "
+    "prompt)"
 )
 
 
