@@ -33,7 +33,7 @@ DTYPE_NAMES = {
 }
 # Sampling schedules a call may choose (fastdit.pipelines.scheduler.sampling_for) -> its steps when none are given:
 # the checkpoint's own schedule, or the one the Qwen-Image-Lightning distilled LoRAs need (few steps, no CFG).
-SCHEDULER_STEPS = {"default": 50, "lightning": 8}
+SCHEDULER_STEPS = {"checkpoint": 50, "lightning": 8}
 
 
 class InputError(FastditError):

@@ -43,7 +43,7 @@ def test_bench_pipeline_options():
     lightning = PipelineBench.from_config(BenchConfig(stage="pipeline", scheduler="lightning"), torch.bfloat16)
     assert (lightning.steps, lightning.cfg) == (8, False)
     default = PipelineBench.from_config(BenchConfig(stage="pipeline", steps=4), torch.bfloat16)
-    assert (default.steps, default.cfg, default.scheduler) == (4, True, "default")
+    assert (default.steps, default.cfg, default.scheduler) == (4, True, "checkpoint")
     assert not PipelineBench.from_config(BenchConfig(stage="pipeline", no_cfg=True), torch.bfloat16).cfg
     with pytest.raises(FastditError, match="--compile full"):
         PipelineBench.from_config(BenchConfig(stage="pipeline", compile="full"), torch.bfloat16)

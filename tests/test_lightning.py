@@ -81,7 +81,7 @@ def test_lightning_is_one_dit_pass_per_step(tiny_pipe, monkeypatch):
 
 def test_unknown_scheduler_is_an_input_error(tiny_pipe):
     """A scheduler name fastdit does not know is refused, naming the field, before any work."""
-    with pytest.raises(InputError, match="scheduler must be one of default, lightning"):
+    with pytest.raises(InputError, match="scheduler must be one of checkpoint, lightning"):
         tiny_pipe("a cat", scheduler="euler", height=32, width=32)
 
 
@@ -113,8 +113,8 @@ class _Recorder:
 @pytest.mark.parametrize(
     "scheduler, body, expected",
     [
-        ("default", {}, {"num_inference_steps": 50, "true_cfg_scale": 1.0, "scheduler": "default"}),
-        ("default", {"negative_prompt": " "}, {"num_inference_steps": 50, "true_cfg_scale": 4.0}),
+        ("checkpoint", {}, {"num_inference_steps": 50, "true_cfg_scale": 1.0, "scheduler": "checkpoint"}),
+        ("checkpoint", {"negative_prompt": " "}, {"num_inference_steps": 50, "true_cfg_scale": 4.0}),
         ("lightning", {"negative_prompt": " "}, {"num_inference_steps": 8, "true_cfg_scale": 1.0}),
         ("lightning", {"num_inference_steps": 4}, {"num_inference_steps": 4, "scheduler": "lightning"}),
         (

@@ -167,7 +167,7 @@ def test_fused_into_fp8_equals_quantized_fused_float(tiny_dir):
     from fastdit.quant.fp8 import Fp8Linear, quantize_model
 
     lora = random_lora(10, std=0.05)
-    fp8 = load_transformer(tiny_dir, dtype=torch.float32, device="cpu", quantize="fp8-emulated")
+    fp8 = load_transformer(tiny_dir, dtype=torch.float32, device="cpu", quantize="fp8-fast-emulated")
     before = {k: v.clone() for k, v in fp8.state_dict().items()}
     on_fp8 = DiTLoras(fp8, torch.float32)
     on_fp8.load(lora, "a")

@@ -148,7 +148,8 @@ def add_parser(subparsers):
         "--steps",
         type=int,
         default=None,
-        help="denoising steps of --stage pipeline (the scheduler's when not given) and of --cache-schedule (default: 50)",
+        help="denoising steps of --stage pipeline (the scheduler's unless given) and of --cache-schedule (50 unless "
+        "given)",
     )
     add_scheduler_arguments(p)
     p.add_argument(

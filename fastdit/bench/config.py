@@ -31,7 +31,7 @@ class BenchConfig:
     lora_rank: tuple[int, ...] | None = None  # fastdit.bench.lora: the ranks to time, one after the other
     loras: int = 1
     steps: int | None = None  # --stage pipeline / --cache-schedule: denoising steps (None: the default)
-    scheduler: str = "default"  # --stage pipeline: sampling schedule (validation.SCHEDULER_STEPS)
+    scheduler: str = "checkpoint"  # --stage pipeline: sampling schedule (validation.SCHEDULER_STEPS)
     family: str = "qwen-image"  # fastdit.bench.family
     condition_images: int = 0
     cache_schedule: str | None = None  # fastdit.bench.cache: a fixed step-cache schedule over `steps` steps

@@ -78,7 +78,7 @@ class PipelineBench:
             text_len=run.text_len,
             steps=steps,
             scheduler=run.scheduler,
-            cfg=run.scheduler == "default" and not run.no_cfg,
+            cfg=run.scheduler == "checkpoint" and not run.no_cfg,
             dtype=dtype,
             quantize=run.quantize,
             attention=run.attention,

@@ -115,7 +115,7 @@ def check_edit_model(cls, model: str, paths: list[str], images: list, areas: dic
         refused = []
         if args.cache is not None:
             refused.append("--cache")
-        if args.scheduler != "default":
+        if args.scheduler != "checkpoint":
             refused.append(f"--scheduler {args.scheduler}")
         if refused:
             raise FastditError(f"{refused[0]} is for the Qwen-Image-Edit pipelines; {cls.__name__} does not take it")

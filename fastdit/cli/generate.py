@@ -65,7 +65,7 @@ class GenerateRun:
     seeds: list[int]
     paths: list[Path]
     timings_json: Path | None = None
-    scheduler: str = "default"
+    scheduler: str = "checkpoint"
     images: tuple = ()  # edit: the reference / condition images (PIL, read and checked), given as `image=`
 
 

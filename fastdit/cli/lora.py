@@ -60,8 +60,8 @@ def add_lora_arguments(parser) -> None:
         default=[],
         metavar="[NAME=]PATH[:SCALE]",
         help="a LoRA .safetensors (diffusers/PEFT, kohya, ComfyUI/musubi or DiffSynth keys) applied at SCALE "
-        "(1 if not given); repeat for several. The server keeps them as adapters NAME (the file's stem if not "
-        'given) that a request picks with "loras": [{"name": ..., "scale": ...}]',
+        "(1 unless given); repeat for several. The server keeps them as adapters NAME (the file's stem unless given) "
+        'that a request picks with "loras": [{"name": ..., "scale": ...}]',
     )
     group.add_argument(
         "--fuse-lora",

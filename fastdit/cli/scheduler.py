@@ -1,4 +1,4 @@
-"""`--scheduler {default,lightning}`: the sampling schedule of generate, serve and bench (no torch imported here).
+"""`--scheduler {checkpoint,lightning}`: the sampling schedule of generate, serve and bench (no torch imported here).
 
 `lightning` is the schedule the Qwen-Image-Lightning distilled LoRAs were trained for (constant shift 3, no terminal
 stretch; fastdit.pipelines.scheduler.LIGHTNING_SCHEDULER_CONFIG): with such a LoRA loaded, 8 (or 4) steps without
@@ -15,15 +15,15 @@ import argparse
 from fastdit.validation import SCHEDULER_STEPS
 
 SCHEDULER_HELP = (
-    "sampling schedule: the checkpoint's (default), or lightning: the Qwen-Image-Lightning LoRAs' schedule "
-    f"({SCHEDULER_STEPS['lightning']} steps unless asked otherwise, CFG off unless a scale > 1 comes with a negative "
-    "prompt)"
+    "sampling schedule: checkpoint (the one its scheduler_config.json describes; the default) or lightning (the "
+    f"Qwen-Image-Lightning LoRAs' schedule: {SCHEDULER_STEPS['lightning']} steps unless asked otherwise, CFG off "
+    "unless a scale > 1 comes with a negative prompt)"
 )
 
 
 def add_scheduler_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
-    """--scheduler {default,lightning}."""
-    parser.add_argument("--scheduler", choices=list(SCHEDULER_STEPS), default="default", help=SCHEDULER_HELP)
+    """--scheduler {checkpoint,lightning}."""
+    parser.add_argument("--scheduler", choices=list(SCHEDULER_STEPS), default="checkpoint", help=SCHEDULER_HELP)
 
 
 def default_steps(scheduler: str) -> int:

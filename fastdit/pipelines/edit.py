@@ -178,7 +178,7 @@ class EditPipeline(DiTPipeline):
         vae_image_area: int = DEFAULT_VAE_IMAGE_AREA,
         vl_image_area: int = DEFAULT_VL_IMAGE_AREA,
         num_images_per_prompt: int = 1,
-        scheduler: str = "default",
+        scheduler: str = "checkpoint",
         cache: StepCache | None = None,
         progress: Callable[[int, int], None] | None = None,
         show_progress: bool = True,
@@ -189,7 +189,7 @@ class EditPipeline(DiTPipeline):
         `true_cfg_scale`: None -> 4.0 with a negative prompt, else off (CFG needs both a scale > 1 and a negative
         prompt). `height` / `width`: the output size (multiples of 16); each defaults to the layout's image at
         `vae_image_area` (`output_size`). `seed`: one int for the batch, or one per image.
-        `num_inference_steps`: default 50 (8 with the Lightning schedule). `scheduler`: "default" (the checkpoint's
+        `num_inference_steps`: default 50 (8 with the Lightning schedule). `scheduler`: "checkpoint" (the checkpoint's
         schedule) or "lightning" (the Qwen-Image-Edit-Lightning LoRAs' schedule, CFG off unless a scale > 1 is
         given). `cache`: a `fastdit.StepCache` for this call (default: the one `enable_step_cache` set, if any; not
         with Edit-2511, whose zero_cond_t reference tokens it cannot keep: ConfigError before any work)."""

@@ -225,7 +225,7 @@ class QwenImagePipeline(DiTPipeline):
         seed: int | list[int] | None = None,
         num_images_per_prompt: int = 1,
         sigmas: list[float] | None = None,
-        scheduler: str = "default",
+        scheduler: str = "checkpoint",
         progress: Callable[[int, int], None] | None = None,
         show_progress: bool = True,
         cache: StepCache | None = None,
@@ -233,7 +233,7 @@ class QwenImagePipeline(DiTPipeline):
         """Generate len(prompt) * num_images_per_prompt images, ordered prompt-major (p0, p0, p1, ...).
 
         `num_inference_steps`: default 50 (8 with the Lightning schedule). `sigmas`: a custom descending schedule
-        (its length sets the steps), as diffusers' `sigmas=`. `scheduler`: "default" (the checkpoint's schedule) or
+        (its length sets the steps), as diffusers' `sigmas=`. `scheduler`: "checkpoint" (the checkpoint's schedule) or
         "lightning" (the Qwen-Image-Lightning LoRAs' schedule, CFG off unless a scale > 1 is given).
         `cache`: a `fastdit.StepCache` for this call (default: the one `enable_step_cache` set, if any); the
         result's `cached_steps` counts the steps whose middle blocks it skipped."""

@@ -297,7 +297,7 @@ class QwenImage21Pipeline(DiTPipeline):
         seed: int | list[int] | None = None,
         num_images_per_prompt: int = 1,
         output_resolution: int = 1024,
-        scheduler: str = "default",
+        scheduler: str = "checkpoint",
         progress: Callable[[int, int], None] | None = None,
         show_progress: bool = True,
     ) -> Images:
@@ -306,8 +306,8 @@ class QwenImage21Pipeline(DiTPipeline):
         `image`: condition image(s) shared by every prompt (PIL or uint8 arrays; RGBA kept for the VAE).
         `sigmas`: a sampling grid for this call (terminal 0 excluded), overriding the folder's `sample_sigmas`;
         either sets the step count, and `num_inference_steps` is then unused. `true_cfg_scale` None means 1.0.
-        `scheduler`: only "default" (the Lightning schedule belongs to Qwen-Image's distilled LoRAs)."""
-        if scheduler != "default":
+        `scheduler`: only "checkpoint" (the Lightning schedule belongs to Qwen-Image's distilled LoRAs)."""
+        if scheduler != "checkpoint":
             raise InputError("scheduler", f"{scheduler!r} is for Qwen-Image; Qwen-Image 2.1 runs its own schedule")
         clock = StageClock(self.device)
         prompts = check_prompts(prompt)

@@ -69,7 +69,7 @@ class Sampling:
 def sampling_for(name: str, folder_config: dict, default_cfg_scale: float) -> Sampling:
     """The sampling a pipeline call runs with for scheduler `name` (validation.SCHEDULER_STEPS):
 
-    - "default": the checkpoint's scheduler config (`folder_config`), 50 steps, CFG at `default_cfg_scale` when a
+    - "checkpoint": the checkpoint's scheduler config (`folder_config`), 50 steps, CFG at `default_cfg_scale` when a
       negative prompt is given;
     - "lightning": LIGHTNING_SCHEDULER_CONFIG, 8 steps, and no CFG unless the call gives a scale > 1 (with a negative
       prompt): the distilled LoRAs have guidance folded in, so each step is one DiT pass with no uncond batch.

@@ -61,7 +61,6 @@ from fastdit.validation import InputError
 log = logging.getLogger("fastdit.server")
 
 DISCONNECT_POLL_S = 0.2  # how often a waiting handler checks whether its client is still there
-PROGRESS_POLL_S = 0.1
 STATIC = resources.files("fastdit.server") / "static"
 
 
@@ -165,7 +164,7 @@ def create_app(
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
     stored_image_bytes: int = 512 << 20,
     api_key: str | None = None,
-    scheduler: str = "default",
+    scheduler: str = "checkpoint",
 ) -> FastAPI:
     """The server around `engine`. The app's lifespan starts the engine and stops it on shutdown. With `api_key`,
     /v1/* needs `Authorization: Bearer <api_key>` (fastdit.server.auth)."""
@@ -340,14 +339,26 @@ def create_app(
 
         async def events():
             future = asyncio.wrap_future(job.future)
-            reported = (0, 0)
+            loop = asyncio.get_running_loop()
+            # The worker thread pushes every step, so each reaches the stream however fast the steps come. Its
+            # pushes and the future's completion arrive on this loop in the order they happened.
+            steps: asyncio.Queue[tuple[int, int]] = asyncio.Queue()
+            job.listeners.append(lambda step, total: loop.call_soon_threadsafe(steps.put_nowait, (step, total)))
+            if job.total:  # steps taken before the listener was added
+                steps.put_nowait((job.step, job.total))
+            getter = None
             try:
-                while not future.done():
-                    await asyncio.wait({future}, timeout=PROGRESS_POLL_S)
-                    if job.total and (job.step, job.total) != reported:
-                        reported = (job.step, job.total)
-                        yield _sse("progress", {"step": job.step, "total": job.total})
+                while not future.done() or not steps.empty():
+                    getter = asyncio.ensure_future(steps.get())
+                    await asyncio.wait({future, getter}, return_when=asyncio.FIRST_COMPLETED)
+                    if getter.done():
+                        step, total = getter.result()
+                        yield _sse("progress", {"step": step, "total": total})
+                    else:
+                        getter.cancel()
             finally:
+                if getter is not None:
+                    getter.cancel()
                 if not future.done():  # cancelled by Starlette: the client disconnected
                     client_gone(job)
                     _abandon(future)

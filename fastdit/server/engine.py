@@ -79,7 +79,7 @@ class Generator(Protocol):
         true_cfg_scale: float = 4.0,
         seed: int | list[int] | None = None,
         num_images_per_prompt: int = 1,
-        scheduler: str = "default",
+        scheduler: str = "checkpoint",
         progress: Callable[[int, int], None] | None = None,
         show_progress: bool = True,
     ) -> list[Image.Image]: ...
@@ -133,7 +133,7 @@ class Job:
     cfg_scale: float
     seed: int | None = None  # None: a random seed per image, reported nowhere
     loras: tuple[tuple[str, float], ...] = ()
-    scheduler: str = "default"  # the pipeline's sampling schedule (validation.SCHEDULER_STEPS)
+    scheduler: str = "checkpoint"  # the pipeline's sampling schedule (validation.SCHEDULER_STEPS)
     images: tuple[Image.Image, ...] = ()  # an edit's reference images, decoded; () for text-to-image
     image_key: str = ""  # identifies `images` (a digest of the uploaded files): equal keys, equal images
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
@@ -141,6 +141,8 @@ class Job:
     # Written by the worker, read by the app for progress reports.
     step: int = 0
     total: int = 0
+    # Called from the worker thread with (step, total) after each denoising step (the app's event streams).
+    listeners: list[Callable[[int, int], None]] = field(default_factory=list)
     abandoned: bool = False  # the client went away while the job ran
     seeds: list[int] = field(init=False)  # one per image, from `seed`
 
@@ -382,6 +384,8 @@ class Engine:
             last_tick = now
             for job in jobs:
                 job.step, job.total = step, total
+                for listener in job.listeners:
+                    listener(step, total)
             if all(job.abandoned for job in jobs):
                 raise _BatchAbandoned
 

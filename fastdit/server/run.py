@@ -31,7 +31,7 @@ class ServerOptions:
     max_size: int = 2048
     warmup: Warmup | None = Warmup()
     log_level: str = "info"
-    scheduler: str = "default"  # every request's sampling schedule (and its default steps and CFG scale)
+    scheduler: str = "checkpoint"  # every request's sampling schedule (and its default steps and CFG scale)
     stored_image_bytes: int = 512 << 20  # PNGs kept for response_format="url"
     api_key: str | None = None  # required as a bearer token on /v1/* when set
     max_upload_bytes: int = 32 << 20  # the body of an edit request (its image files)
