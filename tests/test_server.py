@@ -45,15 +45,24 @@ REPO = Path(__file__).resolve().parents[1]
 class FakeGenerator:
     """Follows the pipeline's call contract and returns solid-colour images. `step_s` sleeps per step;
     while `gate` is clear every step waits for it (bounded); a prompt containing 'FAIL' raises, as a
-    CUDA OOM would. `calls` records the prompt list of every call."""
+    CUDA OOM would. `calls` records the prompt list of every call. `max_images` > 0: it also takes an
+    edit's images (as Qwen-Image 2.1, none too), whose bytes `images` records per call (None: none)."""
 
-    def __init__(self, step_s: float = 0.0, gate: threading.Event | None = None, side: int | None = None):
+    def __init__(
+        self, step_s: float = 0.0, gate: threading.Event | None = None, side: int | None = None, max_images: int = 0
+    ):
         self.step_s, self.gate, self.side = step_s, gate, side  # side: fixed image size, cheap to encode
+        self.max_images = max_images
         self.calls: list[list[str]] = []
+        self.images: list[list[bytes] | None] = []
 
-    def __call__(self, prompt, *, height=1024, width=1024, num_inference_steps=50, progress=None, **kwargs):
+    def output_size(self, images):
+        return 32, 32
+
+    def __call__(self, prompt, *, height=1024, width=1024, num_inference_steps=50, progress=None, image=None, **kw):
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         self.calls.append(prompts)
+        self.images.append(None if image is None else [im.tobytes() for im in image])
         if any("FAIL" in p for p in prompts):
             raise RuntimeError("CUDA out of memory (fake)")
         for step in range(1, num_inference_steps + 1):
@@ -127,6 +136,30 @@ def tiny_server(tiny_dir):
     )
     server = LiveServer(engine, max_side=256)
     server.wait_ready()
+    yield server
+    server.stop()
+
+
+EDIT_AREAS = (("vae_image_area", 64 * 64), ("vl_image_area", 48 * 48))
+
+
+def start_edit_server(folder: Path) -> LiveServer:
+    """A ready server on a tiny edit folder through `fastdit serve`'s loader, float32 on the CPU, with small reference
+    areas (--vae-image-area 4096 --vl-image-area 2304), uploads up to 4 MiB, warmed up at 32x32."""
+    from fastdit.cli.common import ModelOptions
+    from fastdit.server.run import load_generator
+
+    options = ModelOptions(dtype="float32", device="cpu", image_areas=EDIT_AREAS)
+    engine = Engine(lambda: load_generator(str(folder), options), max_batch=4, warmup=Warmup(32, 32, 1))
+    server = LiveServer(engine, max_side=256, max_upload_bytes=4 << 20)
+    server.wait_ready()
+    return server
+
+
+@pytest.fixture(scope="module")
+def tiny_edit_server(tiny_folders):
+    """The tiny Edit-2509 pipeline served (start_edit_server), shared by the tests of this module."""
+    server = start_edit_server(tiny_folders("edit-2509"))
     yield server
     server.stop()
 
@@ -304,23 +337,44 @@ class _DevTools:
         os.close(self._from_browser)
 
 
-@pytest.mark.slow
-def test_web_page_generates_with_progress(tiny_server, tmp_path):
-    """Headless Chromium opens /, fills the form, clicks Generate; the page shows the progress bar
-    moving and then the generated image at the requested size."""
+def _open_page(url: str, profile: Path) -> _DevTools:
+    """Headless Chromium showing the server's page at `url`, loaded."""
     if not os.path.exists(CHROMIUM):
         pytest.skip(f"{CHROMIUM} is absent (apt-get install chromium)")
-    browser = _DevTools(tmp_path / "profile")
+    browser = _DevTools(profile)
     try:
         (target,) = [t for t in browser.send("Target.getTargets")["targetInfos"] if t["type"] == "page"][:1]
         browser.session = browser.send(
             "Target.attachToTarget", {"targetId": target["targetId"], "flatten": True}, session=False
         )["sessionId"]
-        browser.send("Page.navigate", {"url": f"{tiny_server.url}/"})
+        browser.send("Page.navigate", {"url": f"{url}/"})
         deadline = time.monotonic() + 20
         while browser.evaluate("document.readyState + ':' + !!document.getElementById('generate')") != "complete:true":
             assert time.monotonic() < deadline, "the page did not load"
             time.sleep(0.1)
+    except BaseException:
+        browser.close()
+        raise
+    return browser
+
+
+def _wait_for_page(browser: _DevTools, timeout: float = 60) -> str:
+    """Wait until the page's request is no longer running; returns #status's state."""
+    deadline = time.monotonic() + timeout
+    while (state := browser.evaluate("document.getElementById('status').dataset.state")) == "running":
+        assert time.monotonic() < deadline, "generation did not finish"
+        time.sleep(0.1)
+    return state
+
+
+@pytest.mark.slow
+def test_web_page_generates_with_progress(tiny_server, tmp_path):
+    """Headless Chromium opens /, fills the form, clicks Generate; the page shows the progress bar
+    moving and then the generated image at the requested size. The model edits no images: the page
+    shows no edit mode."""
+    browser = _open_page(tiny_server.url, tmp_path / "profile")
+    try:
+        assert browser.evaluate("document.getElementById('mode').hidden && document.getElementById('images').hidden")
         browser.evaluate(
             """
             document.getElementById('prompt').value = 'a watercolor boat';
@@ -335,10 +389,7 @@ def test_web_page_generates_with_progress(tiny_server, tmp_path):
             document.getElementById('generate').click();
             """
         )
-        deadline = time.monotonic() + 60
-        while (state := browser.evaluate("document.getElementById('status').dataset.state")) == "running":
-            assert time.monotonic() < deadline, "generation did not finish"
-            time.sleep(0.1)
+        state = _wait_for_page(browser)
         status = browser.evaluate("document.getElementById('status').textContent")
         assert state == "done", status
         image = browser.evaluate("(i => [i.naturalWidth, i.naturalHeight, i.hidden])(document.getElementById('image'))")
@@ -363,6 +414,46 @@ def test_web_page_generates_with_progress(tiny_server, tmp_path):
         assert column == "2" and width > 3 * label_width, (column, width, label_width)
         shot = browser.send("Page.captureScreenshot", {"format": "png"})["data"]
         (tmp_path / "page.png").write_bytes(base64.b64decode(shot))
+    finally:
+        browser.close()
+
+
+@pytest.mark.slow
+def test_web_page_edits_an_uploaded_image(tiny_edit_server, tmp_path):
+    """On an edit model the page opens in edit mode (the model only edits): Chromium uploads a 2:1 PNG into the file
+    input, clicks Generate, and the page shows the edited image at the size "auto" gives (the image's ratio at the
+    server's VAE area: 96x32); a second upload of two images shows the last one's ratio."""
+    wide, tall = tmp_path / "wide.png", tmp_path / "tall.png"
+    Image.new("RGB", (96, 48), (200, 30, 30)).save(wide)
+    Image.new("RGB", (40, 72), (30, 30, 200)).save(tall)
+    browser = _open_page(tiny_edit_server.url, tmp_path / "profile")
+    try:
+        mode = browser.evaluate(
+            "[document.getElementById('mode').value, document.getElementById('images').hidden,"
+            " document.getElementById('size').value, document.getElementById('images').multiple]"
+        )
+        assert mode == ["edit", False, "auto", True]
+        document = browser.send("DOM.getDocument")["root"]["nodeId"]
+        files = browser.send("DOM.querySelector", {"nodeId": document, "selector": "#images"})["nodeId"]
+        for paths, size in (([wide], [96, 32]), ([wide, tall], [32, 96])):
+            browser.send("DOM.setFileInputFiles", {"nodeId": files, "files": [str(p) for p in paths]})
+            browser.evaluate(
+                """
+                document.getElementById('images').dispatchEvent(new Event('change'));
+                document.getElementById('prompt').value = 'make the sky green';
+                document.getElementById('steps').value = '2';
+                document.getElementById('seed').value = '3';
+                document.getElementById('generate').click();
+                """
+            )
+            state = _wait_for_page(browser)
+            status = browser.evaluate("document.getElementById('status').textContent")
+            assert state == "done", status
+            image = "(i => [i.naturalWidth, i.naturalHeight, i.hidden])(document.getElementById('image'))"
+            assert browser.evaluate(image) == [*size, False], status
+            assert browser.evaluate("document.querySelectorAll('#previews img').length") == len(paths)
+        shot = browser.send("Page.captureScreenshot", {"format": "png"})["data"]
+        (tmp_path / "edit-page.png").write_bytes(base64.b64decode(shot))
     finally:
         browser.close()
 
@@ -575,10 +666,11 @@ def test_client_disconnects(serve):
 
 def test_schemathesis_finds_no_server_errors(serve, tmp_path):
     """Schemathesis fuzzes every operation of the server's OpenAPI schema (30 examples each, positive
-    and negative data) and no answer is a 5xx."""
+    and negative data; the edit routes' multipart bodies against a model that takes images) and no
+    answer is a 5xx."""
     if shutil.which("schemathesis") is None:
         pytest.skip("schemathesis is not installed")
-    server = serve(FakeGenerator(side=16), max_queue=64, max_batch=10, max_side=2048)
+    server = serve(FakeGenerator(side=16, max_images=3), max_queue=64, max_batch=10, max_side=2048)
     command = [
         "schemathesis",
         "run",

@@ -35,7 +35,11 @@ FLAGS = {
     "seed": "--seed",
     "prompt": "--prompt",
     "dtype": "--dtype",
+    "image": "--image",
+    "vae_image_area": "--vae-image-area",
+    "vl_image_area": "--vl-image-area",
 }
+IMAGE_AREAS = ("vae_image_area", "vl_image_area")  # the edit pipelines' resize areas (fastdit.cli.edit)
 ATTENTION_CHOICES = ("auto", "sdpa", "cudnn", "flash", "flash_attn", "int8", "fp8")
 ATTENTION_HELP = (
     "attention kernel of the DiT (default: auto = cuDNN on CUDA, else PyTorch SDPA). flash: PyTorch's bundled "
@@ -73,13 +77,18 @@ class ModelOptions:
     fuse_lora: bool = False
     cache: StepCache | None = None  # --cache, where the subcommand has it (fastdit.cache.cli)
     memory: str | None = None  # a fastdit.memory plan name (fastdit.cli.memory adds --memory)
+    # (name, pixels) of --vae-image-area / --vl-image-area, where the subcommand has them (fastdit.cli.edit): the
+    # edit pipelines' keyword arguments for every call with images
+    image_areas: tuple[tuple[str, int], ...] = ()
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> ModelOptions:
         loras = tuple(getattr(args, "lora", None) or ())  # LoRA flags: fastdit.cli.lora.add_lora_arguments
+        areas = tuple((n, getattr(args, n)) for n in IMAGE_AREAS if getattr(args, n, None) is not None)
         return cls(
             args.dtype, args.device, args.quantize, args.attention, args.compile, args.cuda_graph,
             loras, getattr(args, "fuse_lora", False), getattr(args, "cache", None), getattr(args, "memory", None),
+            areas,
         )  # fmt: skip
 
 

@@ -2,7 +2,8 @@
 
 The arguments become one `GenerateRun` (checked: sizes, steps, seeds, output paths, device flags) before any
 model work; `run_generate` runs it in this process or, with --tp / --sp / --cfg-parallel, on every rank that
-fastdit.parallel.launch starts (rank 0 alone prints and writes).
+fastdit.parallel.launch starts (rank 0 alone prints and writes). `fastdit edit` (fastdit.cli.edit) shares the
+flags (`add_run_arguments`), their checks (`prepare`), the launch (`start`) and the run, with reference images.
 """
 
 from __future__ import annotations
@@ -35,7 +36,9 @@ from fastdit.cli.common import (
 from fastdit.cli.lora import add_lora_arguments, apply_loras, check_lora_flags, read_loras
 from fastdit.cli.memory import add_memory_arguments, memory_plan
 from fastdit.cli.scheduler import add_scheduler_arguments, scheduler_notes
+from fastdit.errors import FastditError
 from fastdit.validation import (
+    PIXELS_PER_TOKEN,
     SEED_LIMIT,
     InputError,
     check_cfg_scale,
@@ -55,14 +58,15 @@ class GenerateRun:
     options: ModelOptions
     prompt: str
     negative_prompt: str | None
-    height: int
-    width: int
+    height: int | None  # None (edit): the pipeline's default for the images
+    width: int | None
     steps: int | None  # None: the pipeline's default (its folder's sampling grid, if it has one)
     cfg_scale: float | None
     seeds: list[int]
     paths: list[Path]
     timings_json: Path | None = None
     scheduler: str = "checkpoint"
+    images: tuple = ()  # edit: the reference / condition images (PIL, read and checked), given as `image=`
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -77,14 +81,28 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     )
     add_model_arguments(p)
     add_memory_arguments(p)
-    p.add_argument("--prompt", required=True, help="what to draw")
+    add_run_arguments(p, prompt_help="what to draw", size_default=1024)
+    p.set_defaults(func=generate_main)
+    return p
+
+
+def add_run_arguments(p: argparse.ArgumentParser, *, prompt_help: str, size_default: int | None) -> None:
+    """The flags of a sampling run that generate and edit share: prompt, size, steps, schedule, CFG, seed, number of
+    images, outputs, step cache, parallelism, LoRA. `size_default`: --height / --width when not given (None: the
+    pipeline's choice from the reference images)."""
+    p.add_argument("--prompt", required=True, help=prompt_help)
     p.add_argument(
         "--negative-prompt",
         default=None,
         help="what to avoid; true CFG runs only with a negative prompt (use ' ' for an empty one), as in diffusers",
     )
-    p.add_argument("--height", type=integer, default=1024, help="image height in pixels, a multiple of 16 (1024)")
-    p.add_argument("--width", type=integer, default=1024, help="image width in pixels, a multiple of 16 (1024)")
+    size = f"({size_default})" if size_default else "(default: the reference image's aspect ratio at its area)"
+    p.add_argument(
+        "--height", type=integer, default=size_default, help=f"image height in pixels, a multiple of 16 {size}"
+    )
+    p.add_argument(
+        "--width", type=integer, default=size_default, help=f"image width in pixels, a multiple of 16 {size}"
+    )
     p.add_argument(
         "--steps",
         type=integer,
@@ -118,18 +136,19 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     add_cache_arguments(p)
     add_parallel_arguments(p, "parallelism (one process per GPU; gloo on CPU)")
     add_lora_arguments(p)
-    p.set_defaults(func=generate_main)
-    return p
 
 
-def prepare(args: argparse.Namespace) -> GenerateRun:
-    """The arguments checked and turned into a run; every user error is raised here, before any loading."""
+def prepare(args: argparse.Namespace, **images) -> GenerateRun:
+    """The arguments checked and turned into a run; every user error is raised here, before any loading.
+    `images`: an edit's `images` (a GenerateRun field), read and checked by the caller."""
     steps = args.steps  # None: the pipeline's default for its schedule
     try:
         check_prompts(args.prompt)
         if args.negative_prompt is not None:
             check_prompts(args.negative_prompt, "negative_prompt", allow_blank=True)
-        check_size(args.height, args.width)
+        # An unset side (edit only) is the pipeline's to choose from the images: any valid value stands in for it.
+        unset = PIXELS_PER_TOKEN
+        check_size(unset if args.height is None else args.height, unset if args.width is None else args.width)
         if steps is not None:
             check_steps(steps)
         cfg = None if args.cfg_scale is None else check_cfg_scale(args.cfg_scale)
@@ -160,12 +179,16 @@ def prepare(args: argparse.Namespace) -> GenerateRun:
     check_lora_flags(options.loras, options.fuse_lora)
     return GenerateRun(
         args.model, options, args.prompt, negative, args.height, args.width, steps,
-        cfg, seeds, paths, timings, scheduler=args.scheduler,
+        cfg, seeds, paths, timings, scheduler=args.scheduler, **images,
     )  # fmt: skip
 
 
 def generate_main(args: argparse.Namespace) -> int:
-    run = prepare(args)
+    return start(prepare(args), args)
+
+
+def start(run: GenerateRun, args: argparse.Namespace) -> int:
+    """Run `run` here, or on every rank of the parallel layout the arguments ask for."""
     tp, sp, cfg = parallel_degrees(args)
     if parallel_requested(tp, sp, cfg):
         from fastdit.load import read_config
@@ -196,7 +219,7 @@ def run_generate(run: GenerateRun, parallel=None) -> int:
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 
-    from fastdit.pipelines import load_pipeline
+    from fastdit.pipelines import load_pipeline, pipeline_class
 
     main = parallel is None or parallel.is_main
     # Our own bar covers the denoising steps; the libraries' per-file loading bars are noise here.
@@ -205,6 +228,8 @@ def run_generate(run: GenerateRun, parallel=None) -> int:
     device = parallel.device if parallel is not None else torch_device(run.options.device)
     dtype = torch_dtype(run.options.dtype, run.options.device)
     folder = resolve_model(run.model)
+    if not run.images and pipeline_class(folder).needs_image:
+        raise FastditError(f"--model {run.model} edits images: give them with fastdit edit --image FILE ...")
     loras = read_loras(run.options.loras, folder)  # read and checked before the pipeline loads
     check_cache_fits(run.options.cache, folder)
     cfg = run.negative_prompt is not None and (run.cfg_scale is None or run.cfg_scale > 1)
@@ -230,8 +255,10 @@ def run_generate(run: GenerateRun, parallel=None) -> int:
     load_s = time.perf_counter() - t0
     if main:
         print(f"fastdit: loaded {folder} in {load_s:.1f} s ({pipe.device}, {str(dtype).removeprefix('torch.')})")
+    edit = {"image": list(run.images), **dict(run.options.image_areas)} if run.images else {}
     images = pipe(
-        run.prompt,
+        prompt=run.prompt,
+        **edit,
         negative_prompt=run.negative_prompt,
         height=run.height,
         width=run.width,
@@ -248,8 +275,6 @@ def run_generate(run: GenerateRun, parallel=None) -> int:
 
 
 def write_images(run: GenerateRun, images, load_s: float, device: str, dtype: str) -> None:
-    from fastdit.errors import FastditError
-
     for path, image, seed in zip(run.paths, images, run.seeds, strict=True):
         try:
             image.save(path)
@@ -258,6 +283,8 @@ def write_images(run: GenerateRun, images, load_s: float, device: str, dtype: st
         print(f"wrote {path} ({image.width}x{image.height}, seed {seed})")
     t = images.timings
     print(f"text encoding  {t['text_encode_s']:8.3f} s")
+    if "vae_encode_s" in t:  # edit: the reference images' latents
+        print(f"VAE encode     {t['vae_encode_s']:8.3f} s")
     if "prefill_s" in t:  # Qwen-Image 2.1: the prefix K/V, computed once per image
         print(f"prefix prefill {t['prefill_s']:8.3f} s")
     cached = f", {images.cached_steps} cached" if run.options.cache is not None else ""
@@ -266,7 +293,7 @@ def write_images(run: GenerateRun, images, load_s: float, device: str, dtype: st
     )
     print(f"VAE decode     {t['vae_decode_s']:8.3f} s")
     if run.timings_json is not None:
-        record = {"load_s": load_s, **t, "steps": images.steps, "height": run.height, "width": run.width}
+        record = {"load_s": load_s, **t, "steps": images.steps, "height": images[0].height, "width": images[0].width}
         record["cached_steps"] = images.cached_steps
         record |= {"num_images": len(run.seeds), "seeds": run.seeds, "device": device, "dtype": dtype}
         run.timings_json.write_text(json.dumps(record, indent=2) + "\n")

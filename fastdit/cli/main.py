@@ -1,4 +1,4 @@
-"""The `fastdit` command line: one subcommand per module (generate, bench, serve, quantize, eval-cache).
+"""The `fastdit` command line: one subcommand per module (generate, edit, bench, serve, quantize, eval-cache).
 
 Bad input (sizes, steps, paths, prompts, incomplete models) exits with status 2 and one line on stderr,
 `fastdit: error: ...`; only fastdit's own errors (FastditError) count as bad input. A run that failed for another
@@ -13,7 +13,7 @@ import logging
 import sys
 
 from fastdit.bench import cli as bench_cli
-from fastdit.cli import eval_cache, generate, quantize
+from fastdit.cli import edit, eval_cache, generate, quantize
 from fastdit.cli.common import Parser
 from fastdit.errors import FastditError, RunFailed
 from fastdit.server import cli as serve_cli
@@ -22,7 +22,7 @@ from fastdit.server import cli as serve_cli
 def build_parser() -> Parser:
     parser = Parser(prog="fastdit", description="Fast inference for Qwen-Image diffusion transformers.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
-    for module in (generate, bench_cli, serve_cli, quantize, eval_cache):
+    for module in (generate, edit, bench_cli, serve_cli, quantize, eval_cache):
         module.add_parser(sub)
     return parser
 

@@ -21,15 +21,24 @@ def add_memory_arguments(parser) -> None:
 
 def memory_plan(options, folder, *, device, dtype, parallel=None, height=1024, width=1024, images=1, cfg=True):
     """The MemoryPlan (or None) for a run's ModelOptions on the pipeline folder `folder`; `auto` says its choice
-    in one line. Raises fastdit.memory.PlanError (one line) when the asked plan cannot fit."""
+    in one line. Raises fastdit.memory.PlanError (one line) when the asked plan cannot fit, or when the folder's
+    pipeline (the edit pipelines, Qwen-Image 2.1) keeps every part on the device and another plan is asked."""
     if options.memory is None:
         return None
+    import inspect
     from pathlib import Path
 
     import torch
 
     from fastdit.checkpoint import default_device
-    from fastdit.memory import Workload, plan_memory
+    from fastdit.memory import PlanError, Workload, plan_memory
+    from fastdit.pipelines import pipeline_class
+
+    cls = pipeline_class(folder)
+    if "memory" not in inspect.signature(cls.from_pretrained).parameters:
+        if options.memory in ("auto", "full"):
+            return None
+        raise PlanError(f"--memory {options.memory}: {cls.__name__} has no memory plans; every part stays on the GPU")
 
     device = torch.device(device) if device is not None else default_device()
     workload = Workload(height=height, width=width, images=images, cfg=cfg)

@@ -53,6 +53,12 @@ class DiTPipeline(LoraPipelineMixin):
     """Base of the pipelines: `transformer` (a DiT, or fastdit.parallel's wrapper of one), `device`, `dtype`.
     LoRA methods (`load_lora`, `set_loras`, `fuse_loras`, `unload_loras`): fastdit.lora.pipeline."""
 
+    # The images a call takes as `image=` (readable from the class, before loading): at most `max_images` (0: text
+    # only; None: no fixed limit), at least one when `needs_image`. Such a pipeline's `output_size(images, ...)`
+    # gives the (width, height) a call without height / width makes.
+    max_images: int | None = 0
+    needs_image = False
+
     def __init__(self, *, transformer, device, dtype):
         self.transformer = transformer
         self.device = torch.device(device)

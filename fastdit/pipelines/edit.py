@@ -31,7 +31,9 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from fastdit.cache.config import StepCache
 from fastdit.checkpoint import default_device, read_json
+from fastdit.errors import ConfigError
 from fastdit.kernels.attention import resolve_backend
 from fastdit.load import load_transformer
 from fastdit.models.layers import Rope, set_attention_backend
@@ -41,12 +43,12 @@ from fastdit.pipelines.edit_inputs import reference_images, resize, sized, to_pi
 from fastdit.pipelines.folder import check_pipeline_folder
 from fastdit.pipelines.latents import decode, encode, initial_noise, pack_latents, to_pil, unpack_latents
 from fastdit.pipelines.loop import Images, denoise
-from fastdit.pipelines.qwenimage import load_components, negative_prompts, resolve_cfg
-from fastdit.pipelines.scheduler import check_scheduler_config, flow_match_sigmas
+from fastdit.pipelines.qwenimage import DEFAULT_CFG_SCALE, load_components, negative_prompts, resolve_cfg
+from fastdit.pipelines.scheduler import check_scheduler_config, flow_match_sigmas, sampling_for
 from fastdit.pipelines.text import pad_embeds
 from fastdit.pipelines.vl_text import check_prompt_lengths, encode_vl_prompts, inline_images, numbered_images
 from fastdit.runtime.compile import dynamic_tokens
-from fastdit.validation import check_image_area, check_prompts, check_seed, check_size, check_steps
+from fastdit.validation import check_image_area, check_int, check_prompts, check_seed, check_size, check_steps
 
 log = logging.getLogger("fastdit")
 
@@ -60,6 +62,8 @@ class EditPipeline(DiTPipeline):
     sized and shown to the encoder (`prepare_images`, `image_prefix`) and how many there may be (`max_images`)."""
 
     max_images = 1
+    needs_image = True
+    size_image = 0  # the reference whose aspect ratio the output takes by default
 
     def __init__(self, *, transformer, text_encoder, tokenizer, processor, vae, scheduler_config: dict, device, dtype):
         super().__init__(transformer=transformer, device=device, dtype=dtype)
@@ -100,19 +104,31 @@ class EditPipeline(DiTPipeline):
         parts = load_components(root, classes, dtype, device)
         return cls(transformer=transformer, scheduler_config=scheduler_config, device=device, dtype=dtype, **parts)
 
+    def _check_cache(self, cache) -> None:
+        super()._check_cache(cache)
+        if self.transformer.cfg.zero_cond_t:  # the cached segments do not carry the t = 0 reference modulation
+            raise ConfigError("cache: the step cache does not run with Edit-2511's zero_cond_t reference tokens")
+
+    def output_size(self, images: list[Image.Image], vae_image_area: int = DEFAULT_VAE_IMAGE_AREA) -> tuple[int, int]:
+        """The default output (width, height) for these references: the layout's image (`size_image`) at
+        `vae_image_area` pixels; InputError when it is too elongated for that area."""
+        k = self.size_image % len(images)
+        return sized(images[k], check_image_area(vae_image_area, "vae_image_area"), "vae_image_area", k)
+
     def image_prefix(self, count: int) -> str:
         """The user content before the prompt for `count` images."""
         raise NotImplementedError
 
     def prepare_images(
         self, images: list[Image.Image], vae_image_area: int, vl_image_area: int
-    ) -> tuple[list[Image.Image], list[Image.Image], tuple[int, int]]:
-        """RGB references -> (encoder images, VAE images, default output (width, height))."""
+    ) -> tuple[list[Image.Image], list[Image.Image]]:
+        """RGB references -> (encoder images, VAE images)."""
         raise NotImplementedError
 
-    def dit_step(self, key, txt, txt_mask, txt_lens, rope: Rope, modulation, mod_index) -> Callable:
+    def dit_step(self, key, txt, txt_mask, txt_lens, rope: Rope, modulation, mod_index, loop=None) -> Callable:
         """The DiT at step i as `step(x, i)` for `denoise`: everything but x fixed for the call and passed as
-        arguments of the (possibly CUDA-graphed) call, so a graph recorded for the same shapes (`key`) serves."""
+        arguments of the (possibly CUDA-graphed) call, so a graph recorded for the same shapes (`key`) serves.
+        `loop`: the call's step cache (`cached_loop`), which graphs its own segments."""
         transformer = self.transformer  # not self: a graph held by the pipeline must not keep it alive in a cycle
 
         def forward(x, txt, mask, timestep, cos, sin, mod_img, mod_txt, mod_final, mod_ref, index):
@@ -125,9 +141,10 @@ class EditPipeline(DiTPipeline):
                 txt_lens=txt_lens,
                 modulation=StepModulation(mod_img, mod_txt, mod_final, mod_ref),
                 mod_index=index,
+                cache=loop,
             )
 
-        run = self.graphed(key, forward)
+        run = self.graphed(key, forward) if loop is None else forward
         timestep = torch.zeros(txt.shape[0], device=self.device)  # unused with the table; a fixed graph input
 
         def step(x: torch.Tensor, i: int) -> torch.Tensor:
@@ -154,39 +171,56 @@ class EditPipeline(DiTPipeline):
         *,
         negative_prompt: str | list[str] | None = None,
         true_cfg_scale: float | None = None,
-        num_inference_steps: int = 50,
+        num_inference_steps: int | None = None,
         seed: int | list[int] | None = None,
         height: int | None = None,
         width: int | None = None,
         vae_image_area: int = DEFAULT_VAE_IMAGE_AREA,
         vl_image_area: int = DEFAULT_VL_IMAGE_AREA,
+        num_images_per_prompt: int = 1,
+        scheduler: str = "checkpoint",
+        cache: StepCache | None = None,
         progress: Callable[[int, int], None] | None = None,
         show_progress: bool = True,
     ) -> Images:
-        """Edit `image` (one PIL image or a list) as each prompt says: one output image per prompt.
+        """Edit `image` (one PIL image or a list) as each prompt says: `num_images_per_prompt` images per prompt,
+        prompt-major (p0, p0, p1, ...).
 
         `true_cfg_scale`: None -> 4.0 with a negative prompt, else off (CFG needs both a scale > 1 and a negative
         prompt). `height` / `width`: the output size (multiples of 16); each defaults to the layout's image at
-        `vae_image_area`. `seed`: one int for the batch, or one per prompt."""
+        `vae_image_area` (`output_size`). `seed`: one int for the batch, or one per image.
+        `num_inference_steps`: default 50 (8 with the Lightning schedule). `scheduler`: "checkpoint" (the checkpoint's
+        schedule) or "lightning" (the Qwen-Image-Edit-Lightning LoRAs' schedule, CFG off unless a scale > 1 is
+        given). `cache`: a `fastdit.StepCache` for this call (default: the one `enable_step_cache` set, if any; not
+        with Edit-2511, whose zero_cond_t reference tokens it cannot keep: ConfigError before any work)."""
         clock = StageClock(self.device)
+        cache = self.step_cache if cache is None else cache
+        if cache is not None:
+            self._check_cache(cache)
         images = reference_images(image, self.max_images)
         prompts = check_prompts(prompt)
+        sampling = sampling_for(scheduler, self.scheduler_config, DEFAULT_CFG_SCALE)
+        steps = check_steps(sampling.steps if num_inference_steps is None else num_inference_steps)
+        check_int(num_images_per_prompt, "num_images_per_prompt", 1)
         negatives = negative_prompts(negative_prompt, len(prompts))
-        cfg = resolve_cfg(true_cfg_scale, negatives)
-        steps = check_steps(num_inference_steps)
-        seed = check_seed(seed, len(prompts))
+        cfg = resolve_cfg(true_cfg_scale, negatives, sampling.cfg_scale)
+        num_images = len(prompts) * num_images_per_prompt
+        seed = check_seed(seed, num_images)
         check_image_area(vae_image_area, "vae_image_area")
         check_image_area(vl_image_area, "vl_image_area")
-        vl_images, vae_images, (default_w, default_h) = self.prepare_images(images, vae_image_area, vl_image_area)
+        vl_images, vae_images = self.prepare_images(images, vae_image_area, vl_image_area)
+        default_w, default_h = self.output_size(images, vae_image_area)
         height, width = check_size(default_h if height is None else height, default_w if width is None else width)
         check_prompt_lengths(self.tokenizer, prompts, "prompt")
         if cfg is not None:
             check_prompt_lengths(self.tokenizer, negatives, "negative_prompt")
 
-        # 1. Text + images: one encoder call for prompts and negatives; (B', L, D), conditional rows first.
+        # 1. Text + images: one encoder call for prompts and negatives, rows repeated per image (prompt-major);
+        # (B', L, D) with B' = 2 * num_images under CFG, conditional rows first.
         texts = prompts + (negatives if cfg is not None else [])
         prefix = self.image_prefix(len(vl_images))
         rows = encode_vl_prompts(self.text_encoder, self.processor, texts, vl_images, prefix, self.device)
+        rows = [r for r in rows for _ in range(num_images_per_prompt)]
         txt, txt_mask = pad_embeds(rows, self.dtype)
         txt_lens = tuple(r.shape[0] for r in rows)
         if bool(txt_mask.all()):  # nothing padded: attention runs unmasked, its fast path
@@ -198,19 +232,21 @@ class EditPipeline(DiTPipeline):
         refs = refs.expand(txt.shape[0], -1, -1)
         clock.lap("vae_encode_s")
         lat_h, lat_w = height // 8, width // 8
-        noise = initial_noise(seed, (len(prompts), 1, self.latent_channels, lat_h, lat_w), self.dtype)
+        noise = initial_noise(seed, (num_images, 1, self.latent_channels, lat_h, lat_w), self.dtype)
         latents = pack_latents(noise).to(self.device)
         layout = [(1, lat_h // 2, lat_w // 2), *ref_grids]  # target first; reference k at RoPE frame k
         img_shapes = [layout] * txt.shape[0]
         rope = self.transformer.make_rope(img_shapes, txt.shape[1], self.device)
         mod_index = self.transformer.modulation_index(img_shapes, self.device)  # None unless zero_cond_t
-        schedule = flow_match_sigmas(steps, latents.shape[1], self.scheduler_config)  # target tokens only
+        schedule = flow_match_sigmas(steps, latents.shape[1], sampling.config)  # target tokens only
         timesteps = (schedule[:steps] * 1000).to(self.device, latents.dtype) / 1000
         modulation = self.transformer.modulation_table(timesteps)
 
         # 3. Flow-match Euler sampling; the reference tokens ride along after the noise tokens.
         key = ("edit", tuple(latents.shape), tuple(layout), cfg is not None, tuple(txt.shape), txt_mask is not None)
-        step = self.dit_step((*key, txt_lens), txt, txt_mask, txt_lens, rope, modulation, mod_index)
+        key = (*key, txt_lens)
+        loop = self.cached_loop(cache, key, steps)
+        step = self.dit_step(key, txt, txt_mask, txt_lens, rope, modulation, mod_index, loop)
         latents = denoise(
             step, latents, schedule, cfg_scale=cfg, appended=refs, progress=progress, show_progress=show_progress
         )
@@ -219,7 +255,8 @@ class EditPipeline(DiTPipeline):
         # 4. VAE decode.
         out = to_pil(decode(self.vae, unpack_latents(latents, lat_h, lat_w)))
         clock.lap("vae_decode_s")
-        return Images(out, seeds=seed, timings=clock.timings(steps), steps=steps)
+        cached_steps = 0 if loop is None else loop.cached_steps
+        return Images(out, seeds=seed, timings=clock.timings(steps), steps=steps, cached_steps=cached_steps)
 
 
 class QwenImageEditPipeline(EditPipeline):
@@ -235,9 +272,8 @@ class QwenImageEditPipeline(EditPipeline):
         if vl_image_area != DEFAULT_VL_IMAGE_AREA:
             log.warning("vl_image_area is not used by Qwen-Image-Edit: its image is encoded at vae_image_area")
         (im,) = images
-        width, height = sized(im, vae_image_area, "vae_image_area", 0)
-        condition = resize(im, width, height)
-        return [condition], [condition], (width, height)
+        condition = resize(im, *sized(im, vae_image_area, "vae_image_area", 0))
+        return [condition], [condition]
 
 
 class QwenImageEditPlusPipeline(EditPipeline):
@@ -245,6 +281,7 @@ class QwenImageEditPlusPipeline(EditPipeline):
     image resized from the original to `vl_image_area` for the encoder and to `vae_image_area` for the VAE."""
 
     max_images = 3  # the released models are trained for 1 to 3 images
+    size_image = -1
 
     def image_prefix(self, count: int) -> str:
         return numbered_images(count)
@@ -254,4 +291,4 @@ class QwenImageEditPlusPipeline(EditPipeline):
         for k, im in enumerate(images):
             vl_images.append(resize(im, *sized(im, vl_image_area, "vl_image_area", k)))
             vae_images.append(resize(im, *sized(im, vae_image_area, "vae_image_area", k)))
-        return vl_images, vae_images, vae_images[-1].size
+        return vl_images, vae_images

@@ -19,6 +19,7 @@ from fastdit.validation import InputError, check_image_count
 
 # The VL processor refuses images whose long side is this many times the short one.
 MAX_ASPECT = 200
+ORIENTATION_TAG = 0x0112  # EXIF "Orientation"
 
 
 def calculate_dimensions(area: int, ratio: float) -> tuple[int, int]:
@@ -43,13 +44,22 @@ def reference_images(image, max_images: int) -> list[Image.Image]:
     return out
 
 
+def oriented_size(image: Image.Image) -> tuple[int, int]:
+    """(width, height) of `image` once its EXIF orientation is applied (as `reference_images` does), read from the
+    header alone: orientations 5 to 8 turn the image by a quarter."""
+    turned = image.getexif().get(ORIENTATION_TAG, 1) in (5, 6, 7, 8)
+    return (image.height, image.width) if turned else (image.width, image.height)
+
+
 def sized(image: Image.Image, area: int, field: str, k: int) -> tuple[int, int]:
-    """(width, height) of reference image k at `area` pixels; InputError when a side would vanish."""
-    width, height = calculate_dimensions(area, image.width / image.height)
+    """(width, height) of reference image k (EXIF orientation applied) at `area` pixels; InputError when a side
+    would vanish."""
+    w, h = oriented_size(image)
+    width, height = calculate_dimensions(area, w / h)
     if min(width, height) < 32 or max(width, height) >= MAX_ASPECT * min(width, height):
         raise InputError(
             "image",
-            f"image {k} is {image.width}x{image.height}: too elongated to resize to {field}={area} pixels "
+            f"image {k} is {w}x{h}: too elongated to resize to {field}={area} pixels "
             f"(it would be {width}x{height}; each side must come out at least 32 px, within 1:{MAX_ASPECT})",
         )
     return width, height

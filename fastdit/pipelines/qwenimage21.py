@@ -128,6 +128,8 @@ def unpack(tokens: Tensor, h: int, w: int) -> Tensor:
 class QwenImage21Pipeline(DiTPipeline):
     """Qwen-Image 2.1. Build with `from_pretrained`, call with prompts (and condition images), get `Images` (RGBA)."""
 
+    max_images = None  # condition images: any number
+
     def __init__(
         self,
         *,
@@ -262,6 +264,12 @@ class QwenImage21Pipeline(DiTPipeline):
         return step
 
     # ---- the call ------------------------------------------------------------------------------------------
+
+    def output_size(self, images: list[Image.Image], output_resolution: int = 1024) -> tuple[int, int]:
+        """The default output (width, height) for these condition images (PIL): the last one's aspect ratio at
+        output_resolution^2 pixels."""
+        height, width = self._size(None, None, output_resolution, images)
+        return width, height
 
     def _size(self, height, width, output_resolution: int, images: list[Image.Image]) -> tuple[int, int]:
         if images:

@@ -6,13 +6,14 @@ Routes:
 - POST /v1/images/generations/stream  the same body; answers server-sent events `progress`
                                       ({"step", "total"}), then `result` (the OpenAI response) or
                                       `error` (an OpenAI error plus "status"). Used by the web page.
+- POST /v1/images/edits (and /stream)  OpenAI `images.edit`: multipart uploads (fastdit.server.edits).
 - GET  /v1/images/files/{id}.png      images of response_format="url" (the latest, up to `stored_image_bytes`).
 - GET  /v1/models, /health (503 until the engine is ready), /metrics (Prometheus text), / (web page).
 
 Every error is OpenAI-shaped, {"error": {"message", "type", "param", "code"}}: invalid input is 400
 (OpenAI's status for it; FastAPI's 422 is remapped) naming the field in "param", a body over
-`max_body_bytes` is 413, a full queue is 429 with Retry-After, an engine failure is 500 for that
-request only, and a request caught by shutdown is 503.
+`max_body_bytes` (an edit's upload: `max_upload_bytes`) is 413, a full queue is 429 with Retry-After,
+an engine failure is 500 for that request only, and a request caught by shutdown is 503.
 
 A handler waiting on its job polls for a client disconnect: a queued job is then dropped, a running
 one finishes unobserved (or stops early, when every client of its batch is gone).
@@ -43,6 +44,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from fastdit.cli.scheduler import request_sampling
 from fastdit.errors import FastditError
 from fastdit.server.auth import ApiKeyGuard
+from fastdit.server.edits import DEFAULT_MAX_UPLOAD_BYTES, EDIT_PATHS, add_edit_routes, image_limit
 from fastdit.server.engine import Engine, EngineClosed, Job, QueueFull
 from fastdit.server.lora import add_lora_routes, request_loras
 from fastdit.server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -54,11 +56,11 @@ from fastdit.server.schema import (
     ImagesResponse,
     ModelList,
 )
+from fastdit.validation import InputError
 
 log = logging.getLogger("fastdit.server")
 
 DISCONNECT_POLL_S = 0.2  # how often a waiting handler checks whether its client is still there
-PROGRESS_POLL_S = 0.1
 STATIC = resources.files("fastdit.server") / "static"
 
 
@@ -103,29 +105,29 @@ def _sse(event: str, data: Any) -> str:
 
 
 class _RequestGuard:
-    """Pure ASGI middleware: rejects bodies over `max_body_bytes` with 413 before any parsing (the
-    body is read here and replayed, so a chunked body is bounded too), and counts generation
-    requests by status."""
+    """Pure ASGI middleware: rejects bodies over `max_body_bytes` (the edit routes' uploads: `max_upload_bytes`)
+    with 413 before any parsing (the body is read here and replayed, so a chunked body is bounded too), and counts
+    image requests by status."""
 
-    def __init__(self, app, *, max_body_bytes: int, count_status):
-        self.app, self.max_body_bytes, self.count_status = app, max_body_bytes, count_status
+    def __init__(self, app, *, max_body_bytes: int, max_upload_bytes: int, count_status):
+        self.app, self.count_status = app, count_status
+        self.max_body_bytes, self.max_upload_bytes = max_body_bytes, max_upload_bytes
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
             return await self.app(scope, receive, send)
-        counted = scope["path"].startswith("/v1/images/generations")
+        counted = scope["path"].startswith(("/v1/images/generations", "/v1/images/edits"))
+        limit = self.max_upload_bytes if scope["path"] in EDIT_PATHS else self.max_body_bytes
 
         async def counting_send(message):
             if counted and message["type"] == "http.response.start":
                 self.count_status(message["status"])
             await send(message)
 
-        too_large = ApiError(
-            413, f"the request body is larger than {self.max_body_bytes} bytes", code="request_too_large"
-        ).response()
+        too_large = ApiError(413, f"the request body is larger than {limit} bytes", code="request_too_large").response()
         headers = dict(scope["headers"])
         with contextlib.suppress(ValueError):
-            if int(headers.get(b"content-length", b"0")) > self.max_body_bytes:
+            if int(headers.get(b"content-length", b"0")) > limit:
                 return await too_large(scope, receive, counting_send)
         chunks, size = [], 0
         while True:
@@ -134,7 +136,7 @@ class _RequestGuard:
                 return
             chunks.append(message.get("body", b""))
             size += len(chunks[-1])
-            if size > self.max_body_bytes:
+            if size > limit:
                 return await too_large(scope, receive, counting_send)
             if not message.get("more_body", False):
                 break
@@ -159,6 +161,7 @@ def create_app(
     model_id: str,
     max_side: int = 2048,
     max_body_bytes: int = 1 << 20,
+    max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
     stored_image_bytes: int = 512 << 20,
     api_key: str | None = None,
     scheduler: str = "checkpoint",
@@ -183,7 +186,10 @@ def create_app(
         lifespan=lifespan,
     )
     app.add_middleware(
-        _RequestGuard, max_body_bytes=max_body_bytes, count_status=lambda s: metrics.requests.labels(str(s)).inc()
+        _RequestGuard,
+        max_body_bytes=max_body_bytes,
+        max_upload_bytes=max_upload_bytes,
+        count_status=lambda s: metrics.requests.labels(str(s)).inc(),
     )
     if api_key is not None:
         app.add_middleware(ApiKeyGuard, api_key=api_key)  # outermost: before the body is read
@@ -218,15 +224,35 @@ def create_app(
         kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
         return ApiError(exc.status_code, str(exc.detail), type=kind, headers=exc.headers).response()
 
-    def submit(body: ImageGenerationRequest, *, streaming: bool = False) -> Job:
+    def submit(
+        body: ImageGenerationRequest, *, streaming: bool = False, images: tuple = (), image_key: str = ""
+    ) -> Job:
+        """Queue the request as a Job. `images`: an edit's decoded reference images (`image_key`: their digest);
+        without a size the request gets the pipeline's choice for them."""
         if body.stream and not streaming:
             raise ApiError(
                 400,
-                "stream=true is not supported here; use /v1/images/generations/stream",
+                "stream=true is not supported here; add /stream to the route (/v1/images/generations/stream, "
+                "/v1/images/edits/stream)",
                 param="stream",
                 code="unsupported_value",
             )
-        width, height = body.width_height()
+        if not engine.ready.is_set():
+            raise ApiError(
+                503,
+                "the model is still loading; retry later",
+                type="server_error",
+                code="not_ready",
+                headers={"Retry-After": "5"},
+            )
+        generator = engine.generator
+        if not images and getattr(generator, "needs_image", False):
+            message = "image is required: this model edits images; send them to POST /v1/images/edits"
+            raise ApiError(400, message, param="image", code="missing_image")
+        try:
+            width, height = body.width_height() or generator.output_size(list(images))
+        except InputError as e:  # a reference too elongated for the pipeline's area
+            raise ApiError(400, str(e), param="image", code="invalid_image") from None
         if max(width, height) > max_side:
             problem = f"too big: each side must be at most {max_side} pixels (the server's --max-size)"
         elif min(width, height) < 16:
@@ -242,14 +268,6 @@ def create_app(
                 param="n",
                 code="invalid_value",
             )
-        if not engine.ready.is_set():
-            raise ApiError(
-                503,
-                "the model is still loading; retry later",
-                type="server_error",
-                code="not_ready",
-                headers={"Retry-After": "5"},
-            )
         job = Job(
             prompt=body.prompt,
             negative_prompt=body.negative_prompt,
@@ -258,6 +276,8 @@ def create_app(
             height=height,
             seed=body.seed,
             loras=request_loras(body.loras, engine),
+            images=images,
+            image_key=image_key,
             **request_sampling(scheduler, body.num_inference_steps, body.true_cfg_scale),
         )
         try:
@@ -303,10 +323,8 @@ def create_app(
             data = [{"b64_json": base64.b64encode(png).decode("ascii")} for png in pngs]
         return {"created": int(time.time()), "data": data}
 
-    @app.post("/v1/images/generations", response_model=ImagesResponse, responses=ERROR_RESPONSES)
-    async def create_image(body: ImageGenerationRequest, request: Request):
-        """OpenAI's `images.generate`."""
-        job = submit(body)
+    async def answer(job: Job, response_format: str, request: Request):
+        """Wait for `job` (dropping it if the client leaves) and answer with its images."""
         future = asyncio.wrap_future(job.future)
         while not future.done():
             await asyncio.wait({future}, timeout=DISCONNECT_POLL_S)
@@ -314,7 +332,49 @@ def create_app(
                 client_gone(job)
                 _abandon(future)
                 return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
-        return await images_response(job_images(future), body.response_format, request)
+        return await images_response(job_images(future), response_format, request)
+
+    def answer_stream(job: Job, response_format: str, request: Request) -> StreamingResponse:
+        """Answer `job` as server-sent events: `progress` per denoising step, then `result` or `error`."""
+
+        async def events():
+            future = asyncio.wrap_future(job.future)
+            loop = asyncio.get_running_loop()
+            # The worker thread pushes every step, so each reaches the stream however fast the steps come. Its
+            # pushes and the future's completion arrive on this loop in the order they happened.
+            steps: asyncio.Queue[tuple[int, int]] = asyncio.Queue()
+            job.listeners.append(lambda step, total: loop.call_soon_threadsafe(steps.put_nowait, (step, total)))
+            if job.total:  # steps taken before the listener was added
+                steps.put_nowait((job.step, job.total))
+            getter = None
+            try:
+                while not future.done() or not steps.empty():
+                    getter = asyncio.ensure_future(steps.get())
+                    await asyncio.wait({future, getter}, return_when=asyncio.FIRST_COMPLETED)
+                    if getter.done():
+                        step, total = getter.result()
+                        yield _sse("progress", {"step": step, "total": total})
+                    else:
+                        getter.cancel()
+            finally:
+                if getter is not None:
+                    getter.cancel()
+                if not future.done():  # cancelled by Starlette: the client disconnected
+                    client_gone(job)
+                    _abandon(future)
+            try:
+                response = await images_response(job_images(future), response_format, request)
+            except ApiError as e:
+                yield _sse("error", {**e.body, "status": e.status})
+                return
+            yield _sse("result", response)
+
+        return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    @app.post("/v1/images/generations", response_model=ImagesResponse, responses=ERROR_RESPONSES)
+    async def create_image(body: ImageGenerationRequest, request: Request):
+        """OpenAI's `images.generate`."""
+        return await answer(submit(body), body.response_format, request)
 
     @app.post(
         "/v1/images/generations/stream",
@@ -324,29 +384,9 @@ def create_app(
     async def create_image_stream(body: ImageGenerationRequest, request: Request):
         """Like /v1/images/generations, answered as server-sent events: `progress` per denoising
         step, then `result` or `error`. Input errors and a full queue still answer 400/429."""
-        job = submit(body, streaming=True)
+        return answer_stream(submit(body, streaming=True), body.response_format, request)
 
-        async def events():
-            future = asyncio.wrap_future(job.future)
-            reported = (0, 0)
-            try:
-                while not future.done():
-                    await asyncio.wait({future}, timeout=PROGRESS_POLL_S)
-                    if job.total and (job.step, job.total) != reported:
-                        reported = (job.step, job.total)
-                        yield _sse("progress", {"step": job.step, "total": job.total})
-            finally:
-                if not future.done():  # cancelled by Starlette: the client disconnected
-                    client_gone(job)
-                    _abandon(future)
-            try:
-                response = await images_response(job_images(future), body.response_format, request)
-            except ApiError as e:
-                yield _sse("error", {**e.body, "status": e.status})
-                return
-            yield _sse("result", response)
-
-        return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    add_edit_routes(app, engine, submit=submit, answer=answer, answer_stream=answer_stream)
 
     @app.get("/v1/images/files/{name}", name="image_file", responses={404: {"model": ErrorResponse}})
     async def image_file(name: str) -> Response:
@@ -380,7 +420,11 @@ def create_app(
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def index() -> HTMLResponse:
-        page = (STATIC / "index.html").read_text(encoding="utf-8")
-        return HTMLResponse(page.replace("{{MODEL}}", html.escape(model_id)))
+        page = (STATIC / "index.html").read_text(encoding="utf-8").replace("{{MODEL}}", html.escape(model_id))
+        # What the model takes, for the page's edit mode; empty while it loads (the page then waits and reloads).
+        generator = engine.generator if engine.ready.is_set() else None
+        takes = "" if generator is None else str(image_limit(generator))
+        needs = "" if generator is None else str(bool(getattr(generator, "needs_image", False))).lower()
+        return HTMLResponse(page.replace("{{MAX_IMAGES}}", takes).replace("{{NEEDS_IMAGE}}", needs))
 
     return app

@@ -23,6 +23,7 @@ from fastdit.cli.common import (
     positive_int,
     resolve_model,
 )
+from fastdit.cli.edit import add_image_area_arguments, check_area_flags, check_image_area_arguments
 from fastdit.cli.lora import add_lora_arguments, check_lora_flags, read_loras
 from fastdit.cli.memory import add_memory_arguments
 from fastdit.cli.scheduler import add_scheduler_arguments
@@ -47,6 +48,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     model = parser.add_argument_group("model")
     add_model_arguments(model)
     add_memory_arguments(model)
+    add_image_area_arguments(parser.add_argument_group("image editing (edit models)"))
     add_cache_arguments(parser.add_argument_group("step cache"))
     add_parallel_arguments(parser, "parallelism (one process per GPU; gloo on CPU; rank 0 serves HTTP)")
     add_lora_arguments(parser)
@@ -84,6 +86,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="memory for the PNGs of response_format=url answers; the oldest are dropped beyond it (default: 512)",
     )
     server.add_argument(
+        "--max-upload-mb",
+        type=positive_int,
+        default=32,
+        help="largest body of an edit request (/v1/images/edits: its image files), in MiB; other requests: 1 MiB "
+        "(default: 32)",
+    )
+    server.add_argument(
         "--api-key",
         default=None,
         help=f"require 'Authorization: Bearer KEY' on /v1/* (or set {API_KEY_ENV}); /health, /metrics and the page "
@@ -98,7 +107,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "serve",
         help="run the OpenAI-compatible image server",
-        description="Serve the OpenAI Images API (/v1/images/generations), /health, /metrics and a web page.",
+        description="Serve the OpenAI Images API (/v1/images/generations, /v1/images/edits), /health, /metrics and a "
+        "web page.",
     )
     add_arguments(parser)
     parser.set_defaults(func=serve_main)
@@ -120,6 +130,7 @@ def server_options(args: argparse.Namespace):
         scheduler=args.scheduler,
         stored_image_bytes=args.stored_images_mb << 20,
         api_key=api_key(args),
+        max_upload_bytes=args.max_upload_mb << 20,
     )
 
 
@@ -141,6 +152,7 @@ def serve_main(args: argparse.Namespace) -> int:
     if api_key(args) is None and args.host not in ("127.0.0.1", "localhost", "::1"):
         note(f"serving on {args.host} without --api-key: anyone who reaches the port can generate images")
     tp, sp, cfg = parallel_degrees(args)
+    check_image_area_arguments(args)
     model = ModelOptions.from_args(args)
     check_model_options(model, tp, sp)
     check_lora_flags(model.loras, model.fuse_lora)
@@ -151,6 +163,10 @@ def serve_main(args: argparse.Namespace) -> int:
         path = str(resolve_model(args.model))  # a Hub download happens here, once, before any rank starts
         read_loras(model.loras, path)  # a missing, corrupt or mismatched LoRA stops the server before it loads
         check_cache_fits(model.cache, path)
+        if model.image_areas:
+            from fastdit.pipelines import pipeline_class
+
+            check_area_flags(pipeline_class(path), dict(model.image_areas))
         if parallel_requested(tp, sp, cfg):
             ranks.check(path, model, tp, sp, cfg)  # degrees against the devices and the model's heads
     except BaseException:

@@ -3,10 +3,11 @@
 - Each HTTP request becomes a `Job` in a bounded FIFO queue; a full queue raises `QueueFull` and the
   app answers 429 with Retry-After.
 - The worker takes the oldest job plus every other queued job with the same `BatchKey` (size, steps,
-  CFG scale, with/without negative prompt) up to `max_batch` images, and runs them as ONE pipeline
-  call: prompts are expanded to one entry per image with one seed per image, so each denoising step
-  is one DiT forward over the whole batch. Jobs that arrive while a batch runs are batched into the
-  next call; there is no batching window that would delay a lone request.
+  CFG scale, with/without negative prompt, adapters, an edit's reference images) up to `max_batch`
+  images, and runs them as ONE pipeline call: prompts are expanded to one entry per image with one
+  seed per image, so each denoising step is one DiT forward over the whole batch. Jobs that arrive
+  while a batch runs are batched into the next call; there is no batching window that would delay a
+  lone request.
 - A job's `concurrent.futures.Future` carries the result. The worker moves it to RUNNING when it takes
   the job, so a queued job can be cancelled (dropped) and a running one cannot; a running job whose
   client went away is marked `abandoned`, and a batch whose jobs are all abandoned stops at the next
@@ -62,12 +63,15 @@ def is_sticky_device_error(error: BaseException) -> bool:
 
 
 class Generator(Protocol):
-    """What the engine runs: `QwenImagePipeline.__call__`, or a fake in tests."""
+    """What the engine runs: a pipeline's `__call__` (the prompt passed by keyword), or a fake in tests. An edit's
+    reference images come as `image=`, only to a generator whose `max_images` allows them (fastdit.server.edits);
+    one that `needs_image` is warmed up with a grey image."""
 
     def __call__(
         self,
         prompt: str | list[str],
         *,
+        image: list[Image.Image] | None = None,
         negative_prompt: str | list[str] | None = None,
         height: int = 1024,
         width: int = 1024,
@@ -108,6 +112,7 @@ class BatchKey(NamedTuple):
     has_negative: bool  # the pipeline takes a list of negative prompts or None, never a mix
     scheduler: str
     loras: tuple[tuple[str, float], ...] = ()  # LoRA adapters and scales: one set per call (fastdit.server.lora)
+    images: str = ""  # an edit's reference images (their digest): one set per call; "" for text-to-image
 
 
 class _BatchAbandoned(Exception):
@@ -129,11 +134,15 @@ class Job:
     seed: int | None = None  # None: a random seed per image, reported nowhere
     loras: tuple[tuple[str, float], ...] = ()
     scheduler: str = "checkpoint"  # the pipeline's sampling schedule (validation.SCHEDULER_STEPS)
+    images: tuple[Image.Image, ...] = ()  # an edit's reference images, decoded; () for text-to-image
+    image_key: str = ""  # identifies `images` (a digest of the uploaded files): equal keys, equal images
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
     future: Future[list[Image.Image]] = field(default_factory=Future)
     # Written by the worker, read by the app for progress reports.
     step: int = 0
     total: int = 0
+    # Called from the worker thread with (step, total) after each denoising step (the app's event streams).
+    listeners: list[Callable[[int, int], None]] = field(default_factory=list)
     abandoned: bool = False  # the client went away while the job ran
     seeds: list[int] = field(init=False)  # one per image, from `seed`
 
@@ -157,6 +166,7 @@ class Job:
             self.negative_prompt is not None,
             self.scheduler,
             self.loras,
+            self.image_key,
         )
 
 
@@ -167,6 +177,10 @@ class Warmup:
     width: int = 512
     height: int = 512
     steps: int = 2
+
+    def image(self) -> Image.Image:
+        """The reference image of an edit model's warmup: grey, at the warmup size."""
+        return Image.new("RGB", (self.width, self.height), (128, 128, 128))
 
 
 class Engine:
@@ -253,8 +267,10 @@ class Engine:
             if self._warmup is not None:
                 w = self._warmup
                 t0 = time.perf_counter()
+                edit = {"image": [w.image()]} if getattr(generator, "needs_image", False) else {}
                 generator(
-                    "warmup",
+                    prompt="warmup",
+                    **edit,
                     width=w.width,
                     height=w.height,
                     num_inference_steps=w.steps,
@@ -368,13 +384,17 @@ class Engine:
             last_tick = now
             for job in jobs:
                 job.step, job.total = step, total
+                for listener in job.listeners:
+                    listener(step, total)
             if all(job.abandoned for job in jobs):
                 raise _BatchAbandoned
 
         extra = {"loras": dict(key.loras)} if key.loras else {}  # a generator without adapters never sees it
+        if jobs[0].images:  # an edit: the key holds the images' digest, so every job has the same images
+            extra["image"] = list(jobs[0].images)
         t0 = time.perf_counter()
         images = generator(
-            prompts,
+            prompt=prompts,
             negative_prompt=negatives,
             height=key.height,
             width=key.width,

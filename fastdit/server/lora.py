@@ -44,7 +44,7 @@ class LoraGenerator:
     def __call__(self, prompt, *, loras: dict[str, float] | None = None, **kwargs):
         if not self.fused:
             self.pipe.set_loras(loras or {})
-        return self.pipe(prompt, **kwargs)
+        return self.pipe(prompt=prompt, **kwargs)
 
     def lora_catalog(self) -> list[dict]:
         return [

@@ -210,6 +210,13 @@ class Leader:
         self._broken: str | None = None
         self._stopped = False
 
+    def __getattr__(self, name: str):
+        """The pipeline's attributes (what it takes: `max_images`, `output_size`, ...), once it is loaded."""
+        pipe = self.__dict__.get("pipe")
+        if pipe is None:
+            raise AttributeError(name)
+        return getattr(pipe, name)
+
     def __call__(
         self,
         prompt: str | list[str],
@@ -261,17 +268,20 @@ class Leader:
     def _validate(self, call: dict) -> None:
         """The pipeline's checks that a request can fail, run before anything is broadcast."""
         from fastdit.pipelines.text import check_lengths
+        from fastdit.pipelines.vl_text import check_prompt_lengths
         from fastdit.validation import check_size
 
         check_size(call["height"], call["width"])
         prompts = [call["prompt"]] if isinstance(call["prompt"], str) else list(call["prompt"])
         if not prompts or any(not isinstance(p, str) or not p.strip() for p in prompts):
             raise FastditError("prompt must be a non-empty string or a non-empty list of strings")
-        check_lengths(self.pipe.tokenizer, prompts)
+        # An edit's prompt goes to the vision-language template, whose limit is its own.
+        check = check_prompt_lengths if call.get("image") is not None else check_lengths
+        check(self.pipe.tokenizer, prompts, "prompt")
         negatives = call.get("negative_prompt")  # absent: no CFG
         if negatives is not None:
             negatives = [negatives] if isinstance(negatives, str) else list(negatives)
-            check_lengths(self.pipe.tokenizer, negatives, "negative prompt")
+            check(self.pipe.tokenizer, negatives, "negative_prompt")
 
     def stop(self) -> None:
         """End the followers' loops (after the running call, if any); later calls raise. Once; not after

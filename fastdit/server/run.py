@@ -34,6 +34,24 @@ class ServerOptions:
     scheduler: str = "checkpoint"  # every request's sampling schedule (and its default steps and CFG scale)
     stored_image_bytes: int = 512 << 20  # PNGs kept for response_format="url"
     api_key: str | None = None  # required as a bearer token on /v1/* when set
+    max_upload_bytes: int = 32 << 20  # the body of an edit request (its image files)
+
+
+class ImageAreas:
+    """An edit pipeline with the server's --vae-image-area / --vl-image-area: passed to every call (edit pipelines
+    are only called with images) and to `output_size` (the size of a request that gives none)."""
+
+    def __init__(self, pipe, areas: dict[str, int]):
+        self.pipe, self.areas = pipe, dict(areas)
+
+    def __getattr__(self, name: str):
+        return getattr(self.pipe, name)
+
+    def __call__(self, **kwargs):
+        return self.pipe(**self.areas, **kwargs)
+
+    def output_size(self, images):
+        return self.pipe.output_size(images, **{k: v for k, v in self.areas.items() if k == "vae_image_area"})
 
 
 def load_generator(model_path: str, options: ModelOptions, parallel=None) -> Generator:
@@ -62,6 +80,8 @@ def load_generator(model_path: str, options: ModelOptions, parallel=None) -> Gen
         pipe.enable_cuda_graph()
     if options.cache is not None:
         pipe.enable_step_cache(options.cache)
+    if options.image_areas:  # fastdit.cli.edit.check_area_flags let them through for edit pipelines only
+        pipe = ImageAreas(pipe, dict(options.image_areas))
     return serve_loras(pipe, options)  # the --lora adapters, and calls that choose among them
 
 
@@ -121,6 +141,7 @@ def run_server(sock: socket.socket, load: Callable[[], Generator], options: Serv
         model_id=options.model_id,
         max_side=options.max_size,
         stored_image_bytes=options.stored_image_bytes,
+        max_upload_bytes=options.max_upload_bytes,
         api_key=options.api_key,
         scheduler=options.scheduler,
     )

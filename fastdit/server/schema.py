@@ -175,6 +175,25 @@ class ImageGenerationRequest(BaseModel):
         return int(width), int(height)
 
 
+class ImageEditRequest(ImageGenerationRequest):
+    """OpenAI's image edit fields, sent as multipart/form-data beside the image files (fastdit.server.edits): text
+    values parsed as their types ("2" is the integer 2). `size` "auto" (the default) is the pipeline's choice from the
+    images."""
+
+    model_config = ConfigDict(extra="ignore", strict=False)
+
+    size: str | None = Field(
+        "auto",
+        description="'WxH' in pixels, each side a multiple of 16 and at most the server's --max-size; 'auto' (the "
+        "default): the pipeline's size for the images (about the VAE area at the reference's aspect ratio)",
+        json_schema_extra={"pattern": f"^(auto|{SIZE.pattern})$"},
+    )
+
+    def width_height(self) -> tuple[int, int] | None:
+        """(width, height), or None for "auto"."""
+        return None if self.size in (None, "auto") else super().width_height()
+
+
 class ImageData(BaseModel):
     b64_json: str | None = None
     url: str | None = None

@@ -1,9 +1,13 @@
-// Sends the form to /v1/images/generations/stream and reads its server-sent events:
-// `progress` {step, total} moves the bar, `result` (the OpenAI response) shows the image,
-// `error` (an OpenAI error) shows its message. #status's data-state is idle|running|done|error.
+// Sends the form to /v1/images/generations/stream (or, in edit mode, the images and fields as multipart/form-data
+// to /v1/images/edits/stream) and reads its server-sent events: `progress` {step, total} moves the bar, `result`
+// (the OpenAI response) shows the image, `error` (an OpenAI error) shows its message. #status's data-state is
+// idle|running|done|error. The body's data-max-images says how many images the model edits (0: none; empty while
+// it loads: the page then waits for /health and reloads) and data-needs-image whether it only edits.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
+const maxImages = document.body.dataset.maxImages;
+const editing = () => $("mode").value === "edit";
 
 function setStatus(state, text) {
   const status = $("status");
@@ -12,10 +16,50 @@ function setStatus(state, text) {
   status.textContent = text;
 }
 
-function headers() {
-  const h = { "Content-Type": "application/json" };
+function headers(json = true) {
+  const h = json ? { "Content-Type": "application/json" } : {};
   if ($("apikey").value) h.Authorization = `Bearer ${$("apikey").value}`;
   return h;
+}
+
+// Shows the edit controls (the image upload, size "auto") in edit mode, the text-to-image ones otherwise.
+function setMode(mode) {
+  $("mode").value = mode;
+  for (const element of document.querySelectorAll(".editing")) element.hidden = mode !== "edit";
+  const size = $("size");
+  if (mode === "edit") size.value = "auto";
+  else if (size.value === "auto") size.value = "1024x1024";
+}
+
+function showPreviews() {
+  const previews = $("previews");
+  previews.replaceChildren();
+  for (const file of $("images").files) {
+    const thumbnail = document.createElement("img");
+    thumbnail.src = URL.createObjectURL(file);
+    thumbnail.alt = file.name;
+    previews.append(thumbnail);
+  }
+}
+
+async function waitForTheModel() {
+  setStatus("idle", "The model is loading…");
+  for (;;) {
+    await new Promise((resolve) => setTimeout(resolve, 1000));
+    const health = await fetch("/health").catch(() => null);
+    if (health && health.ok) return location.reload();
+  }
+}
+
+// OpenAI's edit fields as multipart/form-data: one image as `image`, several as `image[]`.
+function editBody() {
+  const files = [...$("images").files];
+  if (!files.length) throw new Error("choose an image to edit");
+  if (files.length > Number(maxImages)) throw new Error(`this model takes at most ${maxImages} images`);
+  const form = new FormData();
+  for (const file of files) form.append(files.length > 1 ? "image[]" : "image", file);
+  for (const [name, value] of Object.entries(requestBody())) form.append(name, String(value));
+  return form;
 }
 
 function requestBody() {
@@ -63,10 +107,11 @@ async function generate(event) {
   setStatus("running", "Queued…");
   const started = performance.now();
   try {
-    const response = await fetch("/v1/images/generations/stream", {
+    const edit = editing();
+    const response = await fetch(edit ? "/v1/images/edits/stream" : "/v1/images/generations/stream", {
       method: "POST",
-      headers: headers(),
-      body: JSON.stringify(requestBody()),
+      headers: headers(!edit),
+      body: edit ? editBody() : JSON.stringify(requestBody()),
     });
     if (!response.ok) {
       const error = await response.json().catch(() => ({ error: { message: response.statusText } }));
@@ -98,3 +143,13 @@ async function generate(event) {
 }
 
 $("form").addEventListener("submit", generate);
+$("mode").addEventListener("change", () => setMode($("mode").value));
+$("images").addEventListener("change", showPreviews);
+if (maxImages === "") {
+  waitForTheModel();
+} else if (Number(maxImages) > 0) {
+  for (const element of document.querySelectorAll(".edits")) element.hidden = false;
+  $("images").multiple = Number(maxImages) > 1;
+  if (document.body.dataset.needsImage === "true") $("mode").querySelector("[value=generate]").disabled = true;
+  setMode(document.body.dataset.needsImage === "true" ? "edit" : "generate");
+}

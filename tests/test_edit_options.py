@@ -1,0 +1,120 @@
+"""The edit pipelines' sampling options: `scheduler="lightning"` (the Qwen-Image-Edit-Lightning LoRAs' schedule) and
+the step cache (`cache=StepCache`), on the tiny edit folders in float32 at small reference areas."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fastdit import StepCache
+from fastdit.errors import ConfigError
+from fastdit.pipelines.scheduler import LIGHTNING_SCHEDULER_CONFIG
+
+AREAS = dict(vae_image_area=64 * 64, vl_image_area=48 * 48)
+PROMPT = "make the sky green"
+WIDE = Image.fromarray(np.random.RandomState(0).randint(0, 256, (48, 96, 3), dtype=np.uint8))
+TALL = Image.fromarray(np.random.RandomState(1).randint(0, 256, (72, 40, 3), dtype=np.uint8))
+
+
+def _pixels(images) -> np.ndarray:
+    return np.stack([np.asarray(im.convert("RGB")) for im in images]).astype(np.int16)
+
+
+def test_lightning_matches_diffusers_with_the_lightning_scheduler(tiny_pipes, tiny_folders, monkeypatch):
+    """scheduler="lightning" on Edit-2509 gives diffusers' QwenImageEditPlusPipeline with a scheduler built from the
+    Lightning config: its sigmas, and no CFG although a negative prompt is given; uint8 within 1."""
+    import diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus as plus
+    from diffusers import FlowMatchEulerDiscreteScheduler, QwenImageEditPlusPipeline
+
+    ours = tiny_pipes("edit-2509")
+    areas = {1024 * 1024: AREAS["vae_image_area"], 384 * 384: AREAS["vl_image_area"]}
+    original = plus.calculate_dimensions
+    monkeypatch.setattr(plus, "calculate_dimensions", lambda area, ratio: original(areas.get(area, area), ratio))
+    shared = {n: getattr(ours, n) for n in ("text_encoder", "vae", "tokenizer", "processor")}
+    scheduler = FlowMatchEulerDiscreteScheduler.from_config(LIGHTNING_SCHEDULER_CONFIG)
+    ref = QwenImageEditPlusPipeline.from_pretrained(
+        tiny_folders("edit-2509"), dtype=torch.float32, scheduler=scheduler, **shared
+    )
+    ref.set_progress_bar_config(disable=True)
+    kw = dict(num_inference_steps=3, show_progress=False, **AREAS)
+    got = ours([WIDE, TALL], PROMPT, negative_prompt=" ", scheduler="lightning", seed=2, **kw)
+    gen = torch.Generator().manual_seed(2)
+    expected = ref(image=[WIDE, TALL], prompt=PROMPT, true_cfg_scale=1.0, num_inference_steps=3, generator=gen).images
+    assert got.steps == 3
+    diff = np.abs(_pixels(got) - _pixels(expected)).max()
+    assert diff <= 1, f"max |fastdit - diffusers| = {diff}/255"
+    default = ours([WIDE, TALL], PROMPT, seed=2, **kw)
+    assert np.abs(_pixels(default) - _pixels(got)).max() > 0, "the checkpoint's schedule gives another image"
+
+
+def test_lightning_defaults_to_8_steps_of_one_dit_pass(tiny_pipes, monkeypatch):
+    """With the Lightning schedule and a negative prompt but no scale, the call runs 8 steps of one DiT forward on
+    the image's row (CFG off); the sigmas are the Lightning config's for the target's tokens."""
+    import fastdit.pipelines.edit as edit
+
+    ours = tiny_pipes("edit")
+    batches, configs = [], []
+    forward = ours.transformer.forward
+    sigmas = edit.flow_match_sigmas
+    monkeypatch.setattr(
+        ours.transformer, "forward", lambda **kw: batches.append(kw["hidden_states"].shape[0]) or forward(**kw)
+    )
+    monkeypatch.setattr(edit, "flow_match_sigmas", lambda *a: configs.append(a[2]) or sigmas(*a))
+    out = ours(WIDE, PROMPT, negative_prompt=" ", scheduler="lightning", seed=0, show_progress=False, **AREAS)
+    assert out.steps == 8 and batches == [1] * 8
+    assert configs == [LIGHTNING_SCHEDULER_CONFIG]
+
+
+@pytest.mark.parametrize("kind", ["edit", "edit-2509"])
+def test_cache_with_threshold_zero_changes_no_bit(tiny_pipes, kind):
+    """A step cache that never caches (threshold 0) runs the blocks as segments and gives the uncached image bit for
+    bit, with CFG; an always-caching one (threshold inf after 1 warm-up step) skips the middle block on the other
+    steps and still gives an image."""
+    ours = tiny_pipes(kind)
+    kw = dict(negative_prompt=" ", num_inference_steps=4, seed=5, show_progress=False, **AREAS)
+    plain = ours([TALL], "make it blue", **kw)
+    never = ours([TALL], "make it blue", cache=StepCache(front_blocks=1, back_blocks=0, threshold=0.0), **kw)
+    assert np.array_equal(_pixels(never), _pixels(plain)) and never.cached_steps == 0
+    always = StepCache(front_blocks=1, back_blocks=0, threshold=float("inf"), warmup_steps=1)
+    cached = ours([TALL], "make it blue", cache=always, **kw)
+    assert cached.cached_steps == 3 and cached[0].size == plain[0].size
+
+
+def test_default_cache_of_the_pipeline(tiny_pipes):
+    """`enable_step_cache` makes the cache every call's default; `cache=` of a call overrides it."""
+    ours = tiny_pipes("edit")
+    kw = dict(num_inference_steps=3, seed=1, show_progress=False, **AREAS)
+    ours.enable_step_cache(StepCache(front_blocks=1, back_blocks=0, threshold=float("inf"), warmup_steps=1))
+    try:
+        assert ours(WIDE, PROMPT, **kw).cached_steps == 2
+        assert ours(WIDE, PROMPT, cache=StepCache(front_blocks=1, back_blocks=0, threshold=0.0), **kw).cached_steps == 0
+    finally:
+        ours.enable_step_cache(None)
+    assert ours(WIDE, PROMPT, **kw).cached_steps == 0
+
+
+def test_edit_2511_refuses_the_cache_before_any_work(tiny_pipes, monkeypatch):
+    """Edit-2511's zero_cond_t reference tokens do not run with the step cache: a ConfigError naming the cache, at
+    the call before the text encoder runs, and at enable_step_cache."""
+    ours = tiny_pipes("edit-2511")
+    monkeypatch.setattr(ours, "text_encoder", None)  # any encoding would fail with an AttributeError instead
+    with pytest.raises(ConfigError, match="step cache does not run with Edit-2511"):
+        ours(WIDE, PROMPT, cache=StepCache(front_blocks=1, back_blocks=0), **AREAS)
+    with pytest.raises(ConfigError, match="zero_cond_t"):
+        ours.enable_step_cache(StepCache(front_blocks=1, back_blocks=0))
+    assert ours.step_cache is None
+
+
+def test_num_images_per_prompt_and_output_size(tiny_pipes):
+    """`num_images_per_prompt` gives prompt-major images with one seed each, each equal to its own single-image call;
+    `output_size` is the size a call without height / width makes (Edit: the first image's ratio; 2509: the last)."""
+    ours = tiny_pipes("edit-2509")
+    kw = dict(num_inference_steps=2, show_progress=False, **AREAS)
+    both = ours([WIDE, TALL], PROMPT, num_images_per_prompt=2, seed=[3, 4], **kw)
+    alone = ours([WIDE, TALL], PROMPT, seed=4, **kw)
+    assert len(both) == 2 and both.seeds == [3, 4]
+    assert np.abs(_pixels(both[1:]) - _pixels(alone)).max() <= 1
+    assert ours.output_size([WIDE, TALL], AREAS["vae_image_area"]) == both[0].size == (32, 96)
+    assert tiny_pipes("edit").output_size([WIDE], AREAS["vae_image_area"]) == (96, 32)
