@@ -111,10 +111,8 @@ def ckpt(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    from fastdit.tiny import tiny_pipeline_dir
-
-    return tiny_pipeline_dir(tmp_path_factory.mktemp("edit-2511") / "edit-2511", kind="edit-2511")
+def folder(tiny_folders):
+    return tiny_folders("edit-2511")
 
 
 @pytest.fixture(scope="module")

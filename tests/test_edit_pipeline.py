@@ -47,16 +47,7 @@ def small_areas(monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def folders(tmp_path_factory):
-    """kind -> the tiny folder of that kind, built once per module."""
-    from fastdit.tiny import tiny_pipeline_dir
-
-    root = tmp_path_factory.mktemp("edit-folders")
-    return lambda kind: tiny_pipeline_dir(root / kind, kind=kind)
-
-
-@pytest.fixture(scope="module")
-def pipes(folders):
+def pipes(tiny_folders):
     """kind -> (fastdit pipeline, diffusers pipeline), each loaded once; diffusers' pipeline shares fastdit's text
     encoder, VAE, tokenizer and processor objects (read-only) to save their loading time."""
     from diffusers import DiffusionPipeline
@@ -67,9 +58,9 @@ def pipes(folders):
 
     def get(kind):
         if kind not in loaded:
-            ours = load_pipeline(folders(kind), dtype=torch.float32, device="cpu")
+            ours = load_pipeline(tiny_folders(kind), dtype=torch.float32, device="cpu")
             shared = {n: getattr(ours, n) for n in ("text_encoder", "vae", "tokenizer", "processor")}
-            ref = DiffusionPipeline.from_pretrained(folders(kind), dtype=torch.float32, **shared)
+            ref = DiffusionPipeline.from_pretrained(tiny_folders(kind), dtype=torch.float32, **shared)
             ref.set_progress_bar_config(disable=True)
             loaded[kind] = ours, ref
         return loaded[kind]
@@ -228,14 +219,14 @@ def test_cuda_graph_key_holds_the_reference_layout(pipes, monkeypatch):
     assert list(keys[0][2]) == [(1, 2, 2), (1, 2, 6)] and list(keys[1][2]) == [(1, 2, 2), (1, 6, 2)]
 
 
-def test_compiled_pipeline_serves_a_new_reference_size_without_recompiling(folders):
+def test_compiled_pipeline_serves_a_new_reference_size_without_recompiling(tiny_folders):
     """Compiled blocks (aot_eager here: dynamo's tracing and guards without a C++ build) with the pipeline's symbolic
     token counts: the image is the eager one, and a call with another reference size and prompt length compiles
     nothing."""
     from fastdit import load_pipeline
     from fastdit.runtime.compile import compile_blocks
 
-    pipe = load_pipeline(folders("edit-2511"), dtype=torch.float32, device="cpu")
+    pipe = load_pipeline(tiny_folders("edit-2511"), dtype=torch.float32, device="cpu")
     kw = dict(negative_prompt=" ", num_inference_steps=2, seed=1, vae_image_area=VAE_AREA, vl_image_area=VL_AREA)
     calls = [dict(image=[WIDE, TALL], prompt=PROMPT), dict(image=[TALL, TALL], prompt="make the grass a lot bluer")]
     eager = [pipe(show_progress=False, **c, **kw)[0] for c in calls]
@@ -248,13 +239,13 @@ def test_compiled_pipeline_serves_a_new_reference_size_without_recompiling(folde
         assert np.abs(_pixels(a) - _pixels(b)).max() <= 1
 
 
-def test_fp8_emulated_edit(pipes, folders):
+def test_fp8_emulated_edit(pipes, tiny_folders):
     """quantize="fp8-emulated" (fp8 block linears, CPU emulation) runs the Edit-2511 pipeline; the image stays close
     to the float one."""
     from fastdit import load_pipeline
 
     ours, _ = pipes("edit-2511")
-    fp8 = load_pipeline(folders("edit-2511"), dtype=torch.float32, device="cpu", quantize="fp8-emulated")
+    fp8 = load_pipeline(tiny_folders("edit-2511"), dtype=torch.float32, device="cpu", quantize="fp8-emulated")
     kw = dict(prompt=PROMPT, negative_prompt=" ", num_inference_steps=2, seed=2, show_progress=False)
     kw.update(image=[WIDE, TALL], vae_image_area=VAE_AREA, vl_image_area=VL_AREA)
     a, b = _pixels(fp8(**kw)[0]), _pixels(ours(**kw)[0])

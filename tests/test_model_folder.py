@@ -4,7 +4,7 @@ Each case copies the tiny-random folder (hard links), breaks one thing (removes 
 empties a config, truncates a weights file) and runs `fastdit generate` on it. All cases run in ONE subprocess
 (torch and the libraries are imported once) whose address space is capped with RLIMIT_AS, so a case that made
 a library build a default-size model (a 7B text encoder: tens of GB) fails with MemoryError instead of taking
-the machine's memory; the subprocess also reports its peak resident memory.
+the machine's memory; the subprocess also reports its peak resident memory (VmHWM).
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ CASES = (
 )
 
 RUNNER = r"""
-import contextlib, io, json, os, resource, shutil, sys
+import contextlib, io, json, os, shutil, sys
 from pathlib import Path
 
 from fastdit.cli.main import main
@@ -70,7 +70,9 @@ for kind, rel in cases:
         except BaseException as e:
             code = f"{type(e).__name__}: {e}"
     lines = [line for line in err.getvalue().splitlines() if line.startswith("fastdit:")]
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
+    # VmHWM: this program's own peak. ru_maxrss would also count the forked copy of pytest before exec.
+    status = Path("/proc/self/status").read_text().splitlines()
+    peak_mb = int(next(line for line in status if line.startswith("VmHWM:")).split()[1]) // 1024
     record = {"case": [kind, rel], "code": code, "lines": lines, "peak_mb": peak_mb}
     print(json.dumps(record), flush=True)
 """

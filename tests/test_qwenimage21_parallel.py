@@ -144,10 +144,8 @@ def ckpt(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    from fastdit.tiny import build_tiny_pipeline
-
-    return build_tiny_pipeline(tmp_path_factory.mktemp("tiny") / "qwen-image-2.1", kind="qwen-image-2.1")
+def folder(tiny_folders):
+    return tiny_folders("qwen-image-2.1")
 
 
 @pytest.fixture(scope="module")

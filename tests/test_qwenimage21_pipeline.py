@@ -18,16 +18,14 @@ from fastdit.errors import CheckpointError
 from fastdit.pipelines import load_pipeline
 from fastdit.pipelines.qwenimage21 import QwenImage21Pipeline
 from fastdit.runtime.compile import compile_blocks
-from fastdit.tiny import build_tiny_pipeline
 from fastdit.tiny.qwen21 import QWEN21_TURBO_SIGMAS
 from fastdit.tiny.vl import allow_vl_processors_without_torchvision
 from fastdit.validation import InputError
 
 
 @pytest.fixture(scope="module")
-def folders(tmp_path_factory):
-    root = tmp_path_factory.mktemp("q21")
-    return {kind: build_tiny_pipeline(root / kind, kind=kind) for kind in ("qwen-image-2.1", "qwen-image-2.1-turbo")}
+def folders(tiny_folders):
+    return {kind: tiny_folders(kind) for kind in ("qwen-image-2.1", "qwen-image-2.1-turbo")}
 
 
 @pytest.fixture(scope="module")

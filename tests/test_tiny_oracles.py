@@ -16,18 +16,10 @@ PROMPT = "make the sky green"
 
 
 @pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory):
-    """Builds each kind's folder at most once per module: kind -> folder."""
-    root = tmp_path_factory.mktemp("tiny-oracles")
-    built = {}
+def tiny_folder(tiny_folders):
+    """kind -> its folder, built at most once per session (conftest's tiny_folders)."""
     allow_vl_processors_without_torchvision()
-
-    def folder(kind):
-        if kind not in built:
-            built[kind] = build_tiny_pipeline(root / kind, kind=kind)
-        return built[kind]
-
-    return folder
+    return tiny_folders
 
 
 def _noise_image(width: int, height: int, seed: int) -> Image.Image:

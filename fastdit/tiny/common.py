@@ -43,6 +43,10 @@ TINY_VL_VERSION = 1
 TINY_KINDS = ("qwen-image", "edit", "edit-2509", "edit-2511", "qwen-image-2.1", "qwen-image-2.1-turbo")
 
 
+# Cached tokenizers of another format are rebuilt: 2 = compact tokenizer.json (_compact_tokenizer_json).
+TOKENIZER_FILE_FORMAT = 2
+
+
 def _cache_root() -> Path:
     return Path(os.environ.get("FASTDIT_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "fastdit"))
 
@@ -86,11 +90,12 @@ def save_cached_tokenizer(folder: Path, name: str, build) -> None:
 
     Converting the BPE ranks takes seconds, so each tokenizer is built once per cache root.
     """
-    cached = _cache_root() / name
+    cached = _cache_root() / f"{name}-f{TOKENIZER_FILE_FORMAT}"
     if not (cached / "tokenizer.json").is_file():
         staging = Path(tempfile.mkdtemp(prefix=".tokenizer-", dir=_make_dir(cached.parent)))
         try:
             build().save_pretrained(staging)
+            _compact_tokenizer_json(staging / "tokenizer.json")
             staging.rename(cached)
         except OSError:
             if not (cached / "tokenizer.json").is_file():  # not a lost race with another builder
@@ -99,6 +104,16 @@ def save_cached_tokenizer(folder: Path, name: str, build) -> None:
             if staging.exists():
                 shutil.rmtree(staging)
     shutil.copytree(cached, folder, dirs_exist_ok=True)
+
+
+def _compact_tokenizer_json(path: Path) -> None:
+    """Rewrite tokenizer.json as the released Qwen tokenizers store it: merges as "a b" strings, no indentation
+    (8 MB instead of 19, and about 1 s less to load: every test loads it). Byte-level BPE tokens hold no space."""
+    content = json.loads(path.read_text(encoding="utf-8"))
+    merges = content["model"]["merges"]
+    assert all(" " not in a and " " not in b for a, b in merges), "a merge with a space cannot be written as a b"
+    content["model"]["merges"] = [f"{a} {b}" for a, b in merges]
+    path.write_text(json.dumps(content, ensure_ascii=False, separators=(",", ":")), encoding="utf-8")
 
 
 def _save_tokenizer(folder: Path) -> None:
