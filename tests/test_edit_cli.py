@@ -129,11 +129,10 @@ CASES = {
         ["--image", "{t}/a.png", "--scheduler", "lightning"],
         "--scheduler lightning is for the Qwen-Image-Edit pipelines",
     ),
-    "2511 and the cache": (
+    "cache too deep": (
         "edit-2511",
-        ["--image", "{t}/a.png", "--cache", "F1B0"],
-        "--cache F1B0,threshold=0.12,warmup=8,taylor=0,max-cached=-1,max-consecutive=-1: the step cache does not run "
-        "with Edit-2511's zero_cond_t reference tokens",
+        ["--image", "{t}/a.png", "--cache", "F2B0"],
+        "--cache F2B0,threshold=0.12,warmup=8,taylor=0,max-cached=-1,max-consecutive=-1: StepCache.front_blocks=2",
     ),
     "steps": ("edit", ["--image", "{t}/a.png", "--steps", "0"], "--steps must be an integer between 1 and 1000"),
 }
@@ -164,6 +163,26 @@ def test_bad_input_exits_2_with_one_line_before_loading(case, tiny_folders, file
     line = _one_error_line(capsys)
     assert line.startswith("fastdit: error: " + says.format(t=tmp_path, m=model)), line
     assert not (tmp_path / "o.png").exists()
+
+
+def test_edit_2511_with_the_step_cache(tiny_pipes, tiny_folders, tmp_path, capsys):
+    """`fastdit edit --cache` on Edit-2511 (zero_cond_t) caches the steps it is told to and writes the image the
+    Python API gives with the same StepCache."""
+    from fastdit import StepCache
+
+    source, out = tmp_path / "in.png", tmp_path / "out.png"
+    _noise(80, 48, 7).save(source)
+    spec = "F1B0,threshold=inf,warmup=1"
+    argv = ["edit", "--model", str(tiny_folders("edit-2511")), "--image", str(source), *AREA_FLAGS, *CPU]
+    argv += ["--prompt", "make it blue", "--negative-prompt", " ", "--steps", "3", "--seed", "2", "--cache", spec]
+    assert main([*argv, "--output", str(out)]) == 0
+    assert "(3 steps, 2 cached" in capsys.readouterr().out
+    expected = tiny_pipes("edit-2511")(
+        [Image.open(source)], "make it blue", negative_prompt=" ", num_inference_steps=3, seed=2,
+        cache=StepCache.parse(spec), show_progress=False, **AREAS,
+    )  # fmt: skip
+    assert expected.cached_steps == 2
+    assert np.array_equal(_pixels(Image.open(out)), _pixels(expected[0]))
 
 
 def test_generate_on_an_edit_folder_points_to_edit(tiny_folders, tmp_path, capsys):

@@ -9,7 +9,6 @@ import torch
 from PIL import Image
 
 from fastdit import StepCache
-from fastdit.errors import ConfigError
 from fastdit.pipelines.scheduler import LIGHTNING_SCHEDULER_CONFIG
 
 AREAS = dict(vae_image_area=64 * 64, vl_image_area=48 * 48)
@@ -67,7 +66,7 @@ def test_lightning_defaults_to_8_steps_of_one_dit_pass(tiny_pipes, monkeypatch):
     assert configs == [LIGHTNING_SCHEDULER_CONFIG]
 
 
-@pytest.mark.parametrize("kind", ["edit", "edit-2509"])
+@pytest.mark.parametrize("kind", ["edit", "edit-2509", "edit-2511"])
 def test_cache_with_threshold_zero_changes_no_bit(tiny_pipes, kind):
     """A step cache that never caches (threshold 0) runs the blocks as segments and gives the uncached image bit for
     bit, with CFG; an always-caching one (threshold inf after 1 warm-up step) skips the middle block on the other
@@ -95,16 +94,38 @@ def test_default_cache_of_the_pipeline(tiny_pipes):
     assert ours(WIDE, PROMPT, **kw).cached_steps == 0
 
 
-def test_edit_2511_refuses_the_cache_before_any_work(tiny_pipes, monkeypatch):
-    """Edit-2511's zero_cond_t reference tokens do not run with the step cache: a ConfigError naming the cache, at
-    the call before the text encoder runs, and at enable_step_cache."""
+def test_edit_2511_first_block_cache_matches_diffusers(tiny_pipes, tiny_folders, monkeypatch):
+    """Edit-2511 (zero_cond_t: reference tokens modulated at t = 0) with StepCache(front_blocks=1, back_blocks=0,
+    warmup_steps=1) draws diffusers' QwenImageEditPlusPipeline image under its FirstBlockCache at the same threshold
+    (no CFG: diffusers decides for cond and uncond apart), caching the same steps; uint8 within 1."""
+    import diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus as plus
+    from diffusers import QwenImageEditPlusPipeline
+    from diffusers.hooks import FirstBlockCacheConfig
+    from diffusers.hooks.first_block_cache import FBCHeadBlockHook
+
     ours = tiny_pipes("edit-2511")
-    monkeypatch.setattr(ours, "text_encoder", None)  # any encoding would fail with an AttributeError instead
-    with pytest.raises(ConfigError, match="step cache does not run with Edit-2511"):
-        ours(WIDE, PROMPT, cache=StepCache(front_blocks=1, back_blocks=0), **AREAS)
-    with pytest.raises(ConfigError, match="zero_cond_t"):
-        ours.enable_step_cache(StepCache(front_blocks=1, back_blocks=0))
-    assert ours.step_cache is None
+    areas = {1024 * 1024: AREAS["vae_image_area"], 384 * 384: AREAS["vl_image_area"]}
+    original = plus.calculate_dimensions
+    monkeypatch.setattr(plus, "calculate_dimensions", lambda area, ratio: original(areas.get(area, area), ratio))
+    shared = {n: getattr(ours, n) for n in ("text_encoder", "vae", "tokenizer", "processor")}
+    ref = QwenImageEditPlusPipeline.from_pretrained(tiny_folders("edit-2511"), dtype=torch.float32, **shared)
+    ref.set_progress_bar_config(disable=True)
+    threshold, steps = 0.15, 8  # between the changes of the tiny model's steps: some cached, some computed
+    ref.transformer.enable_cache(FirstBlockCacheConfig(threshold=threshold))
+    decisions, decide = [], FBCHeadBlockHook._should_compute_remaining_blocks
+
+    def spy(self, residual):
+        decisions.append(decide(self, residual))
+        return decisions[-1]
+
+    monkeypatch.setattr(FBCHeadBlockHook, "_should_compute_remaining_blocks", spy)
+    gen = torch.Generator().manual_seed(4)
+    expected = ref(image=[WIDE, TALL], prompt=PROMPT, num_inference_steps=steps, generator=gen).images
+    cache = StepCache(front_blocks=1, back_blocks=0, threshold=threshold, warmup_steps=1)
+    got = ours([WIDE, TALL], PROMPT, num_inference_steps=steps, seed=4, cache=cache, show_progress=False, **AREAS)
+    assert 0 < got.cached_steps == decisions.count(False) < steps - 1, decisions  # some steps of each kind
+    diff = np.abs(_pixels(got) - _pixels(expected)).max()
+    assert diff <= 1, f"max |fastdit - diffusers| = {diff}/255"
 
 
 def test_num_images_per_prompt_and_output_size(tiny_pipes):

@@ -3,7 +3,7 @@
 One group of 2 ranks runs everything (spawned processes are expensive): the zero_cond_t DiT with reference tokens
 under tp=2, sp=2 and cfg=2, where under sp=2 the target / reference boundary falls inside a rank's part of the
 image tokens (with and without padded tokens); sp=2 compiled with symbolic token counts over two reference sizes;
-and the Edit-2511 pipeline (two references, true CFG) under each layout.
+and the Edit-2511 pipeline (two references, true CFG) under each layout, without and with the step cache.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from fastdit import load_transformer
+from fastdit import StepCache, load_transformer
 from fastdit.parallel import ParallelState, launch, make_parallel_state
 from tests.dit_utils import rel_err, save_tiny
 
@@ -31,6 +31,9 @@ PIPE_ARGS = dict(
     vl_image_area=48 * 48,
     show_progress=False,
 )
+# 5 steps at a threshold that caches 1 to 4 of them (one process caches 2): the decisions follow the measured change
+CACHED = dict(PIPE_ARGS, num_inference_steps=5)
+CACHE = StepCache(front_blocks=1, back_blocks=0, threshold=0.2, warmup_steps=1)
 
 
 def _case(layout, txt_lens, seed):
@@ -97,7 +100,12 @@ def _worker(state: ParallelState, path: str, cases, folder: str) -> dict:
         model = load_transformer(path, parallel=st, dtype=torch.float32, device="cpu")
         pipe = load_pipeline(folder, parallel=st, dtype=torch.float32, device="cpu")
         image = pipe(image=_images(), **PIPE_ARGS)[0]
-        results[layout] = {"dit": run_cases(model, cases), "pixels": np.asarray(image).astype(np.int16)}
+        cached = pipe(image=_images(), cache=CACHE, **CACHED)
+        results[layout] = {
+            "dit": run_cases(model, cases),
+            "pixels": np.asarray(image).astype(np.int16),
+            "cached": (np.asarray(cached[0]).astype(np.int16), cached.cached_steps),
+        }
     sp2 = make_parallel_state(1, 2, 1, state.device)
     results["compiled-sp2"] = _compiled_sp(sp2, path)
     return results
@@ -133,19 +141,21 @@ def _images():
 
 @pytest.fixture(scope="module")
 def one_process(ckpt, cases, folder):
-    """The single-process DiT outputs and pipeline image."""
+    """The single-process DiT outputs, pipeline image, and cached image with its cached-step count."""
     from fastdit import load_pipeline
 
     dit = run_cases(load_transformer(ckpt, dtype=torch.float32, device="cpu"), cases)
     pipe = load_pipeline(folder, dtype=torch.float32, device="cpu")
-    return dit, np.asarray(pipe(image=_images(), **PIPE_ARGS)[0]).astype(np.int16)
+    cached = pipe(image=_images(), cache=CACHE, **CACHED)
+    cached = (np.asarray(cached[0]).astype(np.int16), cached.cached_steps)
+    return dit, np.asarray(pipe(image=_images(), **PIPE_ARGS)[0]).astype(np.int16), cached
 
 
 @pytest.mark.parametrize("layout", LAYOUTS, ids=["tp2", "sp2", "cfg2"])
 def test_zero_cond_t_dit_matches_one_process(world2, one_process, layout):
     """tp=2, sp=2 (the token index split with the tokens, the boundary inside rank 1's part, padded or not) and
     cfg=2 give the one-process DiT output."""
-    expected, _ = one_process
+    expected, _, _ = one_process
     assert set(world2[layout]["dit"]) == set(expected)
     for name, out in world2[layout]["dit"].items():
         assert rel_err(out, expected[name]) <= TOL, (layout, name)
@@ -160,7 +170,17 @@ def test_sp2_compiled_with_symbolic_tokens(world2):
 @pytest.mark.parametrize("layout", LAYOUTS, ids=["tp2", "sp2", "cfg2"])
 def test_edit_pipeline_matches_one_process(world2, one_process, layout):
     """The Edit-2511 pipeline (two references, true CFG) on 2 ranks draws the one-process image within 1/255."""
-    _, expected = one_process
+    _, expected, _ = one_process
     got = world2[layout]["pixels"]
     assert got.shape == expected.shape
+    assert np.abs(got - expected).max() <= 1
+
+
+@pytest.mark.parametrize("layout", LAYOUTS, ids=["tp2", "sp2", "cfg2"])
+def test_cached_edit_matches_one_process(world2, one_process, layout):
+    """Edit-2511 with the step cache on 2 ranks (decisions from statistics summed over the ranks; under sp=2 the
+    reference tokens' t = 0 gates split with the tokens) caches the same steps and draws the one-process image."""
+    _, _, (expected, cached_steps) = one_process
+    got, got_steps = world2[layout]["cached"]
+    assert 0 < cached_steps < 4 and got_steps == cached_steps
     assert np.abs(got - expected).max() <= 1

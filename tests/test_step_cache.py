@@ -205,13 +205,13 @@ class LinearMiddle(torch.nn.Module):
         self.c = c
         self.blocks = torch.nn.ModuleList([torch.nn.Identity()] * 3)
 
-    def run_segment(self, start, end, img, txt, temb, rope, key_mask, txt_lens=None, modulation=None):
+    def run_segment(self, start, end, img, txt, temb, rope, key_mask, txt_lens=None, modulation=None, refs=None):
         if start <= 1 < end:  # img.gate and img.update are zero here: the streams start each segment unpended
             s = img.total()
             img = Residual(s + sum(c * s**k for k, c in enumerate(self.c)), img.gate, img.update)
         return img, txt
 
-    def final(self, img, temb, mod=None):
+    def final(self, img, temb, mod=None, index=None):
         return img.total()
 
 

@@ -34,12 +34,7 @@ def check_cache_fits(cache: StepCache | None, folder) -> None:
         return
     from fastdit.load import read_config
 
-    config = read_config(folder)
-    if getattr(config, "zero_cond_t", False):
-        raise FastditError(
-            f"--cache {cache.spec()}: the step cache does not run with Edit-2511's zero_cond_t reference tokens"
-        )
     try:
-        cache.check_fits(config.num_layers)
+        cache.check_fits(read_config(folder).num_layers)
     except ConfigError as e:
         raise FastditError(f"--cache {cache.spec()}: {e}") from None

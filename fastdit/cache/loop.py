@@ -62,9 +62,10 @@ def extrapolation_weights(nodes: Sequence[int], x: int) -> list[float]:
 # The tensor work between segments (compiled with the model: one small graph each).
 
 
-def _measure(img_in: Tensor, front: Residual, now: Tensor, ref: Tensor, valid: int) -> Tensor:
-    """Writes the front residual into `now`; (2,) float32: sum |now - ref|, sum |ref| over the first `valid` tokens."""
-    res = front.total() - img_in  # (B, S_img, dim)
+def _measure(img_in: Tensor, front: Residual, now: Tensor, ref: Tensor, valid: int, index: Tensor | None) -> Tensor:
+    """Writes the front residual into `now`; (2,) float32: sum |now - ref|, sum |ref| over the first `valid` tokens.
+    `index` (1, S_img, 1): the zero_cond_t reference tokens, whose pending update has the reference gate."""
+    res = front.total(index) - img_in  # (B, S_img, dim)
     now.copy_(res)
     res, ref = res[:, :valid], ref[:, :valid]
     return torch.stack([(res - ref).abs().sum(dtype=torch.float32), ref.abs().sum(dtype=torch.float32)])
@@ -80,9 +81,10 @@ def _store(
     slot: Tensor,
     now: Tensor | None,
     ref: Tensor | None,
+    index: Tensor | None,
 ) -> None:
     """The middle blocks' residuals into ring slot `slot` (1,); this step's front residual becomes the reference."""
-    hist_img.index_copy_(0, slot, (mid_img.total() - front_img.total())[None])
+    hist_img.index_copy_(0, slot, (mid_img.total(index) - front_img.total(index))[None])
     if hist_txt is not None:
         hist_txt.index_copy_(0, slot, (mid_txt.total() - front_txt.total())[None])
     if ref is not None:
@@ -106,10 +108,13 @@ def _reuse(
     weights: Tensor,
     one_img: Tensor,
     one_txt: Tensor,
+    one_ref: Tensor | None,
+    index: Tensor | None,
 ) -> tuple[Residual, Residual]:
-    """The front output plus the (extrapolated) middle residual, handed on as a pending update with gate 1, so the
-    next block (or the final layer) adds it in its first kernel, as after any block."""
-    img = Residual(front_img.total(), one_img, _extrapolate(hist_img, weights))
+    """The front output plus the (extrapolated) middle residual, handed on as a pending update with gate 1 (for the
+    zero_cond_t reference tokens too), so the next block (or the final layer) adds it in its first kernel, as after
+    any block."""
+    img = Residual(front_img.total(index), one_img, _extrapolate(hist_img, weights), one_ref)
     if hist_txt is None:  # no back blocks: the text stream ends here
         return img, front_txt
     return img, Residual(front_txt.total(), one_txt, _extrapolate(hist_txt, weights))
@@ -142,10 +147,11 @@ class Workspace:
         self.ref: Tensor | None = None  # (B, S_img, dim) the last computed step's front residual
         self.one_img: Tensor | None = None  # gate 1, shaped and strided like a block's gate
         self.one_txt: Tensor | None = None
+        self.one_ref: Tensor | None = None  # gate 1 like a block's reference gate (zero_cond_t); else None
         self.slot_ids: list[Tensor] = []
         self.functions: StepFunctions | None = None
 
-    def allocate(self, img: Tensor, txt: Tensor, gate_rows: int) -> None:
+    def allocate(self, img: Tensor, txt: Tensor, gate_rows: int, ref_table: Tensor | None) -> None:
         if self.hist_img is not None:
             return
         self.hist_img = img.new_zeros(self.slots, *img.shape)
@@ -157,6 +163,8 @@ class Workspace:
         self.slot_ids = [torch.tensor([k], device=img.device) for k in range(self.slots)]
         self.one_img = Modulation.split(img.new_ones(gate_rows, 6 * img.shape[-1]))[1].gate
         self.one_txt = Modulation.split(txt.new_ones(gate_rows, 6 * txt.shape[-1]))[1].gate
+        if ref_table is not None:
+            self.one_ref = Modulation.split(torch.ones_like(ref_table[0]))[1].gate
 
     def reset(self) -> None:
         """Zero the stored residuals at a call's start: a weight of 0 on a slot from an earlier call stays 0."""
@@ -167,6 +175,7 @@ class Workspace:
 
 class StepFunctions:
     """front(...) -> the front output streams (+ the statistic); computed(...) and cached(...) -> the velocity.
+    The image stream is (x, gate, update) or, with zero_cond_t reference tokens, (x, gate, update, reference gate).
 
     Flat tensor arguments (None for an absent one) and tensor results, as CUDA graphs want them; the model, text
     lengths, this rank's valid image tokens and the reduce group are fixed for the workspace."""
@@ -181,42 +190,67 @@ class StepFunctions:
         wrap: Callable = CudaGraphStep if ws.cuda_graph else (lambda f: f)
         self.front, self.computed, self.cached = wrap(self._front), wrap(self._computed), wrap(self._cached)
 
-    def _front(self, img, txt, temb, cos, sin, key_mask, mod_img, mod_txt, mod_final):
+    def _front(self, img, txt, temb, cos, sin, key_mask, mod_img, mod_txt, mod_final, ref_table, index):
         mod = None if mod_img is None else StepModulation(mod_img, mod_txt, mod_final)
         rows = temb.shape[0] if mod is None else 1  # as QwenImageTransformer.run_blocks
-        r_img, r_txt = Residual.start(img, rows), Residual.start(txt, rows)
+        r_img, r_txt = Residual.start(img, rows, ref_table), Residual.start(txt, rows)
+        refs = None if index is None else (ref_table, index)
         r_img, r_txt = self.model.run_segment(
-            0, self.front_end, r_img, r_txt, temb, Rope(cos, sin), key_mask, self.txt_lens, mod
+            0, self.front_end, r_img, r_txt, temb, Rope(cos, sin), key_mask, self.txt_lens, mod, refs
         )
+        streams = (*_img_stream(r_img), *r_txt[:3])
         if self.ws.now is None:
-            return (*r_img[:3], *r_txt[:3])  # (x, gate, update) each: no reference tokens here
-        stats = self._measure(img, r_img, self.ws.now, self.ws.ref, self.valid)
+            return streams
+        stats = self._measure(img, r_img, self.ws.now, self.ws.ref, self.valid, index)
         if self.group is not None:
             stats = funcol.wait_tensor(funcol.all_reduce(stats, "sum", self.group))
-        return (*r_img[:3], *r_txt[:3], stats)
+        return (*streams, stats)
 
-    def _finish(self, r_img, r_txt, temb, rope, key_mask, mod):
+    def _finish(self, r_img, r_txt, temb, rope, key_mask, mod, ref_table, index):
+        refs = None if index is None else (ref_table, index)
         r_img, r_txt = self.model.run_segment(
-            self.back_start, len(self.model.blocks), r_img, r_txt, temb, rope, key_mask, self.txt_lens, mod
+            self.back_start, len(self.model.blocks), r_img, r_txt, temb, rope, key_mask, self.txt_lens, mod, refs
         )
-        return self.model.final(r_img, temb, None if mod is None else mod.final)
+        return self.model.final(r_img, temb, None if mod is None else mod.final, index)
 
-    def _computed(self, ix, ig, iu, tx, tg, tu, temb, cos, sin, key_mask, mod_img, mod_txt, mod_final, slot):
+    def _computed(self, *args):
+        # args: the image stream (3 or 4 tensors), the text stream (3), then temb, cos, sin, key_mask, the three
+        # modulation tensors, the reference table, the token index and the ring slot.
+        f_img, f_txt, (temb, cos, sin, key_mask, mod_img, mod_txt, mod_final, ref_table, index, slot) = _split(args)
         mod = None if mod_img is None else StepModulation(mod_img, mod_txt, mod_final)
         rope, ws = Rope(cos, sin), self.ws
-        f_img, f_txt = Residual(ix, ig, iu), Residual(tx, tg, tu)
+        refs = None if index is None else (ref_table, index)
         m_img, m_txt = self.model.run_segment(
-            self.front_end, self.back_start, f_img, f_txt, temb, rope, key_mask, self.txt_lens, mod
+            self.front_end, self.back_start, f_img, f_txt, temb, rope, key_mask, self.txt_lens, mod, refs
         )
-        self._store(f_img, f_txt, m_img, m_txt, ws.hist_img, ws.hist_txt, slot, ws.now, ws.ref)
-        return self._finish(m_img, m_txt, temb, rope, key_mask, mod)
+        self._store(f_img, f_txt, m_img, m_txt, ws.hist_img, ws.hist_txt, slot, ws.now, ws.ref, index)
+        return self._finish(m_img, m_txt, temb, rope, key_mask, mod, ref_table, index)
 
-    def _cached(self, ix, ig, iu, tx, tg, tu, temb, cos, sin, key_mask, mod_img, mod_txt, mod_final, weights):
+    def _cached(self, *args):
+        # args: as `_computed`'s, with the extrapolation weights in place of the slot.
+        f_img, f_txt, (temb, cos, sin, key_mask, mod_img, mod_txt, mod_final, ref_table, index, weights) = _split(args)
         mod = None if mod_img is None else StepModulation(mod_img, mod_txt, mod_final)
         ws = self.ws
-        f_img, f_txt = Residual(ix, ig, iu), Residual(tx, tg, tu)
-        r_img, r_txt = self._reuse(f_img, f_txt, ws.hist_img, ws.hist_txt, weights, ws.one_img, ws.one_txt)
-        return self._finish(r_img, r_txt, temb, Rope(cos, sin), key_mask, mod)
+        r_img, r_txt = self._reuse(
+            f_img, f_txt, ws.hist_img, ws.hist_txt, weights, ws.one_img, ws.one_txt, ws.one_ref, index
+        )
+        return self._finish(r_img, r_txt, temb, Rope(cos, sin), key_mask, mod, ref_table, index)
+
+
+# Arguments after the two streams: temb, cos, sin, key_mask, 3 modulation tensors, reference table, index, slot.
+_TRAILING = 10
+
+
+def _img_stream(r: Residual) -> tuple[Tensor, ...]:
+    """The image stream as flat tensors: (x, gate, update), plus the reference gate with zero_cond_t."""
+    return tuple(r) if r.ref_gate is not None else tuple(r[:3])
+
+
+def _split(args: tuple) -> tuple[Residual, Residual, tuple]:
+    """Flat step-function arguments -> (image stream, text stream, the rest); the image stream has 4 tensors with a
+    reference gate, else 3."""
+    n_img = len(args) - 3 - _TRAILING
+    return Residual(*args[:n_img]), Residual(*args[n_img : n_img + 3]), args[n_img + 3 :]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -261,12 +295,15 @@ class CachedLoop:
         modulation: StepModulation | None = None,
         valid_img_tokens: int | None = None,
         group=None,
+        refs: tuple[Tensor, Tensor] | None = None,
     ) -> Tensor:
-        """One step: `QwenImageTransformer.run_blocks`' arguments and result, the middle blocks run or reused."""
+        """One step: `QwenImageTransformer.run_blocks`' arguments and result, the middle blocks run or reused.
+        `refs`: (the t = 0 table (L, 1, 6 * dim), the token index (1, S_img, 1)) with zero_cond_t reference tokens."""
         i, ws = self.step, self.ws
         if i >= self.steps:
             raise RuntimeError(f"a CachedLoop for {self.steps} steps was run a {i + 1}th time")
-        ws.allocate(img, txt, temb.shape[0] if modulation is None else 1)
+        ref_table, index = (None, None) if refs is None else refs
+        ws.allocate(img, txt, temb.shape[0] if modulation is None else 1, ref_table)
         if ws.functions is None:
             ws.functions = StepFunctions(model, ws, txt_lens, valid_img_tokens, group)
         if i == 0:
@@ -275,10 +312,11 @@ class CachedLoop:
             # asynchronous copy, so a step whose decision needs no measurement does not wait for the GPU.
             self._weights = torch.zeros(self.steps, ws.slots, pin_memory=img.is_cuda)
         fn = ws.functions
-        mods = (None, None, None) if modulation is None else tuple(modulation)[:3]  # no reference tokens here
-        shared = (temb, *rope, key_mask, *mods)
-        front = fn.front(img, txt, *shared)  # (img x, gate, update, txt x, gate, update[, statistic])
-        streams, stats = front[:6], front[6] if len(front) > 6 else None
+        mods = (None, None, None) if modulation is None else tuple(modulation)[:3]  # the t = 0 table: ref_table
+        shared = (temb, *rope, key_mask, *mods, ref_table, index)
+        front = fn.front(img, txt, *shared)  # (img x, gate, update[, ref gate], txt x, gate, update[, statistic])
+        n = 7 if index is not None else 6
+        streams, stats = front[:n], front[n] if len(front) > n else None
         if self._decide(i, stats):
             slot = self._n_computed % ws.slots
             out = fn.computed(*streams, *shared, ws.slot_ids[slot])
@@ -324,7 +362,7 @@ class ShardedLoop:
     valid_img_tokens: int | None
     group: object
 
-    def run(self, model, img, txt, temb, rope, key_mask, txt_lens=None, modulation=None) -> Tensor:
+    def run(self, model, img, txt, temb, rope, key_mask, txt_lens=None, modulation=None, refs=None) -> Tensor:
         return self.loop.run(
-            model, img, txt, temb, rope, key_mask, txt_lens, modulation, self.valid_img_tokens, self.group
+            model, img, txt, temb, rope, key_mask, txt_lens, modulation, self.valid_img_tokens, self.group, refs
         )

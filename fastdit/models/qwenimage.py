@@ -458,19 +458,17 @@ class QwenImageTransformer(nn.Module):
         Needs `temb` unless `modulation` is given. `cache` (fastdit.cache.CachedLoop): runs the blocks as
         segments through `run_segment`, deciding per step whether the middle ones run. `mod_index` (S_img,) bool:
         reference tokens (zero_cond_t), modulated at t = 0."""
-        if cache is not None:
-            if mod_index is not None:
-                raise ConfigError("the step cache does not run with zero_cond_t reference tokens (Edit-2511) yet")
-            return cache.run(self, img, txt, temb, rope, key_mask, txt_lens, modulation)
         index, ref = None, None
         if mod_index is not None:
             if not self.cfg.zero_cond_t:
                 raise ConfigError("mod_index selects t = 0 modulation for reference tokens: a zero_cond_t model only")
             index = mod_index.view(1, -1, 1)
             ref = self.reference_modulation() if modulation is None or modulation.ref is None else modulation.ref
+        refs = None if index is None else (ref, index)
+        if cache is not None:
+            return cache.run(self, img, txt, temb, rope, key_mask, txt_lens, modulation, refs=refs)
         gate_rows = temb.shape[0] if modulation is None else 1  # the table's vectors serve the whole batch
         img, txt = Residual.start(img, gate_rows, ref), Residual.start(txt, gate_rows)
-        refs = None if index is None else (ref, index)
         img, txt = self.run_segment(0, len(self.blocks), img, txt, temb, rope, key_mask, txt_lens, modulation, refs)
         return self.final(img, temb, None if modulation is None else modulation.final, index)
 

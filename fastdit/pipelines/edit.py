@@ -33,7 +33,6 @@ from PIL import Image
 
 from fastdit.cache.config import StepCache
 from fastdit.checkpoint import default_device, read_json
-from fastdit.errors import ConfigError
 from fastdit.kernels.attention import resolve_backend
 from fastdit.load import load_transformer
 from fastdit.models.layers import Rope, set_attention_backend
@@ -103,11 +102,6 @@ class EditPipeline(DiTPipeline):
         allow_vl_processors_without_torchvision()  # images only: the processor's video slot needs no torchvision
         parts = load_components(root, classes, dtype, device)
         return cls(transformer=transformer, scheduler_config=scheduler_config, device=device, dtype=dtype, **parts)
-
-    def _check_cache(self, cache) -> None:
-        super()._check_cache(cache)
-        if self.transformer.cfg.zero_cond_t:  # the cached segments do not carry the t = 0 reference modulation
-            raise ConfigError("cache: the step cache does not run with Edit-2511's zero_cond_t reference tokens")
 
     def output_size(self, images: list[Image.Image], vae_image_area: int = DEFAULT_VAE_IMAGE_AREA) -> tuple[int, int]:
         """The default output (width, height) for these references: the layout's image (`size_image`) at
@@ -191,8 +185,7 @@ class EditPipeline(DiTPipeline):
         `vae_image_area` (`output_size`). `seed`: one int for the batch, or one per image.
         `num_inference_steps`: default 50 (8 with the Lightning schedule). `scheduler`: "checkpoint" (the checkpoint's
         schedule) or "lightning" (the Qwen-Image-Edit-Lightning LoRAs' schedule, CFG off unless a scale > 1 is
-        given). `cache`: a `fastdit.StepCache` for this call (default: the one `enable_step_cache` set, if any; not
-        with Edit-2511, whose zero_cond_t reference tokens it cannot keep: ConfigError before any work)."""
+        given). `cache`: a `fastdit.StepCache` for this call (default: the one `enable_step_cache` set, if any)."""
         clock = StageClock(self.device)
         cache = self.step_cache if cache is None else cache
         if cache is not None:
