@@ -139,3 +139,48 @@ def test_num_images_per_prompt_and_output_size(tiny_pipes):
     assert np.abs(_pixels(both[1:]) - _pixels(alone)).max() <= 1
     assert ours.output_size([WIDE, TALL], AREAS["vae_image_area"]) == both[0].size == (32, 96)
     assert tiny_pipes("edit").output_size([WIDE], AREAS["vae_image_area"]) == (96, 32)
+
+
+def test_edit_2511_lora_matches_diffusers_and_the_cli(tiny_pipes, tiny_folders, tmp_path, monkeypatch, capsys):
+    """A kohya LoRA of every linear (the modulation linears too, which also make the reference tokens' t = 0
+    vectors) at scale 0.7 on Edit-2511 with CFG: diffusers' load_lora_weights + set_adapters image within 1/255;
+    `fastdit edit --lora FILE:0.7` writes the same image; unloading gives the base image back."""
+    import diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus as plus
+    from diffusers import QwenImageEditPlusPipeline
+    from safetensors.torch import save_file
+
+    from fastdit.cli.main import main
+    from tests.lora_utils import random_lora
+
+    ours = tiny_pipes("edit-2511")
+    areas = {1024 * 1024: AREAS["vae_image_area"], 384 * 384: AREAS["vl_image_area"]}
+    original = plus.calculate_dimensions
+    monkeypatch.setattr(plus, "calculate_dimensions", lambda area, ratio: original(areas.get(area, area), ratio))
+    shared = {n: getattr(ours, n) for n in ("text_encoder", "vae", "tokenizer", "processor")}
+    ref = QwenImageEditPlusPipeline.from_pretrained(tiny_folders("edit-2511"), dtype=torch.float32, **shared)
+    ref.set_progress_bar_config(disable=True)
+    lora = tmp_path / "style.safetensors"
+    save_file(random_lora(3, "kohya"), str(lora))
+    WIDE.save(tmp_path / "wide.png")
+    kw = dict(negative_prompt=" ", num_inference_steps=2, seed=6, show_progress=False, **AREAS)
+    base = _pixels(ours([WIDE], PROMPT, **kw))
+    ours.load_lora(str(lora), adapter_name="style", scale=0.7)
+    ref.load_lora_weights(str(lora), adapter_name="style")
+    ref.set_adapters(["style"], [0.7])
+    try:
+        got = _pixels(ours([WIDE], PROMPT, **kw))
+    finally:
+        ours.unload_loras()
+    gen = torch.Generator().manual_seed(6)
+    want = _pixels(ref(image=[WIDE], prompt=PROMPT, negative_prompt=" ", num_inference_steps=2, generator=gen).images)
+    assert np.abs(got - want).max() <= 1
+    assert np.abs(got - base).max() > 10  # the LoRA does change the image
+    assert np.array_equal(_pixels(ours([WIDE], PROMPT, **kw)), base)
+
+    out = tmp_path / "out.png"
+    argv = ["edit", "--model", str(tiny_folders("edit-2511")), "--image", str(tmp_path / "wide.png")]
+    argv += ["--vae-image-area", str(AREAS["vae_image_area"]), "--vl-image-area", str(AREAS["vl_image_area"])]
+    argv += ["--prompt", PROMPT, "--negative-prompt", " ", "--steps", "2", "--seed", "6", "--device", "cpu"]
+    argv += ["--dtype", "float32", "--lora", f"{lora}:0.7", "--output", str(out)]
+    assert main(argv) == 0, capsys.readouterr().err
+    assert np.array_equal(_pixels([Image.open(out)]), got)
