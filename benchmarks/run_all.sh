@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Reproduces the tables in benchmarks/RESULTS.md on one GPU (needs diffusers installed for --compare):
-#   bash benchmarks/run_all.sh [OUTDIR] [dit|shapes|padding|stages|fp8|attention|profile|multigpu|all]
-# (multigpu needs 2 GPUs, runs its 4-GPU rows where there are 4, and is not part of all)
+#   bash benchmarks/run_all.sh [OUTDIR] [dit|shapes|padding|stages|fp8|attention|profile|
+#                                        edit|lightning|lora|cache|qwen21|memory|quant|multigpu|all]
+# (multigpu needs 2 GPUs, runs its 4-GPU rows where there are 4, and is not part of all; cache needs cache-dit
+# for its diffusers rows)
 # Set FASTDIT="python -m fastdit" if the `fastdit` command is not on PATH.
 set -euo pipefail
 out=${1:-bench-results}
@@ -44,6 +46,44 @@ if [[ $what == profile || $what == all ]]; then
         # shellcheck disable=SC2086
         python "$here/profile_step.py" $variant | tee -a "$out/profile.txt"
     done
+fi
+if [[ $what == edit || $what == all ]]; then
+    # Edit-2511 DiT step (zero_cond_t) with one and two references at 1024^2, against diffusers' model.
+    run bench --task edit --refs 1 --compile --compare diffusers --cuda-graph --json "$out/edit-r1.json"
+    run bench --task edit --refs 2 --compile --compare diffusers --cuda-graph --json "$out/edit-r2.json"
+    run bench --task edit --refs 1 --compile --cuda-graph --quantize fp8 --json "$out/edit-r1-fp8.json"
+fi
+if [[ $what == lightning || $what == all ]]; then
+    # Whole 1024^2 images (text encoder + DiT steps without CFG + VAE decode) with the Lightning schedule.
+    for steps in 8 4; do
+        run bench --stage pipeline --scheduler lightning --steps $steps --quantize fp8 --compile --cuda-graph \
+            --warmup 1 --iters 4 --json "$out/lightning-$steps-fp8.json"
+        run bench --stage pipeline --scheduler lightning --steps $steps --compile --cuda-graph \
+            --warmup 1 --iters 4 --json "$out/lightning-$steps-bf16.json"
+    done
+fi
+if [[ $what == lora || $what == all ]]; then
+    run bench --compile --cuda-graph --lora-rank 16,64,128 --loras 1 --json "$out/lora-k1.json"
+    run bench --compile --cuda-graph --lora-rank 64 --loras 3 --json "$out/lora-k3.json"
+fi
+if [[ $what == cache || $what == all ]]; then
+    # A fixed 23-of-50 schedule; --compare diffusers adds diffusers + cache-dit with the same static mask.
+    sched=(--cache-schedule "compute 4, then every 2nd" --steps 50 --cache F8B0 --warmup 0 --iters 1)
+    run bench "${sched[@]}" --compile --cuda-graph --compare diffusers --json "$out/cache-bf16.json"
+    run bench "${sched[@]}" --compile --cuda-graph --quantize fp8 --json "$out/cache-fp8.json"
+fi
+if [[ $what == qwen21 || $what == all ]]; then
+    q21=(bench --family qwen-image-2.1 --no-cfg --compile --cuda-graph)
+    run "${q21[@]}" --compare diffusers-eager --json "$out/q21-t2i.json"
+    run "${q21[@]}" --compare diffusers-eager --condition-images 1 --json "$out/q21-edit.json"
+    run "${q21[@]}" --quantize fp8 --json "$out/q21-t2i-fp8.json"
+fi
+if [[ $what == memory || $what == all ]]; then
+    # Whole images under memory plans with the GPU capped at 24 and 16 GiB, and diffusers' offloading modes.
+    run bench --stage memory --recipes fp8,int4 --memory-cap-gb 0 24 16 --steps 10 --json "$out/memory.json"
+fi
+if [[ $what == quant || $what == all ]]; then
+    run bench --stage quant --recipes bf16,fp8,fp8-fast,fp8-blockwise,int4 --json "$out/quant.json"
 fi
 if [[ $what == multigpu ]]; then
     gpus=$(python -c "import torch; print(torch.cuda.device_count())")
