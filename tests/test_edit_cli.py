@@ -201,15 +201,34 @@ def test_generate_on_an_edit_folder_points_to_edit(tiny_folders, tmp_path, capsy
     assert _one_error_line(capsys).endswith("edits images: give them with fastdit edit --image FILE ...")
 
 
-def test_memory_plans_are_for_the_text_to_image_pipeline(tiny_folders):
-    """The edit pipelines keep every part on the device: --memory auto / full mean no plan there; another plan is a
-    one-line PlanError naming the pipeline."""
+def test_memory_plans_count_the_reference_tokens(tiny_folders, monkeypatch):
+    """The edit pipelines take memory plans sized with their references: three references need more than one, the
+    server's plan (references unknown) holds as many as the pipeline takes; Qwen-Image 2.1 keeps every part on the
+    device (auto / full: no plan; another plan: a one-line PlanError naming the pipeline)."""
+    import fastdit.memory
     from fastdit.cli.common import ModelOptions
     from fastdit.cli.memory import memory_plan
     from fastdit.memory import PlanError
 
-    folder = tiny_folders("edit-2511")
+    folder, options = (
+        tiny_folders("edit-2511"),
+        ModelOptions(memory="offload-text", image_areas=(("vae_image_area", 4096),)),
+    )
+    seen = []
+    plan_memory = fastdit.memory.plan_memory
+    monkeypatch.setattr(
+        fastdit.memory, "plan_memory", lambda *a, **k: seen.append(k["workload"]) or plan_memory(*a, **k)
+    )
+    for n in (1, 3, None):
+        plan = memory_plan(options, folder, device="cpu", dtype=torch.float32, height=None, width=None, references=n)
+        assert plan.offload_text
+    assert [(w.reference_tokens, w.reference_pixels, w.height, w.width) for w in seen] == [
+        (16, 4096, 64, 64),
+        (48, 4096, 64, 64),
+        (48, 4096, 64, 64),
+    ]
+    q21 = tiny_folders("qwen-image-2.1")
     for memory in ("auto", "full"):
-        assert memory_plan(ModelOptions(memory=memory), folder, device="cpu", dtype=torch.float32) is None
-    with pytest.raises(PlanError, match="--memory offload-text: QwenImageEditPlusPipeline has no memory plans"):
-        memory_plan(ModelOptions(memory="offload-text"), folder, device="cpu", dtype=torch.float32)
+        assert memory_plan(ModelOptions(memory=memory), q21, device="cpu", dtype=torch.float32) is None
+    with pytest.raises(PlanError, match="--memory offload-text: QwenImage21Pipeline has no memory plans"):
+        memory_plan(options, q21, device="cpu", dtype=torch.float32)

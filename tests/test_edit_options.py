@@ -184,3 +184,32 @@ def test_edit_2511_lora_matches_diffusers_and_the_cli(tiny_pipes, tiny_folders, 
     argv += ["--dtype", "float32", "--lora", f"{lora}:0.7", "--output", str(out)]
     assert main(argv) == 0, capsys.readouterr().err
     assert np.array_equal(_pixels([Image.open(out)]), got)
+
+
+@pytest.mark.parametrize("plan", ["offload-text", "offload-blocks"])
+def test_memory_plans_draw_the_resident_image(tiny_pipes, tiny_folders, tmp_path, capsys, plan):
+    """Edit-2511 (two references, CFG) with the text encoder offloaded, or also every DiT block streamed through one
+    slot with the modulation linears (which make the reference tokens' t = 0 vectors too) loaded per use: the
+    resident pipeline's image, bit for bit; `fastdit edit --memory offload-text` writes it too."""
+    from fastdit import load_pipeline
+    from fastdit.cli.main import main
+    from fastdit.memory import offload_blocks_plan
+    from fastdit.quant.fp8 import MODULATION
+
+    folder = tiny_folders("edit-2511")
+    kw = dict(negative_prompt=" ", num_inference_steps=2, seed=3, show_progress=False, **AREAS)
+    resident = _pixels(tiny_pipes("edit-2511")([WIDE, TALL], PROMPT, **kw))
+    memory = plan if plan == "offload-text" else offload_blocks_plan(2, 0, slots=1, modulation_paths=MODULATION)
+    pipe = load_pipeline(folder, dtype=torch.float32, device="cpu", memory=memory)
+    assert np.array_equal(_pixels(pipe([WIDE, TALL], PROMPT, **kw)), resident)
+    assert not pipe.memory.text.loaded
+    if plan == "offload-text":
+        paths = [tmp_path / "wide.png", tmp_path / "tall.png"]
+        WIDE.save(paths[0])
+        TALL.save(paths[1])
+        argv = ["edit", "--model", str(folder), *[f"--image={p}" for p in paths], "--memory", plan]
+        argv += ["--vae-image-area", str(AREAS["vae_image_area"]), "--vl-image-area", str(AREAS["vl_image_area"])]
+        argv += ["--prompt", PROMPT, "--negative-prompt", " ", "--steps", "2", "--seed", "3", "--device", "cpu"]
+        argv += ["--dtype", "float32", "--output", str(tmp_path / "out.png")]
+        assert main(argv) == 0, capsys.readouterr().err
+        assert np.array_equal(_pixels([Image.open(tmp_path / "out.png")]), resident)

@@ -273,3 +273,17 @@ def test_offload_on_gpu_draws_the_resident_image(tiny_dir, fast):
     assert not pipe.memory.text.loaded
     for p in pipe.text_encoder.parameters():
         assert p.device.type == "cpu" and p.is_pinned()
+
+
+def test_reference_tokens_count_in_the_dit_activations(full_transformer):
+    """An edit's reference tokens join the image tokens of every row: two 1024^2 references more than double the
+    DiT's activations at 1024^2 (the modulation table is the same), and on a 24 GiB card offload-blocks in bf16 keeps
+    fewer blocks resident for the edit (40 against 45 of 60)."""
+    from fastdit.memory.plan import activations, plan_for
+
+    fp = qwen_image(full_transformer)
+    plain, edit = Workload(), Workload(reference_tokens=2 * 4096, reference_pixels=1024 * 1024)
+    a, b = activations(fp, plain), activations(fp, edit)
+    assert b.dit > 2 * a.dit and b.encode > 0 == a.encode
+    resident = [plan_for("offload-blocks", fp, wl, 24 * GIB, "cuda").resident for wl in (plain, edit)]
+    assert resident == [45, 40]

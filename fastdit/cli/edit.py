@@ -18,6 +18,7 @@ from pathlib import Path
 
 from fastdit.cli.common import IMAGE_AREAS, add_model_arguments, flag_error, integer, resolve_model
 from fastdit.cli.generate import add_run_arguments, prepare, start
+from fastdit.cli.memory import add_memory_arguments
 from fastdit.errors import FastditError
 from fastdit.validation import InputError, check_image_area, decode_image
 
@@ -40,6 +41,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         ),
     )
     add_model_arguments(p)
+    add_memory_arguments(p)
     p.add_argument(
         "--image",
         action="append",

@@ -233,7 +233,7 @@ def run_generate(run: GenerateRun, parallel=None) -> int:
     loras = read_loras(run.options.loras, folder)  # read and checked before the pipeline loads
     check_cache_fits(run.options.cache, folder)
     cfg = run.negative_prompt is not None and (run.cfg_scale is None or run.cfg_scale > 1)
-    size = dict(height=run.height, width=run.width, images=len(run.seeds), cfg=cfg)
+    size = dict(height=run.height, width=run.width, images=len(run.seeds), cfg=cfg, references=len(run.images))
     plan = memory_plan(run.options, folder, device=device, dtype=dtype, parallel=parallel, **size)
     t0 = time.perf_counter()
     pipe = load_pipeline(

@@ -1,4 +1,4 @@
-"""`--memory`: the memory plan of `generate` and `serve` (fastdit.memory), and the plan a run gets from it."""
+"""`--memory`: the memory plan of `generate`, `edit` and `serve` (fastdit.memory), and the plan a run gets from it."""
 
 from __future__ import annotations
 
@@ -19,13 +19,19 @@ def add_memory_arguments(parser) -> None:
     )
 
 
-def memory_plan(options, folder, *, device, dtype, parallel=None, height=1024, width=1024, images=1, cfg=True):
+def memory_plan(
+    options, folder, *, device, dtype, parallel=None, height=1024, width=1024, images=1, cfg=True, references=None
+):
     """The MemoryPlan (or None) for a run's ModelOptions on the pipeline folder `folder`; `auto` says its choice
     in one line. Raises fastdit.memory.PlanError (one line) when the asked plan cannot fit, or when the folder's
-    pipeline (the edit pipelines, Qwen-Image 2.1) keeps every part on the device and another plan is asked."""
+    pipeline (Qwen-Image 2.1) keeps every part on the device and another plan is asked.
+
+    An edit pipeline's plan holds `references` reference images (None: as many as the pipeline takes, the server's
+    worst case) at the run's --vae-image-area; an unset height / width (None) is the output at that area too."""
     if options.memory is None:
         return None
     import inspect
+    import math
     from pathlib import Path
 
     import torch
@@ -41,7 +47,16 @@ def memory_plan(options, folder, *, device, dtype, parallel=None, height=1024, w
         raise PlanError(f"--memory {options.memory}: {cls.__name__} has no memory plans; every part stays on the GPU")
 
     device = torch.device(device) if device is not None else default_device()
-    workload = Workload(height=height, width=width, images=images, cfg=cfg)
+    extra = {}
+    if cls.max_images:  # an edit pipeline: the references' tokens ride along with the image tokens
+        from fastdit.pipelines.edit import DEFAULT_VAE_IMAGE_AREA
+
+        area = dict(options.image_areas).get("vae_image_area", DEFAULT_VAE_IMAGE_AREA)
+        count = cls.max_images if references is None else references
+        extra = {"reference_tokens": count * area // 256, "reference_pixels": area}
+        side = math.isqrt(area) // 16 * 16  # the output's default area, as a square
+        height, width = height or side, width or side
+    workload = Workload(height=height, width=width, images=images, cfg=cfg, **extra)
     return plan_memory(
         options.memory,
         Path(folder),

@@ -59,7 +59,9 @@ class PlanError(FastditError):
 
 @dataclass(frozen=True)
 class Workload:
-    """One call the plan must hold: image size, images per call, CFG, longest prompt, steps."""
+    """One call the plan must hold: image size, images per call, CFG, longest prompt, steps; for an edit, the
+    reference images' DiT tokens (appended to each row's image tokens) and the largest one's pixels (VAE-encoded
+    before the denoising loop)."""
 
     height: int = 1024
     width: int = 1024
@@ -67,6 +69,8 @@ class Workload:
     cfg: bool = True
     text_tokens: int = 512
     steps: int = 50
+    reference_tokens: int = 0
+    reference_pixels: int = 0
 
 
 @dataclass(frozen=True)
@@ -211,11 +215,12 @@ class Activations:
     vae: int  # the whole decode
     vae_tiled: int  # the decode in tiles
     pixels: int  # all images' pixels
+    encode: int  # the VAE encode of the largest reference image (edits), bounded like a decode of its pixels
 
 
 def activations(fp: Footprint, wl: Workload) -> Activations:
     rows = wl.images * (2 if wl.cfg else 1)
-    tokens = (wl.height // 16) * (wl.width // 16) + wl.text_tokens
+    tokens = (wl.height // 16) * (wl.width // 16) + wl.reference_tokens + wl.text_tokens
     table = 2 * fp.num_blocks * wl.steps * 6 * fp.dim * fp.element
     dit = rows * tokens * fp.dim * fp.element * DIT_ACTIVATION_FACTOR + table
     text_len = wl.text_tokens + TEMPLATE_TOKENS
@@ -223,7 +228,8 @@ def activations(fp: Footprint, wl: Workload) -> Activations:
     pixels = wl.images * wl.height * wl.width
     vae = pixels * VAE_ELEMENTS_PER_PIXEL * fp.element
     vae_tiled = VAE_TILE_PIXELS * VAE_ELEMENTS_PER_PIXEL * fp.element + 2 * 3 * pixels * fp.element
-    return Activations(dit, text, vae, vae_tiled, pixels)
+    encode = wl.reference_pixels * VAE_ELEMENTS_PER_PIXEL * fp.element
+    return Activations(dit, text, vae, vae_tiled, pixels, encode)
 
 
 @dataclass(frozen=True)
@@ -286,7 +292,7 @@ def _margin(budget: int | None, need: int) -> int:
 def plan_for(name: str, fp: Footprint, wl: Workload, budget: int | None, device: str, slots: int = 2) -> MemoryPlan:
     """The plan `name` for this footprint and workload (it may not fit: compare `need` with `budget`)."""
     act = activations(fp, wl)
-    dit_act = act.dit
+    dit_act = max(act.dit, act.encode)  # the references are encoded with the DiT resident, before the loop
     if name == "full":
         weights = fp.dit + fp.text_encoder + fp.vae
         peak = max(dit_act, act.text)

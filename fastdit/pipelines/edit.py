@@ -35,6 +35,7 @@ from fastdit.cache.config import StepCache
 from fastdit.checkpoint import default_device, read_json
 from fastdit.kernels.attention import resolve_backend
 from fastdit.load import load_transformer
+from fastdit.memory import attach, plan_memory
 from fastdit.models.layers import Rope, set_attention_backend
 from fastdit.models.qwenimage import StepModulation
 from fastdit.pipelines.base import DiTPipeline, StageClock
@@ -84,9 +85,11 @@ class EditPipeline(DiTPipeline):
         parallel=None,
         quantize: str | None = None,
         attention: str = "auto",
+        memory=None,
     ):
         """Load a diffusers-format edit pipeline folder, every component checked before anything is loaded.
-        `parallel`, `quantize`, `attention`: as `QwenImagePipeline.from_pretrained`."""
+        `parallel`, `quantize`, `attention`, `memory`: as `QwenImagePipeline.from_pretrained` (a plan sized for
+        edits counts the reference tokens: fastdit.memory.Workload)."""
         from fastdit.tiny.vl import allow_vl_processors_without_torchvision
 
         root = Path(path)
@@ -95,13 +98,17 @@ class EditPipeline(DiTPipeline):
         check_scheduler_config(scheduler_config)
         device = torch.device(device) if device is not None else default_device()
         resolve_backend(attention, device)  # an unavailable backend fails before any weight is read
+        plan = plan_memory(memory, root, dtype=dtype, device=device, quantize=quantize, parallel=parallel, say=log.info)
         transformer = load_transformer(
-            root / "transformer", dtype=dtype, device=device, quantize=quantize, parallel=parallel
+            root / "transformer", dtype=dtype, device=device, quantize=quantize, parallel=parallel, memory=plan
         )
         set_attention_backend(transformer.base, attention)
         allow_vl_processors_without_torchvision()  # images only: the processor's video slot needs no torchvision
-        parts = load_components(root, classes, dtype, device)
-        return cls(transformer=transformer, scheduler_config=scheduler_config, device=device, dtype=dtype, **parts)
+        host = ("text_encoder",) if plan is not None and plan.offload_text else ()
+        parts = load_components(root, classes, dtype, device, host)
+        pipe = cls(transformer=transformer, scheduler_config=scheduler_config, device=device, dtype=dtype, **parts)
+        pipe.memory = attach(plan, pipe.text_encoder, device)
+        return pipe
 
     def output_size(self, images: list[Image.Image], vae_image_area: int = DEFAULT_VAE_IMAGE_AREA) -> tuple[int, int]:
         """The default output (width, height) for these references: the layout's image (`size_image`) at
@@ -212,7 +219,8 @@ class EditPipeline(DiTPipeline):
         # (B', L, D) with B' = 2 * num_images under CFG, conditional rows first.
         texts = prompts + (negatives if cfg is not None else [])
         prefix = self.image_prefix(len(vl_images))
-        rows = encode_vl_prompts(self.text_encoder, self.processor, texts, vl_images, prefix, self.device)
+        with self.memory.text_encoder():
+            rows = encode_vl_prompts(self.text_encoder, self.processor, texts, vl_images, prefix, self.device)
         rows = [r for r in rows for _ in range(num_images_per_prompt)]
         txt, txt_mask = pad_embeds(rows, self.dtype)
         txt_lens = tuple(r.shape[0] for r in rows)
@@ -246,7 +254,8 @@ class EditPipeline(DiTPipeline):
         clock.lap("denoise_s")
 
         # 4. VAE decode.
-        out = to_pil(decode(self.vae, unpack_latents(latents, lat_h, lat_w)))
+        with self.memory.vae(self.vae, num_images * height * width):
+            out = to_pil(decode(self.vae, unpack_latents(latents, lat_h, lat_w)))
         clock.lap("vae_decode_s")
         cached_steps = 0 if loop is None else loop.cached_steps
         return Images(out, seeds=seed, timings=clock.timings(steps), steps=steps, cached_steps=cached_steps)
