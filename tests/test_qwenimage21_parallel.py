@@ -99,6 +99,9 @@ def _compile_check(model, case) -> dict:
 
 
 PIPE_ARGS = dict(negative_prompt="blurry", true_cfg_scale=3.0, num_inference_steps=2, output_resolution=64, seed=5)
+# The step cache over 6 steps at a threshold between the tiny model's step-to-step changes: some steps cached.
+CACHED_ARGS = dict(PIPE_ARGS, num_inference_steps=6)
+CACHE = dict(front_blocks=1, back_blocks=0, threshold=1.2, warmup_steps=1)
 
 
 def _condition_image():
@@ -110,6 +113,13 @@ def _condition_image():
 def _pipeline_images(pipe) -> list[np.ndarray]:
     images = pipe("a red fox", image=_condition_image(), show_progress=False, **PIPE_ARGS)
     return [np.asarray(im).astype(np.int16) for im in images]
+
+
+def _cached_images(pipe) -> tuple[list[np.ndarray], int]:
+    from fastdit import StepCache
+
+    images = pipe("a red fox", image=_condition_image(), show_progress=False, cache=StepCache(**CACHE), **CACHED_ARGS)
+    return [np.asarray(im).astype(np.int16) for im in images], images.cached_steps
 
 
 def _world2_worker(state: ParallelState, path: str, case, folder: str) -> dict:
@@ -126,6 +136,9 @@ def _world2_worker(state: ParallelState, path: str, case, folder: str) -> dict:
     for layout in [(1, 2, 1), (1, 1, 2)]:
         pipe = load_pipeline(folder, dtype=torch.float32, device="cpu", parallel=_state(state, layout))
         results[("pipeline", layout)] = _pipeline_images(pipe)
+        results[("cached", layout)] = _cached_images(pipe)
+    pipe = load_pipeline(folder, dtype=torch.float32, device="cpu", parallel=state)
+    results[("cached", (2, 1, 1))] = _cached_images(pipe)
     return results
 
 
@@ -220,3 +233,16 @@ def test_pipeline_draws_the_one_process_image(world2, folder, layout):
     expected = _pipeline_images(load_pipeline(folder, dtype=torch.float32, device="cpu"))
     for got, want in zip(world2[("pipeline", layout)], expected, strict=True):
         assert got.shape == want.shape and np.abs(got - want).max() <= 1
+
+
+@pytest.mark.parametrize("layout", [(2, 1, 1), (1, 2, 1), (1, 1, 2)], ids=["tp2", "sp2", "cfg2"])
+def test_cached_pipeline_draws_the_one_process_image(world2, folder, layout):
+    """With the step cache, every layout caches the steps one process caches (its decisions come from statistics
+    summed over the ranks: sp counts only real noise tokens, cfg each rank's row) and draws its image within 1/255."""
+    from fastdit.pipelines import load_pipeline
+
+    expected, cached_steps = _cached_images(load_pipeline(folder, dtype=torch.float32, device="cpu"))
+    got, got_steps = world2[("cached", layout)]
+    assert 0 < cached_steps < 5 and got_steps == cached_steps
+    for image, want in zip(got, expected, strict=True):
+        assert image.shape == want.shape and np.abs(image - want).max() <= 1

@@ -24,6 +24,10 @@ The residuals sit in a ring of K + 1 slots; the host picks the slot written and 
 them as small tensors, so each segment is one fixed function of tensors: compiled without recompiles across
 steps, and with CUDA graphs replayed as three graphs (front, computed rest, cached rest) chosen on the host.
 
+Qwen-Image 2.1's single-stream DiT (its text and condition prefix held as per-layer K/V, computed once per image)
+runs the same three segments over its one stream (`SingleStreamFunctions`, through `CachedLoop.run_single_stream`):
+the residual measured, stored and reused is the noise tokens' only.
+
 Device buffers live in a `Workspace` (per set of shapes; the pipeline keeps it, and its graphs, for later calls
 of the same shapes); a call's decisions live in its `CachedLoop`, so no decision carries over between calls.
 """
@@ -65,10 +69,26 @@ def extrapolation_weights(nodes: Sequence[int], x: int) -> list[float]:
 def _measure(img_in: Tensor, front: Residual, now: Tensor, ref: Tensor, valid: int, index: Tensor | None) -> Tensor:
     """Writes the front residual into `now`; (2,) float32: sum |now - ref|, sum |ref| over the first `valid` tokens.
     `index` (1, S_img, 1): the zero_cond_t reference tokens, whose pending update has the reference gate."""
-    res = front.total(index) - img_in  # (B, S_img, dim)
+    return _change(front.total(index) - img_in, now, ref, valid)
+
+
+def _measure_single(x_in: Tensor, front: Tensor, now: Tensor, ref: Tensor, valid: int) -> Tensor:
+    """`_measure` for a single-stream DiT, whose blocks hand on plain tensors."""
+    return _change(front - x_in, now, ref, valid)
+
+
+def _change(res: Tensor, now: Tensor, ref: Tensor, valid: int) -> Tensor:
+    """res (B, S, dim) into `now`; (2,) float32: sum |res - ref|, sum |ref| over the first `valid` tokens."""
     now.copy_(res)
     res, ref = res[:, :valid], ref[:, :valid]
     return torch.stack([(res - ref).abs().sum(dtype=torch.float32), ref.abs().sum(dtype=torch.float32)])
+
+
+def _store_single(front: Tensor, mid: Tensor, hist: Tensor, slot: Tensor, now: Tensor | None, ref: Tensor | None):
+    """`_store` for a single-stream DiT."""
+    hist.index_copy_(0, slot, (mid - front)[None])
+    if ref is not None:
+        ref.copy_(now)
 
 
 def _store(
@@ -127,6 +147,13 @@ def _compiled_glue():
     return compile_fn(_measure), compile_fn(_store), compile_fn(_reuse)
 
 
+@functools.cache
+def _compiled_single_glue():
+    """The single-stream glue, compiled likewise; the reuse is `_extrapolate` plus an add."""
+    compile_fn = functools.partial(torch.compile, fullgraph=True, backend=backend())
+    return compile_fn(_measure_single), compile_fn(_store_single), compile_fn(_extrapolate)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Device state and the three step functions
 
@@ -150,6 +177,15 @@ class Workspace:
         self.one_ref: Tensor | None = None  # gate 1 like a block's reference gate (zero_cond_t); else None
         self.slot_ids: list[Tensor] = []
         self.functions: StepFunctions | None = None
+
+    def allocate_single(self, x: Tensor) -> None:
+        """The buffers of a single-stream DiT: the stream's stored residuals and statistics only."""
+        if self.hist_img is not None:
+            return
+        self.hist_img = x.new_zeros(self.slots, *x.shape)
+        if self.cache.measures:
+            self.now, self.ref = torch.zeros_like(x), torch.zeros_like(x)
+        self.slot_ids = [torch.tensor([k], device=x.device) for k in range(self.slots)]
 
     def allocate(self, img: Tensor, txt: Tensor, gate_rows: int, ref_table: Tensor | None) -> None:
         if self.hist_img is not None:
@@ -253,6 +289,55 @@ def _split(args: tuple) -> tuple[Residual, Residual, tuple]:
     return Residual(*args[:n_img]), Residual(*args[n_img : n_img + 3]), args[n_img + 3 :]
 
 
+class SingleStreamFunctions:
+    """front / computed / cached for a single-stream DiT with a prefix K/V cache (Qwen-Image 2.1): its blocks map
+    x (B, N, dim) to x, block i reading the prefix's K/V of layer i; `model.final(x, scale)` ends the step.
+
+    Flat tensor arguments as `StepFunctions`': x, then the prefix K and V (L, B, P, H, D), cos, sin, the key mask
+    (or None) and the modulation fields; the prefix lengths (host ints) are fixed for the workspace."""
+
+    def __init__(self, model, ws: Workspace, lens, mod_type, valid_img_tokens: int | None, group):
+        self.model, self.ws, self.lens, self.mod_type, self.group = model, ws, lens, mod_type, group
+        cache, n = ws.cache, len(model.blocks)
+        self.front_end, self.back_start = cache.front_blocks, n - cache.back_blocks
+        self.valid = ws.hist_img.shape[2] if valid_img_tokens is None else valid_img_tokens
+        glue = _compiled_single_glue() if ws.compiled else (_measure_single, _store_single, _extrapolate)
+        self._measure, self._store, self._extrapolate = glue
+        wrap: Callable = CudaGraphStep if ws.cuda_graph else (lambda f: f)
+        self.front, self.computed, self.cached = wrap(self._front), wrap(self._computed), wrap(self._cached)
+
+    def _blocks(self, start: int, end: int, x: Tensor, k, v, cos, sin, key_mask, mod) -> Tensor:
+        rope = Rope(cos, sin)
+        for i in range(start, end):
+            x = self.model.blocks[i](x, mod, rope, k[i], v[i], self.lens, key_mask)
+        return x
+
+    def _front(self, x, k, v, cos, sin, key_mask, *mod):
+        front = self._blocks(0, self.front_end, x, k, v, cos, sin, key_mask, self.mod_type(*mod))
+        if self.ws.now is None:
+            return (front,)
+        stats = self._measure(x, front, self.ws.now, self.ws.ref, self.valid)
+        if self.group is not None:
+            stats = funcol.wait_tensor(funcol.all_reduce(stats, "sum", self.group))
+        return front, stats
+
+    def _finish(self, x, k, v, cos, sin, key_mask, mod) -> Tensor:
+        x = self._blocks(self.back_start, len(self.model.blocks), x, k, v, cos, sin, key_mask, mod)
+        return self.model.final(x, mod.final_scale)
+
+    def _computed(self, front, k, v, cos, sin, key_mask, *rest):
+        *mod, slot = rest
+        mod, ws = self.mod_type(*mod), self.ws
+        mid = self._blocks(self.front_end, self.back_start, front, k, v, cos, sin, key_mask, mod)
+        self._store(front, mid, ws.hist_img, slot, ws.now, ws.ref)
+        return self._finish(mid, k, v, cos, sin, key_mask, mod)
+
+    def _cached(self, front, k, v, cos, sin, key_mask, *rest):
+        *mod, weights = rest
+        x = front + self._extrapolate(self.ws.hist_img, weights)
+        return self._finish(x, k, v, cos, sin, key_mask, self.mod_type(*mod))
+
+
 # ---------------------------------------------------------------------------------------------------------
 # One call
 
@@ -311,12 +396,34 @@ class CachedLoop:
             # Each step's extrapolation weights go to the device from their own row of one pinned buffer: an
             # asynchronous copy, so a step whose decision needs no measurement does not wait for the GPU.
             self._weights = torch.zeros(self.steps, ws.slots, pin_memory=img.is_cuda)
-        fn = ws.functions
         mods = (None, None, None) if modulation is None else tuple(modulation)[:3]  # the t = 0 table: ref_table
         shared = (temb, *rope, key_mask, *mods, ref_table, index)
-        front = fn.front(img, txt, *shared)  # (img x, gate, update[, ref gate], txt x, gate, update[, statistic])
-        n = 7 if index is not None else 6
-        streams, stats = front[:n], front[n] if len(front) > n else None
+        # front: (img x, gate, update[, ref gate], txt x, gate, update[, statistic])
+        return self._advance(ws.functions, (img, txt), shared, 7 if index is not None else 6, img)
+
+    def run_single_stream(
+        self, model, x: Tensor, prefix, rope: Rope, modulation, key_mask=None, valid_img_tokens=None, group=None
+    ) -> Tensor:
+        """One step of a single-stream DiT with a prefix K/V cache (Qwen-Image 2.1; see `SingleStreamFunctions`):
+        x (B, N, dim) after the input projection, the `PrefixCache`, RoPE, the step's AdaLN -> the velocity."""
+        i, ws = self.step, self.ws
+        if i >= self.steps:
+            raise RuntimeError(f"a CachedLoop for {self.steps} steps was run a {i + 1}th time")
+        ws.allocate_single(x)
+        if ws.functions is None:
+            ws.functions = SingleStreamFunctions(model, ws, prefix.lens, type(modulation), valid_img_tokens, group)
+        if i == 0:
+            ws.reset()
+            self._weights = torch.zeros(self.steps, ws.slots, pin_memory=x.is_cuda)
+        shared = (prefix.k, prefix.v, *rope, key_mask, *modulation)
+        return self._advance(ws.functions, (x,), shared, 1, x)
+
+    def _advance(self, fn, inputs: tuple, shared: tuple, n_streams: int, like: Tensor) -> Tensor:
+        """Step `self.step`: the front segment on `inputs`, the decision, then the computed or the cached rest, each
+        given the front's `n_streams` output tensors and `shared`."""
+        i, ws = self.step, self.ws
+        front = fn.front(*inputs, *shared)
+        streams, stats = front[:n_streams], front[n_streams] if len(front) > n_streams else None
         if self._decide(i, stats):
             slot = self._n_computed % ws.slots
             out = fn.computed(*streams, *shared, ws.slot_ids[slot])
@@ -328,7 +435,7 @@ class CachedLoop:
             nodes = [step for step, _ in self._computed]
             for (_, slot), w in zip(self._computed, extrapolation_weights(nodes, i), strict=True):
                 weights[slot] = w
-            out = fn.cached(*streams, *shared, weights.to(img.device, non_blocking=True, copy=True))
+            out = fn.cached(*streams, *shared, weights.to(like.device, non_blocking=True, copy=True))
             self.cached.append(i)
             self._in_a_row += 1
         self.step += 1
@@ -365,4 +472,9 @@ class ShardedLoop:
     def run(self, model, img, txt, temb, rope, key_mask, txt_lens=None, modulation=None, refs=None) -> Tensor:
         return self.loop.run(
             model, img, txt, temb, rope, key_mask, txt_lens, modulation, self.valid_img_tokens, self.group, refs
+        )
+
+    def run_single_stream(self, model, x, prefix, rope, modulation, key_mask=None) -> Tensor:
+        return self.loop.run_single_stream(
+            model, x, prefix, rope, modulation, key_mask, self.valid_img_tokens, self.group
         )

@@ -114,13 +114,10 @@ def check_edit_model(cls, model: str, paths: list[str], images: list, areas: dic
         )
     check_area_flags(cls, areas)
     if not issubclass(cls, EditPipeline):  # Qwen-Image 2.1: sized by its output resolution, its own schedule
-        refused = []
-        if args.cache is not None:
-            refused.append("--cache")
         if args.scheduler != "checkpoint":
-            refused.append(f"--scheduler {args.scheduler}")
-        if refused:
-            raise FastditError(f"{refused[0]} is for the Qwen-Image-Edit pipelines; {cls.__name__} does not take it")
+            raise FastditError(
+                f"--scheduler {args.scheduler} is for the Qwen-Image-Edit pipelines; {cls.__name__} does not take it"
+            )
         return
     from fastdit.pipelines.edit import DEFAULT_VAE_IMAGE_AREA, DEFAULT_VL_IMAGE_AREA, QwenImageEditPlusPipeline
 

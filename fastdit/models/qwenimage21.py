@@ -465,13 +465,18 @@ class QwenImage21Transformer(nn.Module):
         rope: Rope,
         modulation: AdaLN | None = None,
         key_mask: Tensor | None = None,
+        step_cache=None,
     ) -> Tensor:
         """One denoising step: noise latents (B, N, in_channels) in row-major order, sigma (B,) in [0, 1], the
         prefix cache and the noise RoPE table of `make_rope` -> velocity (B, N, out_channels).
         `modulation`: this step's `modulation(sigma)`, computed ahead; it replaces `timestep`. `key_mask`
-        (B, N + P) bool: the keys that may be attended to, when some noise tokens are padding (fastdit.parallel)."""
+        (B, N + P) bool: the keys that may be attended to, when some noise tokens are padding (fastdit.parallel).
+        `step_cache` (fastdit.cache.CachedLoop): runs the blocks as front / middle / back segments, the middle ones
+        skipped on the steps it caches."""
         mod = self.modulation(timestep) if modulation is None else modulation
         x = self.img_in(noise)
+        if step_cache is not None:
+            return step_cache.run_single_stream(self, x, cache, rope, mod, key_mask)
         for i, block in enumerate(self.blocks):
             x = block(x, mod, rope, cache.k[i], cache.v[i], cache.lens, key_mask)
         return self.final(x, mod.final_scale)

@@ -26,6 +26,7 @@ outputs gathered back; every rank gets the full batch.
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -175,9 +176,18 @@ class ParallelQwenImage21(nn.Module):
         return self.model.prefill_tokens(x, key_valid, layout.segments, _rope_tokens(rope, padded, mine), timestep)
 
     def forward(
-        self, noise: Tensor, timestep: Tensor | None, cache: PrefixCache, rope: Rope, modulation: AdaLN | None = None
+        self,
+        noise: Tensor,
+        timestep: Tensor | None,
+        cache: PrefixCache,
+        rope: Rope,
+        modulation: AdaLN | None = None,
+        step_cache=None,
     ) -> Tensor:
+        """The model's step on this rank's rows (CFG) and tokens (sp). `step_cache`: its statistics count this
+        rank's real noise tokens and are summed over every rank, so all ranks cache the same steps."""
         st = self.state
+        group = dist.group.WORLD if st.world_size > 1 else None
         b = noise.shape[0]
         rows = self._rows(b)
         if rows is not None:
@@ -186,10 +196,14 @@ class ParallelQwenImage21(nn.Module):
             if modulation is not None:
                 modulation = AdaLN(*(f if f.shape[0] == 1 else f[rows] for f in modulation))
         if st.sp == 1:
-            out = self.model(noise, timestep, cache, rope, modulation)
+            step_cache = None if step_cache is None else step_cache.shard(None, group)
+            out = self.model(noise, timestep, cache, rope, modulation, step_cache=step_cache)
         else:
             n = noise.shape[1]
             padded, mine = self._tokens(n)
+            if step_cache is not None:
+                local = padded // st.sp
+                step_cache = step_cache.shard(min(max(n - st.sp_rank * local, 0), local), group)
             key_mask = None
             if padded > n:  # padded noise keys are masked, and with them the prefix padding (cache.lens)
                 p = cache.k.shape[2]
@@ -198,7 +212,8 @@ class ParallelQwenImage21(nn.Module):
                 prefix = torch.arange(p, device=noise.device)[None] < torch.tensor(lens, device=noise.device)[:, None]
                 key_mask = torch.cat([own.expand(len(lens), -1), prefix], dim=1)
             x = _pad_to(noise, padded, 1)[:, mine]
-            out = self.model(x, timestep, cache, _rope_tokens(rope, padded, mine), modulation, key_mask)
+            rope_mine = _rope_tokens(rope, padded, mine)
+            out = self.model(x, timestep, cache, rope_mine, modulation, key_mask, step_cache=step_cache)
             out = all_gather(out.contiguous(), 1, st.sp_group)[:, :n]  # (B, N, out_channels)
         if rows is not None:
             out = all_gather(out.contiguous(), 0, st.cfg_group)

@@ -36,6 +36,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from fastdit.cache.config import StepCache
 from fastdit.checkpoint import default_device, read_json
 from fastdit.errors import CheckpointError, ConfigError
 from fastdit.kernels.attention import resolve_backend
@@ -239,19 +240,22 @@ class QwenImage21Pipeline(DiTPipeline):
         rows = [tables[len(slots)] for slots in layout_slots]
         return Rope(torch.stack([r.cos for r in rows]), torch.stack([r.sin for r in rows]))
 
-    def dit_step(self, key, cache: PrefixCache, rope: Rope, modulation: AdaLN, cfg: float | None) -> Callable:
+    def dit_step(
+        self, key, cache: PrefixCache, rope: Rope, modulation: AdaLN, cfg: float | None, loop=None
+    ) -> Callable:
         """The DiT at step i as `step(x, i)` for `denoise`, the prefix cache, RoPE and modulation fixed for the call;
         with CFG it runs [x; x] over the [cond; uncond] prefixes and returns the guided velocity. Every tensor the
         (possibly CUDA-graphed) forward reads is an argument, so a graph recorded in an earlier call with the same
-        shapes (`key`) serves this one."""
+        shapes (`key`) serves this one. `loop`: the call's step cache (`cached_loop`), which graphs its own
+        segments."""
         transformer = self.transformer  # not self: a graph held by the pipeline must not keep it alive in a cycle
         lens = cache.lens
 
         def forward(x, k, v, cos, sin, scale1, gate1, scale2, gate2, final_scale):
             mod = AdaLN(scale1, gate1, scale2, gate2, final_scale)
-            return transformer(x, None, PrefixCache(k, v, lens), Rope(cos, sin), mod)
+            return transformer(x, None, PrefixCache(k, v, lens), Rope(cos, sin), mod, step_cache=loop)
 
-        run = self.graphed(key, forward)
+        run = self.graphed(key, forward) if loop is None else forward
 
         def step(x: Tensor, i: int) -> Tensor:
             mod = (field[i : i + 1] for field in modulation)  # (1, 1, dim) each: every row shares the timestep
@@ -298,6 +302,7 @@ class QwenImage21Pipeline(DiTPipeline):
         num_images_per_prompt: int = 1,
         output_resolution: int = 1024,
         scheduler: str = "checkpoint",
+        cache: StepCache | None = None,
         progress: Callable[[int, int], None] | None = None,
         show_progress: bool = True,
     ) -> Images:
@@ -306,10 +311,15 @@ class QwenImage21Pipeline(DiTPipeline):
         `image`: condition image(s) shared by every prompt (PIL or uint8 arrays; RGBA kept for the VAE).
         `sigmas`: a sampling grid for this call (terminal 0 excluded), overriding the folder's `sample_sigmas`;
         either sets the step count, and `num_inference_steps` is then unused. `true_cfg_scale` None means 1.0.
-        `scheduler`: only "checkpoint" (the Lightning schedule belongs to Qwen-Image's distilled LoRAs)."""
+        `scheduler`: only "checkpoint" (the Lightning schedule belongs to Qwen-Image's distilled LoRAs).
+        `cache`: a `fastdit.StepCache` for this call (default: the one `enable_step_cache` set, if any): the middle
+        blocks' residual reused on the steps it caches, one decision per step for the whole (CFG) batch."""
         if scheduler != "checkpoint":
             raise InputError("scheduler", f"{scheduler!r} is for Qwen-Image; Qwen-Image 2.1 runs its own schedule")
         clock = StageClock(self.device)
+        cache_setting = self.step_cache if cache is None else cache
+        if cache_setting is not None:
+            self._check_cache(cache_setting)
         prompts = check_prompts(prompt)
         images = condition_images(image)
         check_int(output_resolution, "output_resolution", SIZE_MULTIPLE)
@@ -370,10 +380,13 @@ class QwenImage21Pipeline(DiTPipeline):
         timesteps = (schedule[:steps] * 1000).to(self.device, latents.dtype) / 1000
         modulation = self.transformer.modulation(timesteps)  # (steps, 1, dim) each
         key = ("qwen-image-2.1", tuple(latents.shape), tuple(cache.k.shape), cache.lens, cfg is not None)
-        step = self.dit_step((*key, tuple(rope.cos.shape)), cache, rope, modulation, cfg)
+        key = (*key, tuple(rope.cos.shape))
+        loop = self.cached_loop(cache_setting, key, steps)
+        step = self.dit_step(key, cache, rope, modulation, cfg, loop)
         latents = denoise(step, latents, schedule, progress=progress, show_progress=show_progress)
         clock.lap("denoise_s")
 
         images_out = self.decode(latents, *grid)
         clock.lap("vae_decode_s")
-        return Images(images_out, seeds=seed, timings=clock.timings(steps), steps=steps)
+        cached_steps = 0 if loop is None else loop.cached_steps
+        return Images(images_out, seeds=seed, timings=clock.timings(steps), steps=steps, cached_steps=cached_steps)
