@@ -139,7 +139,18 @@ def _world2_worker(state: ParallelState, path: str, case, folder: str) -> dict:
         results[("cached", layout)] = _cached_images(pipe)
     pipe = load_pipeline(folder, dtype=torch.float32, device="cpu", parallel=state)
     results[("cached", (2, 1, 1))] = _cached_images(pipe)
+    pipe.load_lora(_lora(folder), adapter_name="style", scale=0.7)
+    results[("lora", (2, 1, 1))] = _pipeline_images(pipe)
     return results
+
+
+def _lora(folder) -> dict:
+    """A random LoRA of every linear of the tiny 2.1 DiT (diffusers keys), the same on every rank."""
+    from fastdit.load import read_config
+    from fastdit.lora.formats import qwen_image21_lora_targets
+    from tests.lora_utils import random_lora
+
+    return random_lora(5, "diffusers", targets=qwen_image21_lora_targets(read_config(folder)))
 
 
 @pytest.fixture(scope="module")
@@ -246,3 +257,16 @@ def test_cached_pipeline_draws_the_one_process_image(world2, folder, layout):
     assert 0 < cached_steps < 5 and got_steps == cached_steps
     for image, want in zip(got, expected, strict=True):
         assert image.shape == want.shape and np.abs(image - want).max() <= 1
+
+
+def test_lora_under_tp2_draws_the_one_process_image(world2, folder):
+    """A dynamic LoRA on every linear under tp=2 (its factors sliced as their base layer's columns or rows): the
+    one-process image with the same LoRA, within 1/255."""
+    from fastdit.pipelines import load_pipeline
+
+    pipe = load_pipeline(folder, dtype=torch.float32, device="cpu")
+    base = _pipeline_images(pipe)
+    pipe.load_lora(_lora(folder), adapter_name="style", scale=0.7)
+    expected = _pipeline_images(pipe)
+    for got, want, plain in zip(world2[("lora", (2, 1, 1))], expected, base, strict=True):
+        assert np.abs(got - want).max() <= 1 and np.abs(want - plain).max() > 10

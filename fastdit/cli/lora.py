@@ -90,18 +90,14 @@ def read_loras(specs, model_folder) -> dict:
     if not specs:
         return {}
     from fastdit.load import read_config
-    from fastdit.lora import check_lora, qwen_image_lora_targets, read_lora
-    from fastdit.models.qwenimage import DiTConfig
+    from fastdit.lora import check_lora, read_lora
+    from fastdit.lora.families import lora_family
 
-    cfg = read_config(model_folder)
-    if not isinstance(cfg, DiTConfig):
-        raise LoraError(f"--lora: LoRA adapters apply to the Qwen-Image DiT; {model_folder} holds another model")
-    shapes = qwen_image_lora_targets(
-        cfg.num_layers, cfg.dim, cfg.mlp_ratio * cfg.dim, cfg.in_channels, cfg.joint_dim, cfg.out_dim
-    )
+    family = lora_family(read_config(model_folder))
+    shapes = family.targets(read_config(model_folder))
     loras = {}
     for spec in specs:
-        loras[spec.name] = read_lora(spec.path)
+        loras[spec.name] = read_lora(spec.path, names=family.names)
         check_lora(loras[spec.name], shapes, spec.path)
     return loras
 

@@ -1,4 +1,4 @@
-"""LoRA files for the Qwen-Image transformer: every trainer's key layout read into one form.
+"""LoRA files for the Qwen-Image family's transformers: every trainer's key layout read into one form.
 
 A LoRA of a linear layer with weight W (out, in) stores two factors, down (rank, in) and up (out, rank),
 and optionally a scalar alpha; the layer becomes `W + scale * (alpha / rank) * up @ down`, with `scale`
@@ -20,8 +20,9 @@ in the safetensors header (`transformer.lora_alpha`, `transformer.alpha_pattern`
 
 Kohya names flatten the dots to underscores, and several layer names hold underscores of their own
 (`to_add_out`, `add_q_proj`, `timestep_embedder`), so splitting on "_" is ambiguous. They are resolved
-by exact lookup instead: every LoRA-able linear of the transformer is listed below (`BLOCK_LINEARS`,
-`TOP_LINEARS`), flattened the same way, and a name must equal one of those (after its block index).
+by exact lookup instead: every LoRA-able linear of each architecture is listed below (`LoraNames`: Qwen-Image's
+`BLOCK_LINEARS` / `TOP_LINEARS`, Qwen-Image 2.1's `BLOCK_LINEARS_21` / `TOP_LINEARS_21`), flattened the same way,
+and a name must equal one of those (after its block index).
 
 Anything that is not a plain LoRA of a transformer linear is refused with a message naming the key:
 text-encoder LoRAs, LoKr / LoHa / DoRA / full-difference (`diff`, `diff_b`) weights, and keys that
@@ -69,8 +70,57 @@ TOP_LINEARS = (
     "norm_out.linear",
     "proj_out",
 )
+# Qwen-Image 2.1's single-stream DiT: its block linears and the ones outside the blocks.
+BLOCK_LINEARS_21 = (
+    "attn.to_q",
+    "attn.to_k",
+    "attn.to_v",
+    "attn.to_out.0",
+    "img_mlp.gate_layer",
+    "img_mlp.proj",
+    "img_mlp.out",
+)
+TOP_LINEARS_21 = (
+    "img_in",
+    "txt_in.in_layer",
+    "txt_in.out_layer",
+    "time_text_embed.timestep_embedder.linear_1",
+    "time_text_embed.timestep_embedder.linear_2",
+    "modulation.1",
+    "norm_out.linear",
+    "proj_out",
+)
 # Width of the sinusoidal timestep features that timestep_embedder.linear_1 reads.
 TIMESTEP_FREQ_DIM = 256
+
+
+@dataclass(frozen=True)
+class LoraNames:
+    """The linears of one DiT architecture a LoRA may name, in diffusers' naming; `model` names it in errors."""
+
+    model: str
+    block: tuple[str, ...]
+    top: tuple[str, ...]
+
+    def layer(self, name: str) -> str | None:
+        """The diffusers name of the linear layer that `name` (dotted or kohya-flattened) denotes, else None."""
+        if "." in name:
+            if name in self.top:
+                return name
+            m = _BLOCK_DOTTED.match(name)
+            return name if m and m[2] in self.block else None
+        flat_top = {n.replace(".", "_"): n for n in self.top}
+        if name in flat_top:
+            return flat_top[name]
+        m = _BLOCK_FLAT.match(name)
+        flat_block = {n.replace(".", "_"): n for n in self.block}
+        if m and m[2] in flat_block:
+            return f"transformer_blocks.{m[1]}.{flat_block[m[2]]}"
+        return None
+
+
+QWEN_IMAGE = LoraNames("Qwen-Image", BLOCK_LINEARS, TOP_LINEARS)
+QWEN_IMAGE_21 = LoraNames("Qwen-Image 2.1", BLOCK_LINEARS_21, TOP_LINEARS_21)
 
 
 @dataclass(frozen=True, eq=False)
@@ -127,6 +177,33 @@ def qwen_image_lora_targets(
     return targets
 
 
+def qwen_image21_lora_targets(cfg) -> dict[str, tuple[int, int]]:
+    """`qwen_image_lora_targets` for Qwen-Image 2.1, from its `QwenImage21Config`."""
+    dim, hidden = cfg.dim, cfg.mlp_ratio * cfg.dim
+    block = {
+        "attn.to_q": (dim, dim),
+        "attn.to_k": (dim, dim),
+        "attn.to_v": (dim, dim),
+        "attn.to_out.0": (dim, dim),
+        "img_mlp.gate_layer": (hidden, dim),
+        "img_mlp.proj": (hidden, dim),
+        "img_mlp.out": (dim, hidden),
+    }
+    targets = {
+        "img_in": (dim, cfg.in_channels * cfg.patch_size**2),
+        "txt_in.in_layer": (dim, cfg.context_dim),
+        "txt_in.out_layer": (dim, dim),
+        "time_text_embed.timestep_embedder.linear_1": (dim, TIMESTEP_FREQ_DIM),
+        "time_text_embed.timestep_embedder.linear_2": (dim, dim),
+        "modulation.1": (4 * dim, dim),  # scale / gate of attention and MLP, shared by every block
+        "norm_out.linear": (dim, dim),
+        "proj_out": (cfg.patch_size**2 * cfg.out_channels, dim),
+    }
+    for i in range(cfg.num_layers):
+        targets.update({f"transformer_blocks.{i}.{name}": shape for name, shape in block.items()})
+    return targets
+
+
 # `<layer>.lora_A.weight`, `<layer>.lora_down.weight`, `<layer>.lora_A.<adapter>.weight`; and `<layer>.alpha`.
 _FACTOR_KEY = re.compile(
     r"^(?P<layer>.+?)\.(?P<kind>lora_A|lora_B|lora_down|lora_up)(?:\.(?P<adapter>[^.]+))?\.weight$"
@@ -152,23 +229,6 @@ _FLAT_PREFIXES = ("lora_unet_", "lycoris_")
 
 _BLOCK_DOTTED = re.compile(r"^transformer_blocks\.(0|[1-9]\d*)\.(.+)$")
 _BLOCK_FLAT = re.compile(r"^transformer_blocks_(0|[1-9]\d*)_(.+)$")
-_FLAT_BLOCK_LINEARS = {name.replace(".", "_"): name for name in BLOCK_LINEARS}
-_FLAT_TOP_LINEARS = {name.replace(".", "_"): name for name in TOP_LINEARS}
-
-
-def _layer_name(name: str) -> str | None:
-    """The diffusers name of the linear layer that `name` (dotted or kohya-flattened) denotes, else None."""
-    if "." in name:
-        if name in TOP_LINEARS:
-            return name
-        m = _BLOCK_DOTTED.match(name)
-        return name if m and m[2] in BLOCK_LINEARS else None
-    if name in _FLAT_TOP_LINEARS:
-        return _FLAT_TOP_LINEARS[name]
-    m = _BLOCK_FLAT.match(name)
-    if m and m[2] in _FLAT_BLOCK_LINEARS:
-        return f"transformer_blocks.{m[1]}.{_FLAT_BLOCK_LINEARS[m[2]]}"
-    return None
 
 
 def _strip_prefix(key: str) -> str:
@@ -244,12 +304,15 @@ def _check_factors(layer: str, down: torch.Tensor, up: torch.Tensor, source: str
 
 
 def read_lora(
-    path_or_state_dict: str | os.PathLike | Mapping[str, torch.Tensor], *, name_for_errors: str | None = None
+    path_or_state_dict: str | os.PathLike | Mapping[str, torch.Tensor],
+    *,
+    name_for_errors: str | None = None,
+    names: LoraNames = QWEN_IMAGE,
 ) -> dict[str, LoraWeights]:
     """Read a LoRA (.safetensors path or in-memory state dict) into {diffusers layer name: LoraWeights}.
 
     Raises LoraError naming the file (`name_for_errors`, else the path) and the key or layer at fault. Layer
-    names are checked against the Qwen-Image transformer's linears but not against a model's depth or widths:
+    names are checked against the linears of `names`' architecture but not against a model's depth or widths:
     that is `check_lora`'s job.
     """
     if isinstance(path_or_state_dict, Mapping):
@@ -288,10 +351,10 @@ def read_lora(
                 f"{source}: {key} is not a LoRA key (expected <layer>.lora_A/.lora_B/.lora_down/.lora_up.weight "
                 "or <layer>.alpha)"
             )
-        layer = _layer_name(match["layer"])
+        layer = names.layer(match["layer"])
         if layer is None:
             raise LoraError(
-                f"{source}: {key} names no linear layer of the Qwen-Image transformer (read as {match['layer']!r})"
+                f"{source}: {key} names no linear layer of the {names.model} transformer (read as {match['layer']!r})"
             )
         if factor and factor["adapter"]:
             adapters.add(factor["adapter"])

@@ -1,7 +1,7 @@
-"""LoRA adapters on a finished Qwen-Image DiT, applied from outside the model file: `DiTLoras`.
+"""LoRA adapters on a finished DiT of the family, applied from outside the model file: `DiTLoras`.
 
-One `DiTLoras` per model (a `QwenImageTransformer`, or fastdit.parallel's wrapper of one, possibly with fp8
-layers). It holds the loaded adapters, already cut to this rank's slices, and applies them two ways:
+One `DiTLoras` per model (a `QwenImageTransformer` or `QwenImage21Transformer`, or fastdit.parallel's wrapper of
+one, possibly with fp8 layers; `fastdit.lora.families` says which linears each architecture offers). It holds the loaded adapters, already cut to this rank's slices, and applies them two ways:
 
 - dynamic (`activate`): each layer an active adapter touches becomes a `fastdit.lora.layer.LoraLinear` whose
   stacked factors are rewritten for every new set of adapters or scales; the base weights are untouched;
@@ -12,8 +12,8 @@ layers). It holds the loaded adapters, already cut to this rank's slices, and ap
   ~41 GB in bf16, ~21 GB for an fp8 model's e4m3 block weights plus its bf16 others), none on the GPU.
 
 Names: adapters are addressed by diffusers' module names (`transformer_blocks.1.attn.to_q`, as
-`fastdit.lora.formats.read_lora` returns them); `fastdit.models.qwenimage_keys.diffusers_module` maps each of our
-linear layers to the diffusers module(s) it holds (the fused Q/K/V: three, in row order).
+`fastdit.lora.formats.read_lora` returns them); the family's `diffusers_modules` maps each of our linear layers to
+the diffusers module(s) it holds (a fused Q/K/V: three, in row order; 2.1's fused SwiGLU gate / up: two).
 
 Tensor parallelism: how a layer is split is read from its shape against the full model's: fewer output rows is a
 column shard (each part's up factor cut to this rank's rows: B rows split), fewer input columns a row shard (the
@@ -38,10 +38,9 @@ from torch import Tensor, nn
 
 from fastdit.errors import LoraError
 from fastdit.kernels.fp8_rows import quantize_rows
-from fastdit.lora.formats import LoraWeights, check_lora, qwen_image_lora_targets, read_lora
+from fastdit.lora.families import lora_family
+from fastdit.lora.formats import LoraWeights, check_lora, read_lora
 from fastdit.lora.layer import LoraLinear
-from fastdit.models.qwenimage import QwenImageTransformer
-from fastdit.models.qwenimage_keys import diffusers_module
 from fastdit.quant.fp8 import Fp8Linear
 
 LoraSource = str | os.PathLike | Mapping[str, Tensor] | Mapping[str, LoraWeights]
@@ -98,16 +97,10 @@ class DiTLoras:
 
     def __init__(self, model: nn.Module, dtype: torch.dtype):
         base = model.base
-        if not isinstance(base, QwenImageTransformer):
-            raise LoraError(
-                f"LoRA adapters apply to the Qwen-Image DiT; this pipeline's DiT is a {type(base).__name__}"
-            )
-        cfg = base.cfg
+        self.family = lora_family(base.cfg)
         self.model, self.dtype = model, dtype
         self.device = base.img_in.weight.device
-        self.shapes = qwen_image_lora_targets(
-            cfg.num_layers, cfg.dim, cfg.mlp_ratio * cfg.dim, cfg.in_channels, cfg.joint_dim, cfg.out_dim
-        )
+        self.shapes = self.family.targets(base.cfg)
         self.targets = self._find_targets(base, _tp_rank(model))
         self.adapters: dict[str, Adapter] = {}
         self.scales: dict[str, float] = {}  # the active (dynamic) set
@@ -121,7 +114,7 @@ class DiTLoras:
         for name, module in base.named_modules():
             if not _is_linear(module):
                 continue
-            parts = tuple(diffusers_module(name))
+            parts = tuple(self.family.diffusers_modules(name))
             full_out = sum(self.shapes[p][0] for p in parts)
             full_in = self.shapes[parts[0]][1]
             out_local, in_local = module.weight.shape
@@ -150,7 +143,7 @@ class DiTLoras:
         if isinstance(source, Mapping) and source and all(isinstance(v, LoraWeights) for v in source.values()):
             loras = dict(source)
         else:
-            loras = read_lora(source, name_for_errors=label)
+            loras = read_lora(source, name_for_errors=label, names=self.family.names)
         check_lora(loras, self.shapes, label)
         factors: dict[str, list[Factors]] = {}
         for module, target in self.targets.items():
