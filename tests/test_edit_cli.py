@@ -203,8 +203,8 @@ def test_generate_on_an_edit_folder_points_to_edit(tiny_folders, tmp_path, capsy
 
 def test_memory_plans_count_the_reference_tokens(tiny_folders, monkeypatch):
     """The edit pipelines take memory plans sized with their references: three references need more than one, the
-    server's plan (references unknown) holds as many as the pipeline takes; Qwen-Image 2.1 keeps every part on the
-    device (auto / full: no plan; another plan: a one-line PlanError naming the pipeline)."""
+    server's plan (references unknown) holds as many as the pipeline takes; Qwen-Image 2.1 offloads its text encoder
+    but keeps its DiT resident (offload-blocks: a one-line PlanError naming the plans it runs)."""
     import fastdit.memory
     from fastdit.cli.common import ModelOptions
     from fastdit.cli.memory import memory_plan
@@ -228,7 +228,8 @@ def test_memory_plans_count_the_reference_tokens(tiny_folders, monkeypatch):
         (48, 4096, 64, 64),
     ]
     q21 = tiny_folders("qwen-image-2.1")
-    for memory in ("auto", "full"):
-        assert memory_plan(ModelOptions(memory=memory), q21, device="cpu", dtype=torch.float32) is None
-    with pytest.raises(PlanError, match="--memory offload-text: QwenImage21Pipeline has no memory plans"):
-        memory_plan(options, q21, device="cpu", dtype=torch.float32)
+    plan = memory_plan(ModelOptions(memory="offload-text"), q21, device="cpu", dtype=torch.float32)
+    assert plan.offload_text and not plan.streamed
+    assert memory_plan(ModelOptions(memory="auto"), q21, device="cpu", dtype=torch.float32) is None  # no budget
+    with pytest.raises(PlanError, match="'offload-blocks' is not one this pipeline runs; it runs full, offload-text"):
+        memory_plan(ModelOptions(memory="offload-blocks"), q21, device="cpu", dtype=torch.float32)

@@ -210,3 +210,22 @@ def test_cuda_graph_copies_a_fixed_argument_once():
     assert step.inputs[0].tolist() == [5.0, 5.0] and step.inputs[1].tolist() == [0.0, 0.0]  # cache: not copied
     step(torch.full((2,), 6.0), torch.full((2,), 3.0))  # a new cache tensor (the next call's) is copied
     assert step.inputs[0].tolist() == [6.0, 6.0] and step.inputs[1].tolist() == [3.0, 3.0]
+
+
+def test_offload_text_draws_the_resident_image(pipes, folders, tmp_path, capsys):
+    """memory="offload-text": the Qwen3-VL text encoder waits in host memory and comes to the device only while it
+    encodes (nothing of it left there after); the resident pipeline's image, bit for bit, with a condition image
+    and CFG; `fastdit generate --memory offload-text` writes it too."""
+    from fastdit.cli.main import main
+
+    _, resident = pipes["qwen-image-2.1"]
+    kwargs = dict(CASES["condition image, CFG"], image=condition_image(), seed=7, show_progress=False)
+    expected = pixels(resident(**kwargs)[0])
+    offloaded = load_pipeline(folders["qwen-image-2.1"], dtype=torch.float32, device="cpu", memory="offload-text")
+    assert np.array_equal(pixels(offloaded(**kwargs)[0]), expected)
+    assert offloaded.memory.text is not None and not offloaded.memory.text.loaded
+    plain = pixels(resident(prompt="a cat", height=64, width=64, num_inference_steps=2, seed=3, show_progress=False)[0])
+    argv = ["generate", "--model", str(folders["qwen-image-2.1"]), "--prompt", "a cat", "--height", "64"]
+    argv += ["--width", "64", "--steps", "2", "--seed", "3", "--device", "cpu", "--dtype", "float32"]
+    assert main([*argv, "--memory", "offload-text", "--output", str(tmp_path / "o.png")]) == 0, capsys.readouterr()
+    assert np.array_equal(pixels(Image.open(tmp_path / "o.png")), plain)

@@ -23,29 +23,23 @@ def memory_plan(
     options, folder, *, device, dtype, parallel=None, height=1024, width=1024, images=1, cfg=True, references=None
 ):
     """The MemoryPlan (or None) for a run's ModelOptions on the pipeline folder `folder`; `auto` says its choice
-    in one line. Raises fastdit.memory.PlanError (one line) when the asked plan cannot fit, or when the folder's
-    pipeline (Qwen-Image 2.1) keeps every part on the device and another plan is asked.
+    in one line. Raises fastdit.memory.PlanError (one line) when the asked plan cannot fit, or is not one the
+    folder's pipeline runs (its `memory_plans`: Qwen-Image 2.1 keeps its DiT resident).
 
     An edit pipeline's plan holds `references` reference images (None: as many as the pipeline takes, the server's
     worst case) at the run's --vae-image-area; an unset height / width (None) is the output at that area too."""
     if options.memory is None:
         return None
-    import inspect
     import math
     from pathlib import Path
 
     import torch
 
     from fastdit.checkpoint import default_device
-    from fastdit.memory import PlanError, Workload, plan_memory
+    from fastdit.memory import Workload, plan_memory
     from fastdit.pipelines import pipeline_class
 
     cls = pipeline_class(folder)
-    if "memory" not in inspect.signature(cls.from_pretrained).parameters:
-        if options.memory in ("auto", "full"):
-            return None
-        raise PlanError(f"--memory {options.memory}: {cls.__name__} has no memory plans; every part stays on the GPU")
-
     device = torch.device(device) if device is not None else default_device()
     extra = {}
     if cls.max_images:  # an edit pipeline: the references' tokens ride along with the image tokens
@@ -56,6 +50,7 @@ def memory_plan(
         extra = {"reference_tokens": count * area // 256, "reference_pixels": area}
         side = math.isqrt(area) // 16 * 16  # the output's default area, as a square
         height, width = height or side, width or side
+    height, width = height or 1024, width or 1024  # Qwen-Image 2.1 without a size: its default output resolution
     workload = Workload(height=height, width=width, images=images, cfg=cfg, **extra)
     return plan_memory(
         options.memory,
@@ -66,4 +61,5 @@ def memory_plan(
         workload=workload,
         parallel=parallel,
         say=note,
+        order=cls.memory_plans,
     )

@@ -4,9 +4,10 @@
 from __future__ import annotations
 
 from fastdit.memory.place import Placement, attach, place_dit
-from fastdit.memory.plan import PLANS, MemoryPlan, PlanError, Workload, offload_blocks_plan, plan_memory
+from fastdit.memory.plan import ORDER, PLANS, MemoryPlan, PlanError, Workload, offload_blocks_plan, plan_memory
 
 __all__ = [
+    "ORDER",
     "PLANS",
     "MemoryPlan",
     "PlanError",

@@ -344,20 +344,26 @@ def fits(plan: MemoryPlan) -> bool:
     return plan.budget is None or plan.need <= plan.budget
 
 
-def choose(name: str, fp: Footprint, wl: Workload, budget: int | None, device: str) -> MemoryPlan:
-    """The plan `name` (or, for "auto", the first of ORDER that fits); PlanError if it cannot fit."""
+def choose(
+    name: str, fp: Footprint, wl: Workload, budget: int | None, device: str, order: tuple[str, ...] = ORDER
+) -> MemoryPlan:
+    """The plan `name` (or, for "auto", the first of `order` that fits); PlanError if it cannot fit. `order`: the
+    plans the pipeline runs, from the most resident to the least."""
     if name not in PLANS:
         raise PlanError(f"memory plan must be one of {', '.join(PLANS)}, got {name!r}")
-    plans = {n: plan_for(n, fp, wl, budget, device) for n in ORDER}
-    fitting = [n for n in ORDER if fits(plans[n])]
+    if name != "auto" and name not in order:
+        raise PlanError(f"memory plan {name!r} is not one this pipeline runs; it runs {', '.join(order)}")
+    plans = {n: plan_for(n, fp, wl, budget, device) for n in order}
+    fitting = [n for n in order if fits(plans[n])]
     if name != "auto" and fits(plans[name]):
         return plans[name]
     size = f"at {wl.height}x{wl.width}, {wl.images} image(s)"
     free = f"{budget / GIB:.1f} GiB are free on {device}" if budget is not None else ""
     if not fitting:
-        least = plans["offload-blocks"]
+        last = order[-1]
+        what = " (every DiT block streamed)" if last == "offload-blocks" else ""
         raise PlanError(
-            f"no memory plan fits: even offload-blocks (every DiT block streamed) needs ~{least.need / GIB:.1f} GiB "
+            f"no memory plan fits: even {last}{what} needs ~{plans[last].need / GIB:.1f} GiB "
             f"{size} and {free}; quantize the DiT (int4: 0.53 bytes per weight) or make smaller images"
         )
     if name == "auto":
@@ -390,11 +396,12 @@ def plan_memory(
     budget: int | None = None,
     parallel=None,
     say=None,
+    order: tuple[str, ...] = ORDER,
 ) -> MemoryPlan | None:
     """The plan for `memory` (a PLANS name, a MemoryPlan, or None: no plan) of the pipeline folder `root`.
 
     `budget` (bytes) overrides the device's available memory. "auto" off CUDA (no budget) is no plan. `say(line)`
-    receives the one line saying what "auto" chose."""
+    receives the one line saying what "auto" chose. `order`: the plans the pipeline runs (`choose`)."""
     if memory is None or isinstance(memory, MemoryPlan):
         return memory
     if memory not in PLANS:
@@ -404,10 +411,12 @@ def plan_memory(
             return None
         raise PlanError(f"memory plan {memory!r} runs on one device; with --tp / --sp / --cfg-parallel use 'full'")
     budget = budget if budget is not None else available_bytes(device)
+    if memory not in ("auto", "full", *order):
+        raise PlanError(f"memory plan {memory!r} is not one this pipeline runs; it runs {', '.join(order)}")
     if memory == "auto" and budget is None:
         return None
     fp = footprint(root, dtype, quantize)
-    plan = choose(memory, fp, workload or Workload(), budget, str(device))
+    plan = choose(memory, fp, workload or Workload(), budget, str(device), order)
     if memory == "auto" and say is not None:
         say(f"memory plan auto -> {plan.describe()}")
     return plan

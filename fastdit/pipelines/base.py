@@ -21,6 +21,7 @@ from fastdit.cache.loop import CachedLoop, Workspace
 from fastdit.errors import ConfigError, FastditError
 from fastdit.lora.pipeline import LoraPipelineMixin
 from fastdit.memory.place import Placement
+from fastdit.memory.plan import ORDER
 from fastdit.pipelines.vae import compile_decoder
 from fastdit.runtime.compile import compile_blocks
 from fastdit.runtime.cudagraph import CudaGraphStep
@@ -57,6 +58,7 @@ class DiTPipeline(LoraPipelineMixin):
     # only; None: no fixed limit), at least one when `needs_image`. Such a pipeline's `output_size(images, ...)`
     # gives the (width, height) a call without height / width makes.
     max_images: int | None = 0
+    memory_plans: tuple[str, ...] = ORDER  # the memory plans `from_pretrained(memory=)` takes (fastdit.memory)
     needs_image = False
 
     def __init__(self, *, transformer, device, dtype):

@@ -41,6 +41,7 @@ from fastdit.checkpoint import default_device, read_json
 from fastdit.errors import CheckpointError, ConfigError
 from fastdit.kernels.attention import resolve_backend
 from fastdit.load import load_transformer
+from fastdit.memory import attach, plan_memory
 from fastdit.models.layers import Rope, set_attention_backend
 from fastdit.models.qwenimage21 import AdaLN, PrefixCache, QwenImage21Config
 from fastdit.models.qwenimage21_layout import LATENTS_PER_SLOT, prefix_layout
@@ -130,6 +131,8 @@ class QwenImage21Pipeline(DiTPipeline):
     """Qwen-Image 2.1. Build with `from_pretrained`, call with prompts (and condition images), get `Images` (RGBA)."""
 
     max_images = None  # condition images: any number
+    # Memory plans: the DiT (14 GB in bf16) stays resident; the Qwen3-VL text encoder may wait in host memory.
+    memory_plans = ("full", "offload-text")
 
     def __init__(
         self,
@@ -169,12 +172,14 @@ class QwenImage21Pipeline(DiTPipeline):
         parallel=None,
         quantize: str | None = None,
         attention: str = "auto",
+        memory=None,
     ):
         """Load a diffusers-format QwenImage21Pipeline folder, every component checked before anything is loaded.
 
         `parallel`: this rank's `fastdit.parallel.ParallelState`; the DiT is then loaded sharded (tp / sp / cfg),
         the text encoder and VAE whole on every rank. `quantize`: "fp8" runs the DiT's block linears in fp8
-        ("fp8-emulated" for CPU tests). `attention`: the DiT's attention backend (fastdit.kernels.attention)."""
+        ("fp8-emulated" for CPU tests). `attention`: the DiT's attention backend (fastdit.kernels.attention).
+        `memory`: a memory plan (`memory_plans`: full or offload-text, or auto), as for Qwen-Image."""
         root = Path(path)
         classes = check_pipeline_folder(root, COMPONENTS)
         sample_sigmas = read_model_index(root).get("sample_sigmas")
@@ -187,15 +192,20 @@ class QwenImage21Pipeline(DiTPipeline):
         check_scheduler_config(scheduler_config)
         device = torch.device(device) if device is not None else default_device()
         resolve_backend(attention, device)  # an unavailable backend fails before any weight is read
+        plan = plan_memory(
+            memory, root, dtype=dtype, device=device, quantize=quantize, parallel=parallel, say=log.info,
+            order=cls.memory_plans,
+        )  # fmt: skip
         transformer = load_transformer(
-            root / "transformer", dtype=dtype, device=device, quantize=quantize, parallel=parallel
+            root / "transformer", dtype=dtype, device=device, quantize=quantize, parallel=parallel, memory=plan
         )
         if not isinstance(transformer.cfg, QwenImage21Config):
             raise CheckpointError(f"{root / 'transformer' / 'config.json'}: not a QwenImage21Transformer2DModel")
         set_attention_backend(transformer.base, attention)
         allow_vl_processors_without_torchvision()  # image-only use: no video processor (torchvision) needed
-        parts = load_components(root, classes, dtype, device)
-        return cls(
+        host = ("text_encoder",) if plan is not None and plan.offload_text else ()
+        parts = load_components(root, classes, dtype, device, host)
+        pipe = cls(
             transformer=transformer,
             text_encoder=parts["text_encoder"],
             processor=parts["processor"],
@@ -205,6 +215,8 @@ class QwenImage21Pipeline(DiTPipeline):
             dtype=dtype,
             sample_sigmas=sample_sigmas,
         )
+        pipe.memory = attach(plan, pipe.text_encoder, device)
+        return pipe
 
     # ---- the stages ----------------------------------------------------------------------------------------
 
@@ -345,9 +357,10 @@ class QwenImage21Pipeline(DiTPipeline):
         resized = [im.resize(s, resample=Image.Resampling.LANCZOS) for im, s in zip(images, sizes, strict=True)]
         cond_grids = [(h // VAE_SCALE, w // VAE_SCALE) for w, h in sizes]
         texts = prompts + (negatives if cfg is not None else [])
-        encoded = encode_prompts(
-            self.text_encoder, self.processor, texts, [on_white(im) for im in resized], self.device
-        )
+        with self.memory.text_encoder():
+            encoded = encode_prompts(
+                self.text_encoder, self.processor, texts, [on_white(im) for im in resized], self.device
+            )
         expected = sum(h * w for h, w in cond_grids) // LATENTS_PER_SLOT
         if any(int(s.sum()) != expected for s in encoded.slots):
             raise InputError(
@@ -386,7 +399,8 @@ class QwenImage21Pipeline(DiTPipeline):
         latents = denoise(step, latents, schedule, progress=progress, show_progress=show_progress)
         clock.lap("denoise_s")
 
-        images_out = self.decode(latents, *grid)
+        with self.memory.vae(self.vae, num_images * height * width):
+            images_out = self.decode(latents, *grid)
         clock.lap("vae_decode_s")
         cached_steps = 0 if loop is None else loop.cached_steps
         return Images(images_out, seeds=seed, timings=clock.timings(steps), steps=steps, cached_steps=cached_steps)
