@@ -36,3 +36,16 @@ def save_tiny(path, seed: int = 0, sharded: bool = False, **overrides):
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def save_random_q21(path, config: dict, seed: int = 3) -> None:
+    """A diffusers QwenImage21Transformer2DModel of `config` with N(0, 0.2) weights (large enough that every block
+    matters), saved to `path`."""
+    from diffusers import QwenImage21Transformer2DModel
+
+    torch.manual_seed(seed)
+    ref = QwenImage21Transformer2DModel(**config)
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.normal_(0.0, 0.2)
+    ref.save_pretrained(path)

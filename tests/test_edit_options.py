@@ -21,22 +21,29 @@ def _pixels(images) -> np.ndarray:
     return np.stack([np.asarray(im.convert("RGB")) for im in images]).astype(np.int16)
 
 
-def test_lightning_matches_diffusers_with_the_lightning_scheduler(tiny_pipes, tiny_folders, monkeypatch):
-    """scheduler="lightning" on Edit-2509 gives diffusers' QwenImageEditPlusPipeline with a scheduler built from the
-    Lightning config: its sigmas, and no CFG although a negative prompt is given; uint8 within 1."""
+def _reference(kind, ours, tiny_folders, monkeypatch, **parts):
+    """diffusers' QwenImageEditPlusPipeline on the tiny `kind` folder, sharing `ours`' text encoder, VAE, tokenizer
+    and processor, its resize areas mapped to AREAS (the released defaults would make the tiny images large)."""
     import diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus as plus
-    from diffusers import FlowMatchEulerDiscreteScheduler, QwenImageEditPlusPipeline
+    from diffusers import QwenImageEditPlusPipeline
 
-    ours = tiny_pipes("edit-2509")
     areas = {1024 * 1024: AREAS["vae_image_area"], 384 * 384: AREAS["vl_image_area"]}
     original = plus.calculate_dimensions
     monkeypatch.setattr(plus, "calculate_dimensions", lambda area, ratio: original(areas.get(area, area), ratio))
     shared = {n: getattr(ours, n) for n in ("text_encoder", "vae", "tokenizer", "processor")}
-    scheduler = FlowMatchEulerDiscreteScheduler.from_config(LIGHTNING_SCHEDULER_CONFIG)
-    ref = QwenImageEditPlusPipeline.from_pretrained(
-        tiny_folders("edit-2509"), dtype=torch.float32, scheduler=scheduler, **shared
-    )
+    ref = QwenImageEditPlusPipeline.from_pretrained(tiny_folders(kind), dtype=torch.float32, **shared, **parts)
     ref.set_progress_bar_config(disable=True)
+    return ref
+
+
+def test_lightning_matches_diffusers_with_the_lightning_scheduler(tiny_pipes, tiny_folders, monkeypatch):
+    """scheduler="lightning" on Edit-2509 gives diffusers' QwenImageEditPlusPipeline with a scheduler built from the
+    Lightning config: its sigmas, and no CFG although a negative prompt is given; uint8 within 1."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    ours = tiny_pipes("edit-2509")
+    scheduler = FlowMatchEulerDiscreteScheduler.from_config(LIGHTNING_SCHEDULER_CONFIG)
+    ref = _reference("edit-2509", ours, tiny_folders, monkeypatch, scheduler=scheduler)
     kw = dict(num_inference_steps=3, show_progress=False, **AREAS)
     got = ours([WIDE, TALL], PROMPT, negative_prompt=" ", scheduler="lightning", seed=2, **kw)
     gen = torch.Generator().manual_seed(2)
@@ -98,18 +105,11 @@ def test_edit_2511_first_block_cache_matches_diffusers(tiny_pipes, tiny_folders,
     """Edit-2511 (zero_cond_t: reference tokens modulated at t = 0) with StepCache(front_blocks=1, back_blocks=0,
     warmup_steps=1) draws diffusers' QwenImageEditPlusPipeline image under its FirstBlockCache at the same threshold
     (no CFG: diffusers decides for cond and uncond apart), caching the same steps; uint8 within 1."""
-    import diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus as plus
-    from diffusers import QwenImageEditPlusPipeline
     from diffusers.hooks import FirstBlockCacheConfig
     from diffusers.hooks.first_block_cache import FBCHeadBlockHook
 
     ours = tiny_pipes("edit-2511")
-    areas = {1024 * 1024: AREAS["vae_image_area"], 384 * 384: AREAS["vl_image_area"]}
-    original = plus.calculate_dimensions
-    monkeypatch.setattr(plus, "calculate_dimensions", lambda area, ratio: original(areas.get(area, area), ratio))
-    shared = {n: getattr(ours, n) for n in ("text_encoder", "vae", "tokenizer", "processor")}
-    ref = QwenImageEditPlusPipeline.from_pretrained(tiny_folders("edit-2511"), dtype=torch.float32, **shared)
-    ref.set_progress_bar_config(disable=True)
+    ref = _reference("edit-2511", ours, tiny_folders, monkeypatch)
     threshold, steps = 0.15, 8  # between the changes of the tiny model's steps: some cached, some computed
     ref.transformer.enable_cache(FirstBlockCacheConfig(threshold=threshold))
     decisions, decide = [], FBCHeadBlockHook._should_compute_remaining_blocks
@@ -145,20 +145,13 @@ def test_edit_2511_lora_matches_diffusers_and_the_cli(tiny_pipes, tiny_folders, 
     """A kohya LoRA of every linear (the modulation linears too, which also make the reference tokens' t = 0
     vectors) at scale 0.7 on Edit-2511 with CFG: diffusers' load_lora_weights + set_adapters image within 1/255;
     `fastdit edit --lora FILE:0.7` writes the same image; unloading gives the base image back."""
-    import diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus as plus
-    from diffusers import QwenImageEditPlusPipeline
     from safetensors.torch import save_file
 
     from fastdit.cli.main import main
     from tests.lora_utils import random_lora
 
     ours = tiny_pipes("edit-2511")
-    areas = {1024 * 1024: AREAS["vae_image_area"], 384 * 384: AREAS["vl_image_area"]}
-    original = plus.calculate_dimensions
-    monkeypatch.setattr(plus, "calculate_dimensions", lambda area, ratio: original(areas.get(area, area), ratio))
-    shared = {n: getattr(ours, n) for n in ("text_encoder", "vae", "tokenizer", "processor")}
-    ref = QwenImageEditPlusPipeline.from_pretrained(tiny_folders("edit-2511"), dtype=torch.float32, **shared)
-    ref.set_progress_bar_config(disable=True)
+    ref = _reference("edit-2511", ours, tiny_folders, monkeypatch)
     lora = tmp_path / "style.safetensors"
     save_file(random_lora(3, "kohya"), str(lora))
     WIDE.save(tmp_path / "wide.png")

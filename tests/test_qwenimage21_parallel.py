@@ -17,7 +17,7 @@ from fastdit import load_transformer
 from fastdit.models.qwenimage21_layout import prefix_layout
 from fastdit.parallel import ParallelState, launch, make_parallel_state
 from fastdit.runtime.compile import compile_blocks
-from tests.dit_utils import rel_err
+from tests.dit_utils import rel_err, save_random_q21
 
 pytestmark = pytest.mark.dist
 
@@ -155,15 +155,8 @@ def _lora(folder) -> dict:
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
-    from diffusers import QwenImage21Transformer2DModel
-
-    torch.manual_seed(3)
-    ref = QwenImage21Transformer2DModel(**CONFIG)
-    with torch.no_grad():
-        for p in ref.parameters():
-            p.normal_(0.0, 0.2)
     path = tmp_path_factory.mktemp("q21-heads4")
-    ref.save_pretrained(path)
+    save_random_q21(path, CONFIG)
     return path
 
 

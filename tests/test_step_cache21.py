@@ -13,6 +13,7 @@ import torch
 from fastdit import StepCache, load_transformer
 from fastdit.cache.loop import CachedLoop, Workspace
 from fastdit.models.qwenimage21_layout import prefix_layout
+from tests.dit_utils import save_random_q21
 from tests.test_qwenimage21_parallel import CONFIG, make_case
 
 KW = dict(height=64, width=64, num_inference_steps=8, show_progress=False)
@@ -51,16 +52,9 @@ def test_threshold_zero_changes_no_bit_and_inf_caches_after_warmup(pipe):
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
-    """A 2-block 2.1 DiT (4 heads x 16), random N(0, 0.2) weights, and a prefilled CFG-style case."""
-    from diffusers import QwenImage21Transformer2DModel
-
-    torch.manual_seed(3)
-    ref = QwenImage21Transformer2DModel(**CONFIG)
-    with torch.no_grad():
-        for p in ref.parameters():
-            p.normal_(0.0, 0.2)
+    """A 2-block 2.1 DiT (4 heads x 16) with random N(0, 0.2) weights."""
     path = tmp_path_factory.mktemp("q21-cache")
-    ref.save_pretrained(path)
+    save_random_q21(path, CONFIG)
     return load_transformer(path, dtype=torch.float32, device="cpu")
 
 
