@@ -122,7 +122,8 @@ def tiny_parts(dtype: torch.dtype) -> Parts:
     from fastdit.checkpoint import read_json
     from fastdit.load import load_transformer
     from fastdit.pipelines.folder import check_pipeline_folder
-    from fastdit.pipelines.qwenimage import COMPONENTS, load_components
+    from fastdit.pipelines.loading import load_components
+    from fastdit.pipelines.qwenimage import COMPONENTS
     from fastdit.tiny import tiny_pipeline_dir
 
     root = tiny_pipeline_dir()

@@ -22,6 +22,7 @@ from fastdit.errors import ConfigError, FastditError
 from fastdit.lora.pipeline import LoraPipelineMixin
 from fastdit.memory.place import Placement
 from fastdit.memory.plan import ORDER
+from fastdit.pipelines.scheduler import check_scheduler_config
 from fastdit.pipelines.vae import compile_decoder
 from fastdit.runtime.compile import compile_blocks
 from fastdit.runtime.cudagraph import CudaGraphStep
@@ -61,10 +62,16 @@ class DiTPipeline(LoraPipelineMixin):
     memory_plans: tuple[str, ...] = ORDER  # the memory plans `from_pretrained(memory=)` takes (fastdit.memory)
     needs_image = False
 
-    def __init__(self, *, transformer, device, dtype):
+    def __init__(self, *, transformer, device, dtype, text_encoder=None, vae=None, scheduler_config=None):
         self.transformer = transformer
         self.device = torch.device(device)
         self.dtype = dtype
+        self.text_encoder = text_encoder
+        self.vae = vae
+        if scheduler_config is not None:
+            check_scheduler_config(scheduler_config)
+        self.scheduler_config = None if scheduler_config is None else dict(scheduler_config)
+        self.latent_channels = None if vae is None else vae.config.z_dim
         self.cuda_graph = False  # see enable_cuda_graph
         self._graph_key, self._graph = None, None
         self._graph_lock = threading.Lock()

@@ -32,19 +32,15 @@ import torch
 from PIL import Image
 
 from fastdit.cache.config import StepCache
-from fastdit.checkpoint import default_device, read_json
-from fastdit.kernels.attention import resolve_backend
-from fastdit.load import load_transformer
-from fastdit.memory import attach, plan_memory
-from fastdit.models.layers import Rope, set_attention_backend
+from fastdit.models.layers import Rope
 from fastdit.models.qwenimage import StepModulation
 from fastdit.pipelines.base import DiTPipeline, StageClock
 from fastdit.pipelines.edit_inputs import reference_images, resize, sized, to_pixels
-from fastdit.pipelines.folder import check_pipeline_folder
 from fastdit.pipelines.latents import decode, encode, initial_noise, pack_latents, to_pil, unpack_latents
+from fastdit.pipelines.loading import load_parts
 from fastdit.pipelines.loop import Images, denoise
-from fastdit.pipelines.qwenimage import DEFAULT_CFG_SCALE, load_components, negative_prompts, resolve_cfg
-from fastdit.pipelines.scheduler import check_scheduler_config, flow_match_sigmas, sampling_for
+from fastdit.pipelines.qwenimage import DEFAULT_CFG_SCALE, negative_prompts, resolve_cfg
+from fastdit.pipelines.scheduler import flow_match_sigmas, sampling_for
 from fastdit.pipelines.text import pad_embeds
 from fastdit.pipelines.vl_text import check_prompt_lengths, encode_vl_prompts, inline_images, numbered_images
 from fastdit.runtime.compile import dynamic_tokens
@@ -66,14 +62,12 @@ class EditPipeline(DiTPipeline):
     size_image = 0  # the reference whose aspect ratio the output takes by default
 
     def __init__(self, *, transformer, text_encoder, tokenizer, processor, vae, scheduler_config: dict, device, dtype):
-        super().__init__(transformer=transformer, device=device, dtype=dtype)
-        check_scheduler_config(scheduler_config)
-        self.text_encoder = text_encoder
+        super().__init__(
+            transformer=transformer, device=device, dtype=dtype, text_encoder=text_encoder, vae=vae,
+            scheduler_config=scheduler_config,
+        )  # fmt: skip
         self.tokenizer = tokenizer
         self.processor = processor
-        self.vae = vae
-        self.scheduler_config = dict(scheduler_config)
-        self.latent_channels = vae.config.z_dim
 
     @classmethod
     def from_pretrained(
@@ -90,25 +84,11 @@ class EditPipeline(DiTPipeline):
         """Load a diffusers-format edit pipeline folder, every component checked before anything is loaded.
         `parallel`, `quantize`, `attention`, `memory`: as `QwenImagePipeline.from_pretrained` (a plan sized for
         edits counts the reference tokens: fastdit.memory.Workload)."""
-        from fastdit.tiny.vl import allow_vl_processors_without_torchvision
-
-        root = Path(path)
-        classes = check_pipeline_folder(root, COMPONENTS)
-        scheduler_config = read_json(root / "scheduler" / "scheduler_config.json")
-        check_scheduler_config(scheduler_config)
-        device = torch.device(device) if device is not None else default_device()
-        resolve_backend(attention, device)  # an unavailable backend fails before any weight is read
-        plan = plan_memory(memory, root, dtype=dtype, device=device, quantize=quantize, parallel=parallel, say=log.info)
-        transformer = load_transformer(
-            root / "transformer", dtype=dtype, device=device, quantize=quantize, parallel=parallel, memory=plan
-        )
-        set_attention_backend(transformer.base, attention)
-        allow_vl_processors_without_torchvision()  # images only: the processor's video slot needs no torchvision
-        host = ("text_encoder",) if plan is not None and plan.offload_text else ()
-        parts = load_components(root, classes, dtype, device, host)
-        pipe = cls(transformer=transformer, scheduler_config=scheduler_config, device=device, dtype=dtype, **parts)
-        pipe.memory = attach(plan, pipe.text_encoder, device)
-        return pipe
+        parts = load_parts(
+            Path(path), COMPONENTS, dtype=dtype, device=device, parallel=parallel, quantize=quantize,
+            attention=attention, memory=memory, plans=cls.memory_plans,
+        )  # fmt: skip
+        return parts.build(cls)
 
     def output_size(self, images: list[Image.Image], vae_image_area: int = DEFAULT_VAE_IMAGE_AREA) -> tuple[int, int]:
         """The default output (width, height) for these references: the layout's image (`size_image`) at

@@ -33,18 +33,13 @@ from pathlib import Path
 import torch
 
 from fastdit.cache.config import StepCache
-from fastdit.checkpoint import default_device, read_json
-from fastdit.errors import CheckpointError, FastditError
-from fastdit.kernels.attention import resolve_backend
-from fastdit.load import load_transformer
-from fastdit.memory import attach, plan_memory
-from fastdit.models.layers import Rope, set_attention_backend
+from fastdit.models.layers import Rope
 from fastdit.models.qwenimage import StepModulation
 from fastdit.pipelines.base import DiTPipeline, StageClock
-from fastdit.pipelines.folder import check_pipeline_folder
 from fastdit.pipelines.latents import decode, initial_noise, pack_latents, to_pil, unpack_latents
+from fastdit.pipelines.loading import load_parts
 from fastdit.pipelines.loop import Images, denoise
-from fastdit.pipelines.scheduler import check_scheduler_config, flow_match_sigmas, sampling_for
+from fastdit.pipelines.scheduler import flow_match_sigmas, sampling_for
 from fastdit.pipelines.text import check_lengths, encode_prompts, pad_embeds
 from fastdit.validation import (
     InputError,
@@ -89,50 +84,15 @@ def negative_prompts(negative_prompt, count: int) -> list[str] | None:
     return negatives
 
 
-def load_components(
-    root: Path, classes: dict[str, str], dtype: torch.dtype, device: torch.device, host: tuple[str, ...] = ()
-) -> dict:
-    """The text encoder, tokenizer, processor and VAE a pipeline folder lists, loaded with their libraries; the
-    components named in `host` into host memory (a memory plan brings them to `device` when they run)."""
-    import diffusers
-    import transformers
-
-    out = {}
-    try:
-        for name in ("tokenizer", "processor", "text_encoder", "vae"):
-            if name not in classes:
-                continue
-            library, cls = classes[name]
-            module = transformers if library == "transformers" else diffusers
-            loader = getattr(module, cls, None)
-            if loader is None:
-                raise CheckpointError(f"{root / 'model_index.json'}: {library} has no class {cls} (for {name})")
-            if name in ("tokenizer", "processor"):
-                out[name] = loader.from_pretrained(root / name)
-            elif library == "transformers":
-                target = "cpu" if name in host else device
-                out[name] = loader.from_pretrained(root / name, dtype=dtype).to(target).eval()
-            else:
-                target = "cpu" if name in host else device
-                out[name] = loader.from_pretrained(root / name, torch_dtype=dtype).to(target).eval()
-    except (OSError, ValueError) as e:
-        if isinstance(e, FastditError):
-            raise
-        raise CheckpointError(f"cannot load {root}: {' '.join(str(e).split())}") from e
-    return out
-
-
 class QwenImagePipeline(DiTPipeline):
     """Qwen-Image text-to-image. Build with `from_pretrained`, call with prompts, get an `Images` list."""
 
     def __init__(self, *, transformer, text_encoder, tokenizer, vae, scheduler_config: dict, device, dtype):
-        super().__init__(transformer=transformer, device=device, dtype=dtype)
-        check_scheduler_config(scheduler_config)
-        self.text_encoder = text_encoder
+        super().__init__(
+            transformer=transformer, device=device, dtype=dtype, text_encoder=text_encoder, vae=vae,
+            scheduler_config=scheduler_config,
+        )  # fmt: skip
         self.tokenizer = tokenizer
-        self.vae = vae
-        self.scheduler_config = dict(scheduler_config)
-        self.latent_channels = vae.config.z_dim
 
     @classmethod
     def from_pretrained(
@@ -157,30 +117,11 @@ class QwenImagePipeline(DiTPipeline):
         `memory`: a memory plan (fastdit.memory.PLANS name or a MemoryPlan): where the weights live; one that
         cannot fit raises PlanError before any weight is read. None: every part on `device`.
         """
-        root = Path(path)
-        classes = check_pipeline_folder(root, COMPONENTS)
-        scheduler_config = read_json(root / "scheduler" / "scheduler_config.json")
-        check_scheduler_config(scheduler_config)
-        device = torch.device(device) if device is not None else default_device()
-        resolve_backend(attention, device)  # an unavailable backend fails before any weight is read
-        plan = plan_memory(memory, root, dtype=dtype, device=device, quantize=quantize, parallel=parallel, say=log.info)
-        transformer = load_transformer(
-            root / "transformer", dtype=dtype, device=device, quantize=quantize, parallel=parallel, memory=plan
-        )
-        set_attention_backend(transformer.base, attention)
-        host = ("text_encoder",) if plan is not None and plan.offload_text else ()
-        parts = load_components(root, classes, dtype, device, host)
-        pipe = cls(
-            transformer=transformer,
-            text_encoder=parts["text_encoder"],
-            tokenizer=parts["tokenizer"],
-            vae=parts["vae"],
-            scheduler_config=scheduler_config,
-            device=device,
-            dtype=dtype,
-        )
-        pipe.memory = attach(plan, pipe.text_encoder, device)
-        return pipe
+        parts = load_parts(
+            Path(path), COMPONENTS, dtype=dtype, device=device, parallel=parallel, quantize=quantize,
+            attention=attention, memory=memory, plans=cls.memory_plans,
+        )  # fmt: skip
+        return parts.build(cls)
 
     def dit_step(
         self, key, img_shapes, txt: torch.Tensor, txt_mask, txt_lens, rope: Rope, modulation, loop=None

@@ -37,23 +37,19 @@ from PIL import Image
 from torch import Tensor
 
 from fastdit.cache.config import StepCache
-from fastdit.checkpoint import default_device, read_json
 from fastdit.errors import CheckpointError, ConfigError
-from fastdit.kernels.attention import resolve_backend
-from fastdit.load import load_transformer
-from fastdit.memory import attach, plan_memory
-from fastdit.models.layers import Rope, set_attention_backend
+from fastdit.models.layers import Rope
 from fastdit.models.qwenimage21 import AdaLN, PrefixCache, QwenImage21Config
 from fastdit.models.qwenimage21_layout import LATENTS_PER_SLOT, prefix_layout
 from fastdit.pipelines.base import DiTPipeline, StageClock
-from fastdit.pipelines.folder import check_pipeline_folder, read_model_index
+from fastdit.pipelines.folder import read_model_index
 from fastdit.pipelines.latents import initial_noise, to_pil
+from fastdit.pipelines.loading import load_parts
 from fastdit.pipelines.loop import Images, denoise
 from fastdit.pipelines.qwen3vl import encode_prompts
-from fastdit.pipelines.qwenimage import load_components, negative_prompts
-from fastdit.pipelines.scheduler import check_scheduler_config, flow_match_sigmas
+from fastdit.pipelines.qwenimage import negative_prompts
+from fastdit.pipelines.scheduler import flow_match_sigmas
 from fastdit.pipelines.text import pad_embeds
-from fastdit.tiny.vl import allow_vl_processors_without_torchvision
 from fastdit.validation import InputError, check_cfg_scale, check_int, check_prompts, check_seed, check_steps
 
 log = logging.getLogger("fastdit")
@@ -146,8 +142,10 @@ class QwenImage21Pipeline(DiTPipeline):
         dtype,
         sample_sigmas: list[float] | None = None,
     ):
-        super().__init__(transformer=transformer, device=device, dtype=dtype)
-        check_scheduler_config(scheduler_config)
+        super().__init__(
+            transformer=transformer, device=device, dtype=dtype, text_encoder=text_encoder, vae=vae,
+            scheduler_config=scheduler_config,
+        )  # fmt: skip
         if not isinstance(transformer.cfg, QwenImage21Config):
             raise ConfigError(f"QwenImage21Pipeline needs a Qwen-Image 2.1 DiT, got {type(transformer.base).__name__}")
         if not transformer.cfg.causal_condition:
@@ -155,12 +153,8 @@ class QwenImage21Pipeline(DiTPipeline):
                 "the transformer has causal_condition=false: its prefix depends on the step, and fastdit runs 2.1 "
                 "checkpoints with the prefix computed once per image (causal_condition=true, as released)"
             )
-        self.text_encoder = text_encoder
         self.processor = processor
-        self.vae = vae
-        self.scheduler_config = dict(scheduler_config)
         self.sample_sigmas = None if sample_sigmas is None else check_sigmas(sample_sigmas, "sample_sigmas")
-        self.latent_channels = vae.config.z_dim
 
     @classmethod
     def from_pretrained(
@@ -181,42 +175,17 @@ class QwenImage21Pipeline(DiTPipeline):
         ("fp8-emulated" for CPU tests). `attention`: the DiT's attention backend (fastdit.kernels.attention).
         `memory`: a memory plan (`memory_plans`: full or offload-text, or auto), as for Qwen-Image."""
         root = Path(path)
-        classes = check_pipeline_folder(root, COMPONENTS)
         sample_sigmas = read_model_index(root).get("sample_sigmas")
         if sample_sigmas is not None:
             try:
                 check_sigmas(sample_sigmas, "sample_sigmas")
             except InputError as e:
                 raise CheckpointError(f"{root / 'model_index.json'}: {e}") from None
-        scheduler_config = read_json(root / "scheduler" / "scheduler_config.json")
-        check_scheduler_config(scheduler_config)
-        device = torch.device(device) if device is not None else default_device()
-        resolve_backend(attention, device)  # an unavailable backend fails before any weight is read
-        plan = plan_memory(
-            memory, root, dtype=dtype, device=device, quantize=quantize, parallel=parallel, say=log.info,
-            order=cls.memory_plans,
+        parts = load_parts(
+            root, COMPONENTS, dtype=dtype, device=device, parallel=parallel, quantize=quantize, attention=attention,
+            memory=memory, plans=cls.memory_plans, config_type=QwenImage21Config,
         )  # fmt: skip
-        transformer = load_transformer(
-            root / "transformer", dtype=dtype, device=device, quantize=quantize, parallel=parallel, memory=plan
-        )
-        if not isinstance(transformer.cfg, QwenImage21Config):
-            raise CheckpointError(f"{root / 'transformer' / 'config.json'}: not a QwenImage21Transformer2DModel")
-        set_attention_backend(transformer.base, attention)
-        allow_vl_processors_without_torchvision()  # image-only use: no video processor (torchvision) needed
-        host = ("text_encoder",) if plan is not None and plan.offload_text else ()
-        parts = load_components(root, classes, dtype, device, host)
-        pipe = cls(
-            transformer=transformer,
-            text_encoder=parts["text_encoder"],
-            processor=parts["processor"],
-            vae=parts["vae"],
-            scheduler_config=scheduler_config,
-            device=device,
-            dtype=dtype,
-            sample_sigmas=sample_sigmas,
-        )
-        pipe.memory = attach(plan, pipe.text_encoder, device)
-        return pipe
+        return parts.build(cls, sample_sigmas=sample_sigmas)
 
     # ---- the stages ----------------------------------------------------------------------------------------
 
