@@ -19,7 +19,7 @@ from torch import nn
 from fastdit.bench.config import BenchConfig, log
 from fastdit.bench.family import QWEN21, model_config
 from fastdit.bench.timing import cuda_graph, kernel_time_split, measure, summarize
-from fastdit.bench.weights import fill_random_
+from fastdit.bench.weights import fill_random_, twin_of
 from fastdit.errors import FastditError
 from fastdit.load import FAMILIES
 from fastdit.models.layers import set_attention_backend
@@ -50,31 +50,24 @@ def random_dit21(cfg: QwenImage21Config, dtype: torch.dtype, device: torch.devic
 
 def diffusers_twin21(model: QwenImage21Transformer) -> nn.Module:
     """diffusers' QwenImage21Transformer2DModel sharing our weight storage (fused weights split into views)."""
-    try:
-        from accelerate import init_empty_weights
-        from diffusers import QwenImage21Transformer2DModel
-    except ImportError as e:
-        raise FastditError(f"--compare diffusers needs diffusers and accelerate installed ({e})") from None
     cfg = model.cfg
-    with init_empty_weights():
-        ref = QwenImage21Transformer2DModel(
-            patch_size=cfg.patch_size,
-            in_channels=cfg.in_channels,
-            out_channels=cfg.out_channels,
-            num_layers=cfg.num_layers,
-            attention_head_dim=cfg.head_dim,
-            num_attention_heads=cfg.num_heads,
-            context_in_dim=cfg.context_dim,
-            mlp_ratio=cfg.mlp_ratio,
-            axes_dims_rope=tuple(cfg.axes_dims_rope),
-            causal_condition=cfg.causal_condition,
-        )
+    config = dict(
+        patch_size=cfg.patch_size,
+        in_channels=cfg.in_channels,
+        out_channels=cfg.out_channels,
+        num_layers=cfg.num_layers,
+        attention_head_dim=cfg.head_dim,
+        num_attention_heads=cfg.num_heads,
+        context_in_dim=cfg.context_dim,
+        mlp_ratio=cfg.mlp_ratio,
+        axes_dims_rope=tuple(cfg.axes_dims_rope),
+        causal_condition=cfg.causal_condition,
+    )
     state = {}
     for name, p in model.named_parameters():
         keys = checkpoint_keys(name)
         state.update(zip(keys, p.chunk(len(keys)), strict=True))  # fused along dim 0 in equal parts
-    ref.load_state_dict(state, assign=True, strict=True)
-    return ref.eval().requires_grad_(False)
+    return twin_of("QwenImage21Transformer2DModel", config, state)
 
 
 def prefix_slots(text_len: int, cond_tokens: int) -> list[bool]:

@@ -56,25 +56,31 @@ def fill_random_(model: nn.Module, device: torch.device, seed: int) -> None:
 
 def diffusers_twin(model: QwenImageTransformer) -> nn.Module:
     """diffusers' QwenImageTransformer2DModel sharing our weight storage (views, so no extra memory)."""
+    cfg = model.cfg
+    config = dict(
+        patch_size=cfg.patch_size,
+        in_channels=cfg.in_channels,
+        out_channels=cfg.out_channels,
+        num_layers=cfg.num_layers,
+        attention_head_dim=cfg.head_dim,
+        num_attention_heads=cfg.num_heads,
+        joint_attention_dim=cfg.joint_dim,
+        axes_dims_rope=tuple(cfg.axes_dims_rope),
+        zero_cond_t=cfg.zero_cond_t,
+    )
+    return twin_of("QwenImageTransformer2DModel", config, diffusers_state_dict(model.base))
+
+
+def twin_of(class_name: str, config: dict, state: dict[str, torch.Tensor]) -> nn.Module:
+    """diffusers' `class_name` built empty from `config` and given `state` (views of our weights) as its own."""
     try:
+        import diffusers
         from accelerate import init_empty_weights
-        from diffusers import QwenImageTransformer2DModel
     except ImportError as e:
         raise FastditError(f"--compare diffusers needs diffusers and accelerate installed ({e})") from None
-    cfg = model.cfg
     with init_empty_weights():
-        ref = QwenImageTransformer2DModel(
-            patch_size=cfg.patch_size,
-            in_channels=cfg.in_channels,
-            out_channels=cfg.out_channels,
-            num_layers=cfg.num_layers,
-            attention_head_dim=cfg.head_dim,
-            num_attention_heads=cfg.num_heads,
-            joint_attention_dim=cfg.joint_dim,
-            axes_dims_rope=tuple(cfg.axes_dims_rope),
-            zero_cond_t=cfg.zero_cond_t,
-        )
-    ref.load_state_dict(diffusers_state_dict(model.base), assign=True, strict=True)
+        ref = getattr(diffusers, class_name)(**config)
+    ref.load_state_dict(state, assign=True, strict=True)
     return ref.eval().requires_grad_(False)
 
 

@@ -93,8 +93,9 @@ def read_loras(specs, model_folder) -> dict:
     from fastdit.lora import check_lora, read_lora
     from fastdit.lora.families import lora_family
 
-    family = lora_family(read_config(model_folder))
-    shapes = family.targets(read_config(model_folder))
+    cfg = read_config(model_folder)
+    family = lora_family(cfg)
+    shapes = family.targets(cfg)
     loras = {}
     for spec in specs:
         loras[spec.name] = read_lora(spec.path, names=family.names)
