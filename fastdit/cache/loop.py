@@ -384,18 +384,12 @@ class CachedLoop:
     ) -> Tensor:
         """One step: `QwenImageTransformer.run_blocks`' arguments and result, the middle blocks run or reused.
         `refs`: (the t = 0 table (L, 1, 6 * dim), the token index (1, S_img, 1)) with zero_cond_t reference tokens."""
-        i, ws = self.step, self.ws
-        if i >= self.steps:
-            raise RuntimeError(f"a CachedLoop for {self.steps} steps was run a {i + 1}th time")
+        ws = self.ws
         ref_table, index = (None, None) if refs is None else refs
         ws.allocate(img, txt, temb.shape[0] if modulation is None else 1, ref_table)
         if ws.functions is None:
             ws.functions = StepFunctions(model, ws, txt_lens, valid_img_tokens, group)
-        if i == 0:
-            ws.reset()
-            # Each step's extrapolation weights go to the device from their own row of one pinned buffer: an
-            # asynchronous copy, so a step whose decision needs no measurement does not wait for the GPU.
-            self._weights = torch.zeros(self.steps, ws.slots, pin_memory=img.is_cuda)
+        self._begin(img)
         mods = (None, None, None) if modulation is None else tuple(modulation)[:3]  # the t = 0 table: ref_table
         shared = (temb, *rope, key_mask, *mods, ref_table, index)
         # front: (img x, gate, update[, ref gate], txt x, gate, update[, statistic])
@@ -406,17 +400,23 @@ class CachedLoop:
     ) -> Tensor:
         """One step of a single-stream DiT with a prefix K/V cache (Qwen-Image 2.1; see `SingleStreamFunctions`):
         x (B, N, dim) after the input projection, the `PrefixCache`, RoPE, the step's AdaLN -> the velocity."""
-        i, ws = self.step, self.ws
-        if i >= self.steps:
-            raise RuntimeError(f"a CachedLoop for {self.steps} steps was run a {i + 1}th time")
+        ws = self.ws
         ws.allocate_single(x)
         if ws.functions is None:
             ws.functions = SingleStreamFunctions(model, ws, prefix.lens, type(modulation), valid_img_tokens, group)
-        if i == 0:
-            ws.reset()
-            self._weights = torch.zeros(self.steps, ws.slots, pin_memory=x.is_cuda)
+        self._begin(x)
         shared = (prefix.k, prefix.v, *rope, key_mask, *modulation)
         return self._advance(ws.functions, (x,), shared, 1, x)
+
+    def _begin(self, like: Tensor) -> None:
+        """Checks the step count; at step 0 clears the stored residuals and makes the host buffer of weights."""
+        if self.step >= self.steps:
+            raise RuntimeError(f"a CachedLoop for {self.steps} steps was run a {self.step + 1}th time")
+        if self.step == 0:
+            self.ws.reset()
+            # Each step's extrapolation weights go to the device from their own row of one pinned buffer: an
+            # asynchronous copy, so a step whose decision needs no measurement does not wait for the GPU.
+            self._weights = torch.zeros(self.steps, self.ws.slots, pin_memory=like.is_cuda)
 
     def _advance(self, fn, inputs: tuple, shared: tuple, n_streams: int, like: Tensor) -> Tensor:
         """Step `self.step`: the front segment on `inputs`, the decision, then the computed or the cached rest, each
