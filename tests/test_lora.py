@@ -154,6 +154,78 @@ def test_a_failed_load_changes_nothing(pipe, base_image, tmp_path):
     assert np.array_equal(still, good)
 
 
+def test_widened_layers_share_the_base_weight_and_unload_restores_it(pipe, tmp_path):
+    """Layers with more outputs than inputs (fused Q/K/V, the MLPs' first linears) run LoRA as one GEMM over
+    [x | x @ down.T] with [W | up]: the base weight becomes a view of the wider tensor (no second copy), the others
+    keep side GEMMs; a rank beyond the capacity widens again; unload gives every layer a contiguous weight with
+    the base values bit for bit."""
+    before = {k: v.clone() for k, v in pipe.transformer.state_dict().items()}
+    pipe.load_lora(random_lora(10, rank=4), adapter_name="a")
+    wrappers = {n: m for n, m in pipe.transformer.named_modules() if isinstance(m, LoraLinear)}
+    block = "blocks.0."
+    wide = {n.split(block)[-1] for n, m in wrappers.items() if block in n and m.wide}
+    assert {"attn.img_qkv", "img_mlp.fc1", "txt_mlp.fc1"} <= wide, wide
+    assert not any(n.endswith(("fc2", "img_out", "txt_out")) for n in wide), wide
+    layer = next(m for n, m in wrappers.items() if n.endswith(block + "img_mlp.fc1"))
+    assert layer.weight.data_ptr() == layer.widened.data_ptr() and not layer.weight.is_contiguous()
+    first_capacity = layer.capacity
+    pipe.load_lora(random_lora(11, rank=24), adapter_name="b")  # the stacked rank outgrows the capacity
+    assert layer.capacity > first_capacity and layer.weight.data_ptr() == layer.widened.data_ptr()
+    pipe.unload_loras()
+    after = pipe.transformer.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+    assert all(m.weight.is_contiguous() for m in pipe.transformer.modules() if isinstance(m, torch.nn.Linear))
+
+
+def test_widened_layer_compiled_with_inductor_equals_eager():
+    """The widened GEMM's input (pad, then the down product written into the pad's columns in place) through
+    inductor: the same output as eager, and as the side-GEMM form of the same update."""
+    from fastdit.models.layers import Linear
+
+    torch.manual_seed(0)
+    base = Linear(32, 96)
+    layer = LoraLinear(base, dtype=torch.float32, device=torch.device("cpu"))
+    down, up = torch.randn(5, 32), torch.randn(96, 5)
+    layer.pack([(0, down, up)], 5)
+    assert layer.wide and layer.capacity == 16
+    h = torch.randn(2, 7, 32)
+
+    def block(h: torch.Tensor) -> torch.Tensor:  # a LayerNorm pass producing the layer's input, as in a block
+        return layer(torch.nn.functional.layer_norm(h, (32,)) * 1.5)
+
+    with torch.no_grad():
+        eager = block(h)
+        compiled = torch.compile(block, fullgraph=True)(h)
+        x = torch.nn.functional.layer_norm(h, (32,)) * 1.5
+        side = base(x) + x @ down.T @ up.T
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(eager, side, rtol=1e-5, atol=1e-5)
+
+
+def test_lora_on_streamed_blocks_matches_resident(tiny_dir, pipe):
+    """With every DiT block streamed from host memory (offload-blocks), a dynamic LoRA gives the resident
+    pipeline's image (uint8 within 1); the streamed layers keep their weights where the streamer puts them (not widened), and
+    the modulation linears, brought to the device for each call, are called through their hooks."""
+    from fastdit.memory import offload_blocks_plan
+    from fastdit.pipelines.qwenimage import QwenImagePipeline
+    from fastdit.quant.fp8 import MODULATION
+
+    plan = offload_blocks_plan(2, 0, slots=1, modulation_paths=MODULATION)
+    streamed = QwenImagePipeline.from_pretrained(tiny_dir, dtype=torch.float32, device="cpu", memory=plan)
+    lora = random_lora(12)
+    pipe.load_lora(lora, adapter_name="a")
+    streamed.load_lora(lora, adapter_name="a")
+    try:
+        want, got = ours(pipe), ours(streamed)
+    finally:
+        pipe.unload_loras()
+    blocks = [m for n, m in streamed.transformer.named_modules() if isinstance(m, LoraLinear) and "blocks." in n]
+    assert blocks and not any(m.wide for m in blocks)
+    modulation = [m for n, m in streamed.transformer.named_modules() if isinstance(m, LoraLinear) and "_mod." in n]
+    assert modulation and all(m.hooked for m in modulation)
+    assert np.abs(got - want).max() <= 1  # the same update, summed in another order (float32)
+
+
 def _e4m3_step(units: torch.Tensor) -> torch.Tensor:
     """The spacing of e4m3 values (3 mantissa bits, subnormals below 2^-6) around `units`."""
     return torch.exp2(torch.floor(torch.log2(units.clamp(min=2.0**-6))) - 3)
@@ -251,3 +323,31 @@ def test_switching_adapters_does_not_recompile(pipe):
             p.set_loras(s)
             assert np.abs(ours(p) - want).max() <= 1, s
     p.unload_loras()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_dynamic_lora_on_gpu_compiled_and_graphed(tiny_dir):
+    """On CUDA (cuBLASLt's GELU epilogue on the widened fc1, inductor's Triton kernels for the padded input): the
+    dynamic LoRA's image compiled and replayed from a CUDA graph equals the eager one and the merged one (the same
+    update in the weights), uint8 within 1; switching scales reuses the graph."""
+    from fastdit.pipelines.qwenimage import QwenImagePipeline
+
+    pipe = QwenImagePipeline.from_pretrained(tiny_dir, dtype=torch.float32, device="cuda")
+    kw = dict(negative_prompt=" ", height=32, width=48, num_inference_steps=2, true_cfg_scale=3.0, show_progress=False)
+    pipe.load_lora(random_lora(13), adapter_name="a", scale=0.8)
+    assert any(m.wide for m in pipe.transformer.modules() if isinstance(m, LoraLinear))
+    eager = _pixels(pipe(PROMPT, seed=3, **kw))
+    pipe.compile()
+    pipe.enable_cuda_graph()
+    graphed = _pixels(pipe(PROMPT, seed=3, **kw))
+    graph = pipe._graph
+    pipe.set_loras({"a": 0.4})
+    _pixels(pipe(PROMPT, seed=3, **kw))
+    assert pipe._graph is graph
+    pipe.set_loras({"a": 0.8})
+    again = _pixels(pipe(PROMPT, seed=3, **kw))
+    pipe.fuse_loras()
+    merged = _pixels(pipe(PROMPT, seed=3, **kw))
+    assert np.abs(graphed - eager).max() <= 1 and np.array_equal(again, graphed)
+    assert np.abs(merged - eager).max() <= 1

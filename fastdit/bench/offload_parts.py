@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from fastdit.bench.config import log
 from fastdit.bench.weights import diffusers_twin, fill_random_
@@ -170,6 +170,9 @@ def diffusers_reference(parts: Parts, mode: str, device: torch.device, dtype: to
     out-of-memory error is recorded, not raised. The text encoder and VAE are left in host memory again."""
     from diffusers import FlowMatchEulerDiscreteScheduler, QwenImagePipeline
 
+    # The shared components' host tensors, put back afterwards: an offload mode may leave parameters on the
+    # device or (sequential offload) on the meta device, and its hooks cannot always be undone.
+    host = {module: _tensors(module) for module in (parts.text_encoder, parts.vae)}
     pipe = QwenImagePipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(**parts.scheduler_config),
         vae=parts.vae,
@@ -199,28 +202,38 @@ def diffusers_reference(parts: Parts, mode: str, device: torch.device, dtype: to
     except (RuntimeError, TypeError, ValueError) as e:  # the reference's failure is a result, not the bench's
         return {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"}
     finally:
-        _restore_host(parts, pipe)
+        _restore_host(host)
+        del pipe
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
 
-def _restore_host(parts: Parts, pipe) -> None:
-    """Take diffusers' hooks off the shared components and put their weights back in host memory."""
+def _tensors(module: nn.Module) -> dict[str, Tensor]:
+    """Every parameter and buffer of `module` by qualified name (shared ones under each of their names), detached:
+    `module.to(...)` swaps a parameter's data in place, and these keep the host storage."""
+    named = [*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False)]
+    return {name: t.detach() for name, t in named}
+
+
+def _restore_host(host: dict[nn.Module, dict[str, Tensor]]) -> None:
+    """Take diffusers' hooks off the shared components and put back the host tensors recorded in `host`."""
     from accelerate.hooks import remove_hook_from_module
 
-    for module in (parts.text_encoder, parts.vae):
+    for module, tensors in host.items():
         try:
             remove_hook_from_module(module, recurse=True)
-        except (TypeError, RuntimeError) as e:  # a failed sequential offload may leave hooks it cannot undo
-            log(f"[reference] could not detach accelerate's hooks cleanly: {e}")
+        except (TypeError, RuntimeError) as e:  # a sequential offload's hooks may fail to move weights back
+            log(f"[reference] accelerate's hooks did not detach cleanly ({e}); restoring the weights directly")
         try:
             from diffusers.hooks import HookRegistry
 
             HookRegistry.check_if_exists_or_initialize(module).remove_hook("group_offloading", recurse=True)
         except (ImportError, AttributeError, KeyError, ValueError):
             pass
-        for sub in module.modules():
-            for name, p in list(sub._parameters.items()):
-                if p is not None and (p.device.type != "cpu" or not isinstance(p, nn.Parameter)):
-                    sub._parameters[name] = nn.Parameter(p.detach().cpu(), requires_grad=False)
-    del pipe
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+        for name, t in tensors.items():
+            owner, _, attr = name.rpartition(".")
+            sub = module.get_submodule(owner)
+            if attr in sub._parameters:
+                sub._parameters[attr] = nn.Parameter(t, requires_grad=False)
+            else:
+                sub._buffers[attr] = t

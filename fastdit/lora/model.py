@@ -41,6 +41,7 @@ from fastdit.kernels.fp8_rows import quantize_rows
 from fastdit.lora.families import lora_family
 from fastdit.lora.formats import LoraWeights, check_lora, read_lora
 from fastdit.lora.layer import LoraLinear
+from fastdit.memory.offload import streamed_modules
 from fastdit.quant.fp8 import Fp8Linear
 
 LoraSource = str | os.PathLike | Mapping[str, Tensor] | Mapping[str, LoraWeights]
@@ -102,6 +103,7 @@ class DiTLoras:
         self.device = base.img_in.weight.device
         self.shapes = self.family.targets(base.cfg)
         self.targets = self._find_targets(base, _tp_rank(model))
+        self.streamed = streamed_modules(model)  # layers whose weights a memory plan streams: not movable
         self.adapters: dict[str, Adapter] = {}
         self.scales: dict[str, float] = {}  # the active (dynamic) set
         self.fused: dict[str, float] = {}  # merged into the weights, in merge order
@@ -196,7 +198,9 @@ class DiTLoras:
     def _wrapper(self, module: str) -> LoraLinear:
         if module not in self.wrappers:
             target = self.targets[module]
-            wrapper = LoraLinear(getattr(target.parent, target.leaf), dtype=self.dtype)
+            base = getattr(target.parent, target.leaf)
+            movable = id(base) not in self.streamed
+            wrapper = LoraLinear(base, dtype=self.dtype, device=self.device, movable=movable)
             setattr(target.parent, target.leaf, wrapper)
             self.wrappers[module] = wrapper
             self.version += 1
@@ -271,7 +275,7 @@ class DiTLoras:
         """The original layers back in place of the wrappers (their stacked factors freed)."""
         for module, wrapper in self.wrappers.items():
             target = self.targets[module]
-            setattr(target.parent, target.leaf, wrapper.base)
+            setattr(target.parent, target.leaf, wrapper.release())
         self.wrappers.clear()
         self.version += 1
 

@@ -136,6 +136,17 @@ class _Streamed:
 _SUBCLASSES: dict[type, type] = {}
 
 
+def streamed_modules(root: nn.Module) -> set[int]:
+    """The ids of every module under `root` inside a block whose parameters a `BlockStreamer` re-points at each
+    call (a resident block's are its own)."""
+    out: set[int] = set()
+    for module in root.modules():
+        stream = module.__dict__.get("_fastdit_stream")
+        if stream is not None and stream[1] in stream[0].rank:
+            out.update(id(m) for m in module.modules())
+    return out
+
+
 def _wrap_calls(module: nn.Module, streamer: BlockStreamer, index: int | None) -> None:
     cls = type(module)
     if issubclass(cls, _Streamed):
