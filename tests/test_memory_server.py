@@ -7,6 +7,7 @@ from __future__ import annotations
 import weakref
 
 import httpx
+import pytest
 import torch
 
 from fastdit.pipelines.qwenimage import QwenImagePipeline
@@ -54,4 +55,35 @@ def test_oom_in_a_request_is_a_500_and_frees_its_memory(tiny_dir, monkeypatch):
         after = httpx.post(url, json=body, timeout=60)
         assert after.status_code == 200 and after.json()["data"] == before.json()["data"]
     finally:
+        server.stop()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_real_oom_under_a_cap_is_a_500_and_the_server_recovers(tiny_dir):
+    """On CUDA with the process capped (torch.cuda.set_per_process_memory_fraction) at 256 MiB: a request too large
+    for the cap runs out of memory for real and gets 500, the allocator is back near its level before it, and a
+    small request after it draws the image it drew before."""
+    device = torch.device("cuda")
+    pipe = QwenImagePipeline.from_pretrained(tiny_dir, dtype=torch.float32, device="cuda")
+    total = torch.cuda.get_device_properties(device).total_memory
+    server = LiveServer(Engine(lambda: pipe, max_batch=1), max_side=4096)
+    try:
+        server.wait_ready()
+        url = f"{server.url}/v1/images/generations"
+        small = {"prompt": "a red fox", "size": "64x64", "num_inference_steps": 2, "seed": 3}
+        before = httpx.post(url, json=small, timeout=120)
+        assert before.status_code == 200
+        torch.cuda.set_per_process_memory_fraction(256 * 2**20 / total, device)
+        torch.cuda.empty_cache()
+        level = torch.cuda.memory_allocated(device)
+        large = {**small, "size": "4096x4096"}
+        failed = httpx.post(url, json=large, timeout=300)
+        assert failed.status_code == 500 and "out of memory" in failed.json()["error"]["message"]
+        assert torch.cuda.memory_allocated(device) <= level + 64 * 2**20  # far below what the request wanted
+        assert httpx.get(f"{server.url}/health").status_code == 200
+        after = httpx.post(url, json=small, timeout=120)
+        assert after.status_code == 200 and after.json()["data"] == before.json()["data"]
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0, device)
         server.stop()
