@@ -19,7 +19,7 @@ from torch import nn
 from fastdit.bench.config import BenchConfig, log
 from fastdit.bench.family import QWEN21, model_config
 from fastdit.bench.timing import cuda_graph, kernel_time_split, measure, summarize
-from fastdit.bench.weights import fill_random_, twin_of
+from fastdit.bench.weights import fill_random_, twin_config, twin_of
 from fastdit.errors import FastditError
 from fastdit.load import FAMILIES
 from fastdit.models.layers import set_attention_backend
@@ -51,17 +51,8 @@ def random_dit21(cfg: QwenImage21Config, dtype: torch.dtype, device: torch.devic
 def diffusers_twin21(model: QwenImage21Transformer) -> nn.Module:
     """diffusers' QwenImage21Transformer2DModel sharing our weight storage (fused weights split into views)."""
     cfg = model.cfg
-    config = dict(
-        patch_size=cfg.patch_size,
-        in_channels=cfg.in_channels,
-        out_channels=cfg.out_channels,
-        num_layers=cfg.num_layers,
-        attention_head_dim=cfg.head_dim,
-        num_attention_heads=cfg.num_heads,
-        context_in_dim=cfg.context_dim,
-        mlp_ratio=cfg.mlp_ratio,
-        axes_dims_rope=tuple(cfg.axes_dims_rope),
-        causal_condition=cfg.causal_condition,
+    config = twin_config(
+        cfg, context_in_dim=cfg.context_dim, mlp_ratio=cfg.mlp_ratio, causal_condition=cfg.causal_condition
     )
     state = {}
     for name, p in model.named_parameters():

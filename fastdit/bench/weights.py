@@ -57,18 +57,22 @@ def fill_random_(model: nn.Module, device: torch.device, seed: int) -> None:
 def diffusers_twin(model: QwenImageTransformer) -> nn.Module:
     """diffusers' QwenImageTransformer2DModel sharing our weight storage (views, so no extra memory)."""
     cfg = model.cfg
-    config = dict(
+    config = twin_config(cfg, joint_attention_dim=cfg.joint_dim, zero_cond_t=cfg.zero_cond_t)
+    return twin_of("QwenImageTransformer2DModel", config, diffusers_state_dict(model.base))
+
+
+def twin_config(cfg, **family) -> dict:
+    """The diffusers config keys both DiT families share, from our config `cfg`, plus the family's own."""
+    shared = dict(
         patch_size=cfg.patch_size,
         in_channels=cfg.in_channels,
         out_channels=cfg.out_channels,
         num_layers=cfg.num_layers,
         attention_head_dim=cfg.head_dim,
         num_attention_heads=cfg.num_heads,
-        joint_attention_dim=cfg.joint_dim,
         axes_dims_rope=tuple(cfg.axes_dims_rope),
-        zero_cond_t=cfg.zero_cond_t,
     )
-    return twin_of("QwenImageTransformer2DModel", config, diffusers_state_dict(model.base))
+    return shared | family
 
 
 def twin_of(class_name: str, config: dict, state: dict[str, torch.Tensor]) -> nn.Module:

@@ -84,15 +84,14 @@ class LoraLinear(nn.Module):
         )
         self.active = False
         self.register_buffer("down", torch.zeros(0, in_features, dtype=dtype, device=device), persistent=False)
-        if self.wide:  # (out, in + capacity): the base weight's columns, then up's
-            self.register_buffer("widened", base.weight.detach(), persistent=False)
-        else:
-            self.register_buffer("side_up", torch.zeros(out_features, 0, dtype=dtype, device=device), persistent=False)
+        # wide: (out, in + capacity), the base weight's columns then up's, made by the first `pack`; else up alone.
+        self.register_buffer("widened", None, persistent=False)
+        self.register_buffer("side_up", torch.zeros(out_features, 0, dtype=dtype, device=device), persistent=False)
 
     @property
     def up(self) -> Tensor:
         """(out, capacity): the stacked up factors, scales folded in."""
-        return self.widened[:, self.in_features :] if self.wide else self.side_up
+        return self.side_up if self.widened is None else self.widened[:, self.in_features :]
 
     @property
     def weight(self) -> Tensor:
@@ -146,9 +145,9 @@ class LoraLinear(nn.Module):
 
     def release(self) -> nn.Module:
         """The base layer, with a weight of its own again (contiguous, the same values) if it was widened."""
-        if self.wide and not self.base.weight.is_contiguous():
+        if self.widened is not None:
             self.base.weight = nn.Parameter(self.base.weight.contiguous(), requires_grad=False)
-            self.widened = self.base.weight.detach()
+            self.widened = None
         return self.base
 
     def clear(self) -> None:
@@ -171,8 +170,6 @@ class LoraLinear(nn.Module):
     def forward_gelu(self, x: Tensor) -> Tensor:
         if not self.active:
             return self.base.forward_gelu(x)
-        if self.hooked:
-            return F.gelu(self(x), approximate="tanh")
         if self.wide:  # the GELU stays in the GEMM's epilogue
             return self._finish(linear_gelu(self._widened_input(x), self.widened, self.base.bias))
         return F.gelu(self(x), approximate="tanh")
