@@ -73,6 +73,37 @@ def test_output_is_checked_before_the_model_loads(output, says, tiny_dir, tmp_pa
     assert says in _error_line(capsys)
 
 
+def test_ranks_checking_one_output_at_once_all_pass_and_leave_nothing(tmp_path):
+    """Under torchrun every rank checks the same --output at the same moment: none fails on another's probe
+    file, a new folder is made once, nothing is left behind, and an existing image is kept as it was."""
+    import threading
+
+    from fastdit.cli.common import output_paths
+
+    existing = tmp_path / "kept.png"
+    existing.write_bytes(b"old")
+    targets = [(str(tmp_path / "new.png"), 1), (str(tmp_path / "made") + "/", 2), (str(existing), 1)]
+    barrier, errors = threading.Barrier(8), []
+
+    def rank() -> None:
+        barrier.wait()
+        for _ in range(50):
+            for output, count in targets:
+                try:
+                    output_paths(output, count, [0, 1][:count])
+                except Exception as e:  # any failure is the race this test is about
+                    errors.append(e)
+
+    threads = [threading.Thread(target=rank) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kept.png", "made"]
+    assert list((tmp_path / "made").iterdir()) == [] and existing.read_bytes() == b"old"
+
+
 def test_fp8_folder_on_cpu_says_it_is_fp8(tiny_dir, tmp_path, capsys):
     """A folder written by `fastdit quantize`, generated from on a CPU without --quantize: one line saying the
     folder is fp8 and needs an fp8-capable GPU, not a word about --quantize."""

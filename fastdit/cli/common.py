@@ -9,6 +9,7 @@ import argparse
 import os
 import re
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -261,20 +262,25 @@ def resolve_model(model: str) -> Path:
 
 
 def check_writable_file(path: Path, what: str) -> None:
-    """`path` can be written: its folder exists and a file can be created there (tried, then removed)."""
+    """`path` can be written: its folder exists and takes a new file, or the file exists and opens for writing.
+
+    Nothing is left behind and nothing another process made is removed: under torchrun every rank runs this
+    check on the same path at once, so a new file is probed with a uniquely named temporary file beside it.
+    """
     parent = path.parent if str(path.parent) else Path(".")
     if path.is_dir():
         raise FastditError(f"{what} {path} is a folder; give a file name")
     if not parent.is_dir():
         raise FastditError(f"{what} {path}: folder {parent} does not exist")
-    existed = path.exists()
     try:
-        with open(path, "ab"):
-            pass
+        if path.exists():
+            with open(path, "ab"):
+                pass
+        else:
+            with tempfile.NamedTemporaryFile(dir=parent, prefix=f".{path.name}.", suffix=".probe"):
+                pass
     except OSError as e:
         raise FastditError(f"{what} {path} is not writable ({e.strerror or e})") from None
-    if not existed:
-        path.unlink()
 
 
 def output_paths(output: str, count: int, seeds: list[int]) -> list[Path]:
@@ -285,7 +291,7 @@ def output_paths(output: str, count: int, seeds: list[int]) -> list[Path]:
             raise FastditError(f"--output {out} exists and is not a folder")
         if not out.exists():
             try:
-                out.mkdir(parents=True)
+                out.mkdir(parents=True, exist_ok=True)  # ranks under torchrun may race here
             except OSError as e:
                 raise FastditError(f"--output {out}: cannot create the folder ({e.strerror})") from None
         paths = [out / f"fastdit-{i}-seed{s}.png" for i, s in enumerate(seeds)]
