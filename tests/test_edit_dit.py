@@ -116,11 +116,18 @@ def _unique_graphs() -> int:
     return counters["stats"]["unique_graphs"]
 
 
-def test_regional_compile_no_breaks_no_recompiles_across_steps_and_reference_sizes(tmp_path):
+@pytest.mark.parametrize("per_dim", [True, False], ids=["per-dim-entries", "whole-tensor-entries"])
+def test_regional_compile_no_breaks_no_recompiles_across_steps_and_reference_sizes(tmp_path, per_dim, monkeypatch):
     """compile_blocks (fastdit's inductor backend) with the token counts symbolic (`dynamic_tokens`, as the edit
     pipeline runs): the first step compiles one block graph and one final-layer graph; the other steps, a new
     reference size, a new text length and new text lengths per sample compile nothing; compiled == eager. (A
-    batch without text padding, or of another size, is another variant of the graphs: compiled once too.)"""
+    batch without text padding, or of another size, is another variant of the graphs: compiled once too.)
+    Both ways of naming the token dims: per dim (torch >= 2.13) and whole tensors (the releases before)."""
+    import fastdit.runtime.compile
+
+    if per_dim and not fastdit.runtime.compile._per_dim_entries():
+        pytest.skip("this torch has no per-dim dynamic_sources entries")
+    monkeypatch.setattr(fastdit.runtime.compile, "_per_dim_entries", lambda: per_dim)
     save_tiny(tmp_path, seed=8, zero_cond_t=True)
     model = load_transformer(tmp_path, dtype=torch.float32, device="cpu")
     calls = [
