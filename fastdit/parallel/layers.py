@@ -21,7 +21,20 @@ from fastdit.errors import ConfigError
 from fastdit.models.layers import Linear
 
 # all_gather_tensor was renamed all_gather_single (the old name warns on torch 2.13); same op underneath.
-all_gather = getattr(funcol, "all_gather_single", None) or funcol.all_gather_tensor
+_gather_rows = getattr(funcol, "all_gather_single", None) or funcol.all_gather_tensor
+
+
+def all_gather(x: Tensor, dim: int, group: ProcessGroup) -> Tensor:
+    """Every rank's x joined along `dim` in rank order (a functional collective: traceable by torch.compile).
+
+    The collective joins along dim 0; for another dim the (world, *x.shape) result is regrouped here (a view when
+    every dim before `dim` has size 1, else one copy), not by funcol, whose regrouping torch 2.11's dynamo will not
+    trace (a graph break per call)."""
+    out = _gather_rows(x.contiguous(), 0, group)
+    dim %= x.dim()
+    if dim == 0:
+        return out
+    return out.unflatten(0, (-1, x.shape[0])).movedim(0, dim).flatten(dim, dim + 1)
 
 
 def _split(n: int, world: int, what: str) -> int:
