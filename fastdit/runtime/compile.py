@@ -62,6 +62,7 @@ TOKEN_DIMS: tuple[tuple[str, int | None], ...] = (
 )
 
 
+@functools.cache
 def _per_dim_entries() -> bool:
     """Whether this torch reads a `:N` suffix on a `dynamic_sources` entry as "dim N only" (torch 2.13 does). An
     older one takes the suffix as part of the pattern, which then matches nothing: the first compile would be
