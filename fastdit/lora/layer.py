@@ -223,5 +223,5 @@ class LoraLinear(nn.Module):
             y = funcol.all_reduce(y, "sum", self.partial_sum_group)
             return y if self.base.bias is None else y + self.base.bias
         if self.gathers_output:
-            y = all_gather(y.contiguous(), y.dim() - 1, self.base.group)
+            y = all_gather(y, y.dim() - 1, self.base.group)
         return y

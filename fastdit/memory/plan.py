@@ -411,8 +411,6 @@ def plan_memory(
             return None
         raise PlanError(f"memory plan {memory!r} runs on one device; with --tp / --sp / --cfg-parallel use 'full'")
     budget = budget if budget is not None else available_bytes(device)
-    if memory not in ("auto", "full", *order):
-        raise PlanError(f"memory plan {memory!r} is not one this pipeline runs; it runs {', '.join(order)}")
     if memory == "auto" and budget is None:
         return None
     fp = footprint(root, dtype, quantize)

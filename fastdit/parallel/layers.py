@@ -73,7 +73,7 @@ class ColumnParallelLinear(Linear):
     def forward(self, x: Tensor) -> Tensor:
         y = F.linear(x, self.weight, self.bias)
         if self.gathers_output:
-            y = all_gather(y.contiguous(), y.dim() - 1, self.group)
+            y = all_gather(y, y.dim() - 1, self.group)
         return y
 
     def forward_gelu(self, x: Tensor) -> Tensor:

@@ -214,9 +214,9 @@ class ParallelQwenImage21(nn.Module):
             x = _pad_to(noise, padded, 1)[:, mine]
             rope_mine = _rope_tokens(rope, padded, mine)
             out = self.model(x, timestep, cache, rope_mine, modulation, key_mask, step_cache=step_cache)
-            out = all_gather(out.contiguous(), 1, st.sp_group)[:, :n]  # (B, N, out_channels)
+            out = all_gather(out, 1, st.sp_group)[:, :n]  # (B, N, out_channels)
         if rows is not None:
-            out = all_gather(out.contiguous(), 0, st.cfg_group)
+            out = all_gather(out, 0, st.cfg_group)
         if rows is not None or st.sp > 1:
             out = funcol.wait_tensor(out)  # eager funcol results are lazy; the caller gets a finished tensor
         return out

@@ -163,7 +163,7 @@ class ParallelTransformer(nn.Module):
         local = (hidden_states, encoder_hidden_states, encoder_hidden_states_mask, timestep, rope, txt_lens)
         out = self._forward_local(*local, modulation, cache, mod_index)
         if split:
-            out = all_gather(out.contiguous(), 0, st.cfg_group)  # (B, S_img, out_dim), rank order
+            out = all_gather(out, 0, st.cfg_group)  # (B, S_img, out_dim), rank order
         if split or st.sp > 1:
             # Eager funcol results are lazy (AsyncCollectiveTensor); the caller gets a finished tensor.
             out = funcol.wait_tensor(out)
@@ -227,5 +227,5 @@ class ParallelTransformer(nn.Module):
         txt_lens = None if pad else txt_lens  # padded image keys need the mask
         index = None if mod_index is None else _pad_tokens(mod_index, pad, 0)[mine]  # (L,) bool
         out = model.run_blocks(inp.img, inp.txt, inp.temb, rope_local, key_mask, txt_lens, modulation, cache, index)
-        out = all_gather(out.contiguous(), 1, st.sp_group)  # (B, sp * L, out_dim)
+        out = all_gather(out, 1, st.sp_group)  # (B, sp * L, out_dim)
         return out[:, :s_img]

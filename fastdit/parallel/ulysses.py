@@ -82,7 +82,5 @@ class UlyssesAttention(Attention):
         # (B, S_img + S_txt, H/sp, D); txt_lens only when no image token is padding (ParallelTransformer).
         out = attention(joint(q), joint(k), joint(v), key_mask, self.backend, txt_lens, num_txt, fp8)
         img, txt = out[:, : out.shape[1] - num_txt], out[:, out.shape[1] - num_txt :]
-        # (sp * B, S_txt, H/sp, D) in rank order -> (B, S_txt, H, D), heads in rank order.
-        txt = _collective(all_gather, txt.contiguous(), 0, self.group)
-        txt = txt.unflatten(0, (self.sp, -1)).permute(1, 2, 0, 3, 4).flatten(2, 3)
+        txt = _collective(all_gather, txt, 2, self.group)  # (B, S_txt, H, D), heads in rank order
         return torch.cat([_heads_to_seq(img, self.sp, self.group), txt], dim=1)
